@@ -1,0 +1,34 @@
+// The one TORCH_LIBRARY(oqfl) block: every op schema of the package. Backends register their
+// kernels with TORCH_LIBRARY_IMPL in cpu/ and cuda/; fake kernels and autograd formulas are
+// registered from Python (oqfl_ext/_meta.py, oqfl_ext/_autograd.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "cpu/cpu_capability.h"
+
+TORCH_LIBRARY(oqfl, m) {
+  // Tells torch where the fake kernels live when an op is first used under FakeTensorMode.
+  m.set_python_module("oqfl_ext._meta");
+
+  m.def(
+      "fake_quant(Tensor x, Tensor scale, Tensor? zero_point=None, *, int quant_min, "
+      "int quant_max, int? axis=None, float grad_factor=1.0) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "fake_quant_backward(Tensor grad_output, Tensor x, Tensor scale, Tensor? zero_point=None, "
+      "*, int quant_min, int quant_max, int? axis=None, float grad_factor=1.0, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+
+  // Which CPU instruction set the kernels use (see cpu/cpu_capability.h).
+  m.def("_cpu_capability() -> str", &oqfl::cpu::cpu_capability);
+  m.def("_set_cpu_capability(str capability) -> str", &oqfl::cpu::set_cpu_capability);
+}
+
+// Importing oqfl_ext._C loads the library and runs the registrations above; the module itself
+// has no Python functions.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
