@@ -17,9 +17,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Sensible default when no GPU is visible to pick the arch from: Turing through Blackwell,
-# plus PTX for GPUs newer than the list.
-DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+# Default when no GPU is visible to pick the arch from: native code for Turing (T4), Ampere
+# (8.0 code also runs on 8.6/8.7/8.9), Hopper and Blackwell, plus compute_100 PTX that the
+# driver compiles for anything newer (RTX 50 series included). Each arch costs compile time.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0;10.0+PTX"
 
 try:
     import torch
@@ -46,8 +47,8 @@ def cuda_toolkit_root():
     if nvcc is None:
         return None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
         match = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
     except (OSError, subprocess.SubprocessError):
         match = None
