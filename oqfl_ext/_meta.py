@@ -39,10 +39,21 @@ def _check_args(op: str, x: Tensor, scale: Tensor, zero_point: Optional[Tensor],
                              f"values), got shape {list(t.shape)}")
 
 
+def _is_dense(x: Tensor) -> bool:
+    """Non-overlapping and dense: some order of the dimensions makes x contiguous."""
+    expected = 1
+    for size, stride in sorted((p for p in zip(x.shape, x.stride()) if p[0] != 1),
+                               key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _like(x: Tensor) -> Tensor:
-    # The kernels keep x's memory layout when x is dense and fall back to contiguous otherwise.
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or \
-            (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+    # The kernels keep x's strides when x is non-overlapping and dense (any dimension order)
+    # and work on a contiguous copy otherwise (fake_quant_args.h).
+    if _is_dense(x):
         return torch.empty_like(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
