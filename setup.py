@@ -91,12 +91,15 @@ def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/cpu/isa/*.cpp")
     # No -std flag: torch.utils.cpp_extension picks the standard this torch needs (C++17 or 20).
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers; without the flag
+    # it silently runs on one thread. The library resolves to the libgomp torch already loaded.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     nvcc = ["-O3"]
     kwargs = dict(
         name="oqfl_ext._C",
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cpu")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
     )
     if WITH_CUDA:
         kwargs["define_macros"] = [("OQFL_WITH_CUDA", None)]

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <vector>
 
 #include "common/checks.h"
@@ -24,6 +26,20 @@ constexpr int64_t kChunk = 16384;
 constexpr int64_t kMinRow = 16;
 // Rows per tile at least: bounds the per-tile partial sums at numel / 8 floats.
 constexpr int64_t kMinTileRows = 8;
+
+// Outputs at least this large are written with non-temporal stores: they cannot stay in the
+// last-level cache anyway, and skipping the read of the destination saves a third of the
+// traffic. Half the L3 where the C library reports it, else 16 MiB.
+int64_t streaming_threshold_bytes() {
+  static const int64_t bytes = [] {
+    long l3 = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return l3 > 0 ? static_cast<int64_t>(l3) / 2 : int64_t{16} << 20;
+  }();
+  return bytes;
+}
 
 template <typename T> struct Storage { using type = T; };
 template <> struct Storage<c10::BFloat16> { using type = cpu::BF16; };
@@ -84,17 +100,19 @@ template <typename T>
 void forward_impl(const T* x, T* y, const FakeQuantLayout& l, const Steps& st, float qmin,
                   float qmax) {
   const auto& k = kernels_of<T>(cpu::active_fake_quant_kernels());
+  const bool stream = l.outer * l.channels * l.inner * int64_t(sizeof(T)) >= streaming_threshold_bytes();
   if (l.channels == 1) {
     const float s = st.s()[0], z = st.z(0);
     at::parallel_for(0, l.inner, kChunk, [&](int64_t b, int64_t e) {
-      k.forward(x + b, y + b, e - b, s, z, qmin, qmax);
+      k.forward(x + b, y + b, e - b, s, z, qmin, qmax, stream);
     });
   } else if (l.inner >= kMinRow) {
     const int64_t rows = l.outer * l.channels;
     at::parallel_for(0, rows, std::max<int64_t>(1, kChunk / l.inner), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const int64_t c = r % l.channels;
-        k.forward(x + r * l.inner, y + r * l.inner, l.inner, st.s()[c], st.z(c), qmin, qmax);
+        k.forward(x + r * l.inner, y + r * l.inner, l.inner, st.s()[c], st.z(c), qmin, qmax,
+                  stream);
       }
     });
   } else {
@@ -152,6 +170,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantLayout& l, con
   }
   // Rows of one channel (per-tensor: a single row), cut into fixed chunks.
   const int64_t rows = l.outer * l.channels;
+  const bool stream = dx && rows * l.inner * int64_t(sizeof(T)) >= streaming_threshold_bytes();
   const int64_t pieces = ceil_div(l.inner, kChunk);
   std::vector<float> part(sums ? 2 * rows * pieces : 0);
   at::parallel_for(0, rows * pieces, 1, [&](int64_t b, int64_t e) {
@@ -162,7 +181,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantLayout& l, con
       const int64_t off = r * l.inner + begin;
       k.backward(dy + off, x + off, dx ? dx + off : nullptr,
                  std::min(kChunk, l.inner - begin), st.s()[c], st.z(c), qmin, qmax,
-                 sums ? part.data() + 2 * task : nullptr);
+                 sums ? part.data() + 2 * task : nullptr, stream);
     }
   });
   if (sums) {

@@ -15,15 +15,17 @@
 namespace oqfl {
 namespace cpu {
 
+// `stream`: write the output with non-temporal stores (for outputs larger than the cache).
 template <typename T>
 struct FakeQuantKernels {
-  void (*forward)(const T* x, T* y, int64_t n, float s, float z, float qmin, float qmax);
+  void (*forward)(const T* x, T* y, int64_t n, float s, float z, float qmin, float qmax,
+                  bool stream);
   void (*forward_tile)(const T* x, T* y, int64_t rows, int64_t width, int64_t stride,
                        const float* s, const float* z, float qmin, float qmax);
   // dx may be null (not needed). sums may be null; else sums[0] = sum of ds terms and
   // sums[1] = sum of dy over clamped elements, both over this span, before grad_factor.
   void (*backward)(const T* dy, const T* x, T* dx, int64_t n, float s, float z, float qmin,
-                   float qmax, float* sums);
+                   float qmax, float* sums, bool stream);
   // As backward, per column: ds_acc[j] and dz_acc[j] are accumulated into (+=); both null
   // when the scale and offset gradients are not needed.
   void (*backward_tile)(const T* dy, const T* x, T* dx, int64_t rows, int64_t width,

@@ -19,9 +19,8 @@ struct Simd {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void store(BF16* p, V v) {
-    // Round to nearest even on the upper 16 bits; NaN becomes the canonical quiet NaN.
+  // Round to nearest even on the upper 16 bits; NaN becomes the canonical quiet NaN.
+  static __m128i to_bf16(V v) {
     const __m256i b = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
@@ -29,13 +28,22 @@ struct Simd {
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
     // Pack 8 x u32 (each < 2^16) to 8 x u16: packus works per 128-bit half, then gather halves.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
   }
-  static void store(F16* p, V v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  static __m128i to_f16(V v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
+
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store(BF16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+  static void store(F16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16(v)); }
+
+  // Non-temporal stores (p aligned to one vector) for outputs too large to stay in cache: they
+  // skip reading the destination first. fence() orders them before the data is shared.
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static void stream(BF16* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+  static void stream(F16* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16(v)); }
+  static void fence() { _mm_sfence(); }
 
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -45,9 +53,8 @@ struct Simd {
   static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // max/min return their second operand when either is NaN: keep r second so NaN survives.
   static V clamp(V r, V lo, V hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, r)); }
-  static M outside(V r, V lo, V hi) {
-    return _mm256_or_ps(_mm256_cmp_ps(r, lo, _CMP_LT_OQ), _mm256_cmp_ps(r, hi, _CMP_GT_OQ));
-  }
+  static M changed(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_OQ); }
+  static V add_where(M m, V acc, V a) { return _mm256_add_ps(acc, _mm256_and_ps(m, a)); }
   static V select(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
   static float sum(V a) {
     const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

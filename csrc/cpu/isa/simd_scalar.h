@@ -31,6 +31,11 @@ struct Simd {
   }
   static void store(F16* p, V v) { p->bits = c10::detail::fp16_ieee_from_fp32_value(v); }
 
+  // No non-temporal stores on the portable path.
+  template <typename T>
+  static void stream(T* p, V v) { store(p, v); }
+  static void fence() {}
+
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
@@ -38,7 +43,8 @@ struct Simd {
   static V fmadd(V a, V b, V c) { return a * b + c; }
   static V round(V a) { return round_half_even(a); }
   static V clamp(V r, V lo, V hi) { return clamp_code(r, lo, hi); }
-  static M outside(V r, V lo, V hi) { return r < lo || r > hi; }
+  static M changed(V a, V b) { return a < b || a > b; }  // false for NaN, like _CMP_NEQ_OQ
+  static V add_where(M m, V acc, V a) { return m ? acc + a : acc; }
   static V select(M m, V if_true, V if_false) { return m ? if_true : if_false; }
   static float sum(V a) { return a; }
 };
