@@ -19,30 +19,57 @@ struct Simd {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 
-  // Round to nearest even on the upper 16 bits; NaN becomes the canonical quiet NaN.
-  static __m128i to_bf16(V v) {
+  // bf16 bits (rounded to nearest even) in the low half of each 32-bit lane; no NaN special
+  // case, see simd_avx512.h.
+  static __m256i bf16_bits(V v) {
     const __m256i b = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
-    r = _mm256_srli_epi32(r, 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    // Pack 8 x u32 (each < 2^16) to 8 x u16: packus works per 128-bit half, then gather halves.
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
   }
   static __m128i to_f16(V v) {
     return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
 
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void store(BF16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+  static void store(BF16* p, V v) {
+    // packus works per 128-bit half: pack, then gather the two useful quarters.
+    const __m256i r = bf16_bits(v);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
   static void store(F16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16(v)); }
 
-  // Non-temporal stores (p aligned to one vector) for outputs too large to stay in cache: they
-  // skip reading the destination first. fence() orders them before the data is shared.
-  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
-  static void stream(BF16* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
-  static void stream(F16* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16(v)); }
+  // Pairs of vectors, as in simd_avx512.h (bf16 interleaved with zeros per 128-bit lane).
+  static void load2(const float* p, V& a, V& b) { a = load(p); b = load(p + kLanes); }
+  static void load2(const F16* p, V& a, V& b) { a = load(p); b = load(p + kLanes); }
+  static void load2(const BF16* p, V& a, V& b) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+    b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
+  }
+  template <bool kStream>
+  static void store2(float* p, V a, V b) {
+    if (kStream) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + kLanes, b);
+    } else {
+      store(p, a);
+      store(p + kLanes, b);
+    }
+  }
+  template <bool kStream>
+  static void store2(BF16* p, V a, V b) {
+    put<kStream>(p, _mm256_packus_epi32(bf16_bits(a), bf16_bits(b)));
+  }
+  template <bool kStream>
+  static void store2(F16* p, V a, V b) {
+    put<kStream>(p, _mm256_set_m128i(to_f16(b), to_f16(a)));
+  }
+  template <bool kStream, typename T>
+  static void put(T* p, __m256i bits) {
+    if (kStream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+  }
   static void fence() { _mm_sfence(); }
 
   static V add(V a, V b) { return _mm256_add_ps(a, b); }

@@ -19,29 +19,59 @@ struct Simd {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 
-  // Round to nearest even on the upper 16 bits; NaN becomes the canonical quiet NaN.
-  static __m256i to_bf16(V v) {
+  // bf16 bits (rounded to nearest even) in the low half of each 32-bit lane. No NaN special
+  // case: every NaN reaching a store comes from bf16 data or float arithmetic and has a zero
+  // low half, so the rounding bias cannot carry into its exponent.
+  static __m512i bf16_bits(V v) {
     const __m512i b = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
-    r = _mm512_srli_epi32(r, 16);
-    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r,
-                                _mm512_set1_epi32(0x7FC0));
-    return _mm512_cvtepi32_epi16(r);
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   }
   static __m256i to_f16(V v) {
     return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
 
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void store(BF16* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
+  static void store(BF16* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
+  }
   static void store(F16* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_f16(v)); }
 
-  // Non-temporal stores (p aligned to one vector) for outputs too large to stay in cache: they
-  // skip reading the destination first. fence() orders them before the data is shared.
-  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
-  static void stream(BF16* p, V v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
-  static void stream(F16* p, V v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_f16(v)); }
+  // Pairs of vectors (2 * kLanes elements). bf16 is widened by interleaving with zeros inside
+  // each 128-bit lane and narrowed by the matching pack: two shuffles per pair each way instead
+  // of four, at the price of a permuted element order inside the pair, which elementwise code
+  // with one step size and offset does not see. kStream: non-temporal stores (p aligned to
+  // 2 * kLanes elements) for outputs too large for the cache; fence() orders them.
+  static void load2(const float* p, V& a, V& b) { a = load(p); b = load(p + kLanes); }
+  static void load2(const F16* p, V& a, V& b) { a = load(p); b = load(p + kLanes); }
+  static void load2(const BF16* p, V& a, V& b) {
+    const __m512i h = _mm512_loadu_si512(p);
+    a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), h));
+    b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), h));
+  }
+  template <bool kStream>
+  static void store2(float* p, V a, V b) {
+    if (kStream) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + kLanes, b);
+    } else {
+      store(p, a);
+      store(p + kLanes, b);
+    }
+  }
+  template <bool kStream>
+  static void store2(BF16* p, V a, V b) {
+    put<kStream>(p, _mm512_packus_epi32(bf16_bits(a), bf16_bits(b)));
+  }
+  template <bool kStream>
+  static void store2(F16* p, V a, V b) {
+    put<kStream>(p, _mm512_inserti64x4(_mm512_castsi256_si512(to_f16(a)), to_f16(b), 1));
+  }
+  template <bool kStream, typename T>
+  static void put(T* p, __m512i bits) {
+    if (kStream) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+    else _mm512_storeu_si512(p, bits);
+  }
   static void fence() { _mm_sfence(); }
 
   static V add(V a, V b) { return _mm512_add_ps(a, b); }

@@ -31,9 +31,14 @@ struct Simd {
   }
   static void store(F16* p, V v) { p->bits = c10::detail::fp16_ieee_from_fp32_value(v); }
 
-  // No non-temporal stores on the portable path.
+  // Pairs, as on the wide paths (no reordering, no non-temporal stores here).
   template <typename T>
-  static void stream(T* p, V v) { store(p, v); }
+  static void load2(const T* p, V& a, V& b) { a = load(p); b = load(p + 1); }
+  template <bool kStream, typename T>
+  static void store2(T* p, V a, V b) {
+    store(p, a);
+    store(p + 1, b);
+  }
   static void fence() {}
 
   static V add(V a, V b) { return a + b; }
