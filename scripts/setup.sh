@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up on a fresh machine: Debian build tools (when missing and run as root),
-# a virtual environment .venv with the pinned packages (requirements.txt), and the extension
-# built in place against that torch (editable install).
+# Sets everything up on a fresh machine: Debian build tools and the Fashion-MNIST package (when
+# missing and run as root), a virtual environment .venv with the pinned packages
+# (requirements.txt), and the extension built in place against that torch (editable install).
 #   OQFL_NO_CUDA=1   skip the CUDA kernels;  MAX_JOBS=N   parallel compile jobs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,12 +9,18 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v cmake >/dev/null || need_apt+=(cmake)
-if [ ${#need_apt[@]} -gt 0 ]; then
+# Fashion-MNIST idx files for the training test (which is skipped without them)
+want_apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || want_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#want_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-  else
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      "${need_apt[@]}" "${want_apt[@]}"
+  elif [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: please install ${need_apt[*]} (apt-get install ${need_apt[*]})" >&2
     exit 1
+  else
+    echo "setup: optional: apt-get install ${want_apt[*]} (the Fashion-MNIST test is skipped without it)" >&2
   fi
 fi
 

@@ -1,0 +1,20 @@
+"""Quantization-aware training modules built on ``oqfl_ext.ops.fake_quant``.
+
+* :class:`LSQQuantizer`: a learnable step size (per tensor or per channel) and optional offset.
+* :class:`QuantConv2d`, :class:`QuantLinear`: drop-in ``nn.Conv2d`` / ``nn.Linear`` with
+  quantized weights (signed, per output channel) and inputs (per tensor).
+* :func:`quantize_model`: swap every Conv2d/Linear of a model; :func:`quantization_summary`,
+  :func:`calibrate`, :func:`set_quantizers_enabled`.
+* :func:`cost`: parameter bytes and BitOPs per layer.
+"""
+
+from .quantizer import LSQQuantizer, bit_range, MIN_STEP, MAX_STEP
+from .layers import QuantConv2d, QuantLinear
+from .quantize import quantize_model, quantization_summary, calibrate, set_quantizers_enabled
+from .bitops import cost, CostReport, LayerCost
+
+__all__ = [
+    "LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "QuantConv2d", "QuantLinear",
+    "quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
+    "cost", "CostReport", "LayerCost",
+]
