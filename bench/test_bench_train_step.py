@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from test_bench_fake_quant import lsq_fake_quant
+from test_bench_fake_quant import _oqfl_ops, lsq_fake_quant
 
 BATCH = 128
 INPUT = (3, 32, 32)
@@ -46,20 +46,6 @@ _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not
 
 def group_name(device: str) -> str:
     return f"resnet20-b{BATCH}-train-step-{device}"
-
-
-@functools.lru_cache(maxsize=None)
-def _oqfl():
-    """(oqfl_ext, None) when the extension loads, else (None, reason)."""
-    try:
-        import oqfl_ext
-        from oqfl_ext import ops
-
-        ops.fake_quant(torch.zeros(4), torch.ones(1), quant_min=0, quant_max=15)
-        return oqfl_ext, None
-    except Exception as e:
-        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        return None, f"oqfl_ext is not usable ({msg})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +194,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sync=None):
 
 
 def _skip_reason(variant: str, device: str) -> Optional[str]:
-    oq, reason = _oqfl()
+    oq, reason = _oqfl_ops()
     if oq is None:  # every variant needs it: the model comes from oqfl_ext.models
         return reason
     if device == "cuda" and variant in ("oqfl", "eager_lsq") and not \
@@ -248,7 +234,7 @@ def test_train_step(benchmark, device, variant):
 
 
 def test_eager_lsq_matches_oqfl():
-    oq, reason = _oqfl()
+    oq, reason = _oqfl_ops()
     if oq is None:
         pytest.skip(reason)
     gen = torch.Generator().manual_seed(5)
