@@ -1,11 +1,14 @@
 #include "fake_quant_args.h"
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
 
 #include "common/checks.h"
+#include "common/quant_math.h"
 
 namespace oqfl {
 namespace {
@@ -17,24 +20,59 @@ bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_step_tensor(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& x,
-                       std::optional<int64_t> axis) {
+void check_step_tensor(const char* op, const char* arg, const at::Tensor& t,
+                       const StepTarget& target, std::optional<int64_t> axis) {
   OQFL_CHECK_DTYPE(t.scalar_type() == at::kFloat, op, arg, "dtype float32", t.scalar_type());
-  OQFL_CHECK_ARG(t.device() == x.device(), op, arg,
-                 "to be on the device of x (" + x.device().str() + ")", t.device().str());
+  OQFL_CHECK_ARG(t.device() == target.device, op, arg,
+                 std::string("to be on the device of ") + target.device_name + " (" +
+                     target.device.str() + ")",
+                 t.device().str());
   if (!axis.has_value()) {
     OQFL_CHECK_ARG(t.numel() == 1 && t.dim() <= 1, op, arg,
                    "a single value (shape [] or [1]) when axis is None", "shape ", t.sizes());
   } else {
-    const int64_t channels = x.size(*axis);
+    const int64_t channels = target.sizes[*axis];
     OQFL_CHECK_ARG(t.dim() == 1 && t.size(0) == channels, op, arg,
-                   "shape [" + std::to_string(channels) + "] (x.shape[" +
+                   "shape [" + std::to_string(channels) + "] (" + target.shape_name + "[" +
                        std::to_string(*axis) + "] values)",
                    "shape ", t.sizes());
   }
 }
 
 }  // namespace
+
+std::optional<int64_t> check_step_args(const char* op, const StepTarget& target,
+                                       const at::Tensor& scale,
+                                       const std::optional<at::Tensor>& zero_point,
+                                       std::optional<int64_t> axis) {
+  std::optional<int64_t> dim;
+  if (axis.has_value()) {
+    const int64_t d = static_cast<int64_t>(target.sizes.size());
+    OQFL_CHECK_ARG(d > 0 && *axis >= -d && *axis < d, op, "axis",
+                   "an integer in [" + std::to_string(-d) + ", " + std::to_string(d) + ") for " +
+                       target.shape_name + " " + c10::str(target.sizes),
+                   *axis);
+    dim = *axis < 0 ? *axis + d : *axis;
+  }
+  check_step_tensor(op, "scale", scale, target, dim);
+  if (zero_point.has_value()) check_step_tensor(op, "zero_point", *zero_point, target, dim);
+  return dim;
+}
+
+Steps checked_steps(const char* op, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& zero_point) {
+  Steps st{scale.contiguous(), zero_point ? zero_point->contiguous() : at::Tensor()};
+  const float* s = st.s();
+  for (int64_t i = 0; i < st.scale.numel(); ++i)
+    OQFL_CHECK_ARG(step_is_valid(s[i]), op, "scale", "positive finite step sizes", s[i],
+                   " at index ", i);
+  if (st.zero_point.defined()) {
+    const float* z = st.zero_point.const_data_ptr<float>();
+    for (int64_t i = 0; i < st.zero_point.numel(); ++i)
+      OQFL_CHECK_ARG(std::isfinite(z[i]), op, "zero_point", "finite values", z[i], " at index ", i);
+  }
+  return st;
+}
 
 at::Tensor check_fake_quant_args(const char* op, const at::Tensor& x, const at::Tensor& scale,
                                  const std::optional<at::Tensor>& zero_point, int64_t quant_min,
@@ -45,17 +83,8 @@ at::Tensor check_fake_quant_args(const char* op, const at::Tensor& x, const at::
                  "less than quant_max (" + std::to_string(quant_max) + ")", quant_min);
   OQFL_CHECK_ARG(quant_min >= -kMaxCode, op, "quant_min", ">= -2^24", quant_min);
   OQFL_CHECK_ARG(quant_max <= kMaxCode, op, "quant_max", "<= 2^24", quant_max);
-  std::optional<int64_t> dim;
-  if (axis.has_value()) {
-    const int64_t d = x.dim();
-    OQFL_CHECK_ARG(d > 0 && *axis >= -d && *axis < d, op, "axis",
-                   "an integer in [" + std::to_string(-d) + ", " + std::to_string(d) +
-                       ") for x of shape " + c10::str(x.sizes()),
-                   *axis);
-    dim = *axis < 0 ? *axis + d : *axis;
-  }
-  check_step_tensor(op, "scale", scale, x, dim);
-  if (zero_point.has_value()) check_step_tensor(op, "zero_point", *zero_point, x, dim);
+  check_step_args(op, StepTarget{x.sizes(), x.device(), "x", "x.shape"}, scale, zero_point,
+                  axis);
   return x.is_non_overlapping_and_dense() ? x : x.contiguous();
 }
 

@@ -5,6 +5,7 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
 namespace oqfl {
@@ -18,6 +19,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     const std::optional<at::Tensor>& zero_point, int64_t quant_min, int64_t quant_max,
     std::optional<int64_t> axis, double grad_factor, std::array<bool, 3> output_mask);
 
+at::Tensor pack_cpu(const at::Tensor& q, int64_t bits);
+at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t numel, bool is_signed);
+at::Tensor quantize_pack_cpu(const at::Tensor& x, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& zero_point, int64_t bits,
+                             std::optional<int64_t> axis, bool stochastic,
+                             const std::optional<at::Generator>& generator);
+at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& zero_point, int64_t bits,
+                                 at::IntArrayRef shape, std::optional<int64_t> axis);
+
 #ifdef OQFL_WITH_CUDA
 at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
                            const std::optional<at::Tensor>& zero_point, int64_t quant_min,
@@ -27,6 +38,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& scale,
     const std::optional<at::Tensor>& zero_point, int64_t quant_min, int64_t quant_max,
     std::optional<int64_t> axis, double grad_factor, std::array<bool, 3> output_mask);
+
+at::Tensor pack_cuda(const at::Tensor& q, int64_t bits);
+at::Tensor unpack_cuda(const at::Tensor& packed, int64_t bits, int64_t numel, bool is_signed);
+at::Tensor quantize_pack_cuda(const at::Tensor& x, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& zero_point, int64_t bits,
+                             std::optional<int64_t> axis, bool stochastic,
+                             const std::optional<at::Generator>& generator);
+at::Tensor unpack_dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& zero_point, int64_t bits,
+                                 at::IntArrayRef shape, std::optional<int64_t> axis);
 #endif
 
 }  // namespace oqfl

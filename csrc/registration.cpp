@@ -21,6 +21,21 @@ TORCH_LIBRARY(oqfl, m) {
       "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 
+  // Packed integer codes (layout in common/bitpack.h). Not differentiable: no autograd.
+  // quantize_pack is nondeterministic_seeded: with stochastic=True it draws its seed from a
+  // generator, which tells torch.compile to keep the RNG draw in order (as for bernoulli).
+  m.def("pack(Tensor q, int bits) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("unpack(Tensor packed, int bits, int numel, bool signed=True) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "quantize_pack(Tensor x, Tensor scale, Tensor? zero_point=None, *, int bits, "
+      "int? axis=None, bool stochastic=False, Generator? generator=None) -> Tensor",
+      {at::Tag::nondeterministic_seeded, at::Tag::pt2_compliant_tag});
+  m.def(
+      "unpack_dequantize(Tensor packed, Tensor scale, Tensor? zero_point=None, *, int bits, "
+      "int[] shape, int? axis=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // Which CPU instruction set the kernels use (see cpu/cpu_capability.h).
   m.def("_cpu_capability() -> str", &oqfl::cpu::cpu_capability);
   m.def("_set_cpu_capability(str capability) -> str", &oqfl::cpu::set_cpu_capability);

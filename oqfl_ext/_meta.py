@@ -15,16 +15,14 @@ from torch import Tensor
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_args(op: str, x: Tensor, scale: Tensor, zero_point: Optional[Tensor],
-                quant_min: int, quant_max: int, axis: Optional[int]) -> None:
-    if x.dtype not in _FLOAT_TYPES:
-        raise TypeError(f"{op}: x expected dtype float32, float16 or bfloat16, got {x.dtype}")
-    if quant_min >= quant_max:
-        raise ValueError(f"{op}: quant_min expected less than quant_max ({quant_max}), got {quant_min}")
-    if axis is not None and not -x.dim() <= axis < x.dim():
+def _check_steps(op: str, shape, scale: Tensor, zero_point: Optional[Tensor],
+                 axis: Optional[int], shape_name: str = "x.shape") -> None:
+    """Axis against ``shape``, and the dtype and shape of scale/zero_point (StepTarget in C++)."""
+    dim = len(shape)
+    if axis is not None and not -dim <= axis < dim:
         raise ValueError(
-            f"{op}: axis expected an integer in [{-x.dim()}, {x.dim()}) for x of shape "
-            f"{list(x.shape)}, got {axis}")
+            f"{op}: axis expected an integer in [{-dim}, {dim}) for {shape_name} "
+            f"{list(shape)}, got {axis}")
     for name, t in (("scale", scale), ("zero_point", zero_point)):
         if t is None:
             continue
@@ -34,9 +32,18 @@ def _check_args(op: str, x: Tensor, scale: Tensor, zero_point: Optional[Tensor],
             if t.numel() != 1 or t.dim() > 1:
                 raise ValueError(f"{op}: {name} expected a single value (shape [] or [1]) when "
                                  f"axis is None, got shape {list(t.shape)}")
-        elif t.dim() != 1 or t.shape[0] != x.shape[axis]:
-            raise ValueError(f"{op}: {name} expected shape [{x.shape[axis]}] (x.shape[{axis}] "
+        elif t.dim() != 1 or t.shape[0] != shape[axis]:
+            raise ValueError(f"{op}: {name} expected shape [{shape[axis]}] ({shape_name}[{axis % dim}] "
                              f"values), got shape {list(t.shape)}")
+
+
+def _check_args(op: str, x: Tensor, scale: Tensor, zero_point: Optional[Tensor],
+                quant_min: int, quant_max: int, axis: Optional[int]) -> None:
+    if x.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"{op}: x expected dtype float32, float16 or bfloat16, got {x.dtype}")
+    if quant_min >= quant_max:
+        raise ValueError(f"{op}: quant_min expected less than quant_max ({quant_max}), got {quant_min}")
+    _check_steps(op, x.shape, scale, zero_point, axis)
 
 
 def _is_dense(x: Tensor) -> bool:
@@ -77,3 +84,62 @@ def _fake_quant_backward_fake(grad_output, x, scale, zero_point=None, *, quant_m
     grad_zero_point = torch.empty_like(zero_point, memory_format=torch.contiguous_format) \
         if output_mask[2] and zero_point is not None else scale.new_empty((0,))
     return grad_x, grad_scale, grad_zero_point
+
+
+# ------------------------------------------------------------------ packing ops (packing_args.h)
+
+def _check_bits(op: str, bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"{op}: bits expected 4 or 8, got {bits}")
+
+
+def _packed_bytes(numel, bits: int):
+    return (numel * bits + 7) // 8
+
+
+def _check_packed(op: str, packed: Tensor, bits: int, numel) -> None:
+    _check_bits(op, bits)
+    if numel < 0:
+        raise ValueError(f"{op}: numel expected a non-negative count, got {numel}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{op}: packed expected dtype uint8, got {packed.dtype}")
+    nbytes = _packed_bytes(numel, bits)
+    if packed.dim() != 1 or packed.shape[0] != nbytes:
+        raise ValueError(f"{op}: packed expected shape [{nbytes}] ({numel} codes of {bits} bits), "
+                         f"got shape {list(packed.shape)}")
+
+
+@torch.library.register_fake("oqfl::pack")
+def _pack_fake(q, bits):
+    if q.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"pack: q expected dtype int8 (signed codes) or uint8 (unsigned codes), "
+                        f"got {q.dtype}")
+    _check_bits("pack", bits)
+    return q.new_empty((_packed_bytes(q.numel(), bits),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("oqfl::unpack")
+def _unpack_fake(packed, bits, numel, signed=True):
+    _check_packed("unpack", packed, bits, numel)
+    return packed.new_empty((numel,), dtype=torch.int8 if signed else torch.uint8)
+
+
+@torch.library.register_fake("oqfl::quantize_pack")
+def _quantize_pack_fake(x, scale, zero_point=None, *, bits, axis=None, stochastic=False,
+                        generator=None):
+    _check_bits("quantize_pack", bits)
+    _check_args("quantize_pack", x, scale, zero_point, -(1 << (bits - 1)), (1 << (bits - 1)) - 1,
+                axis)
+    return x.new_empty((_packed_bytes(x.numel(), bits),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("oqfl::unpack_dequantize")
+def _unpack_dequantize_fake(packed, scale, zero_point=None, *, bits, shape, axis=None):
+    if any(d < 0 for d in shape):
+        raise ValueError(f"unpack_dequantize: shape expected non-negative sizes, got {list(shape)}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    _check_packed("unpack_dequantize", packed, bits, numel)
+    _check_steps("unpack_dequantize", shape, scale, zero_point, axis, shape_name="shape")
+    return packed.new_empty(tuple(shape), dtype=torch.float32)

@@ -154,3 +154,51 @@ def peer_forward_and_grads(dy, x, scale, zero_point=None, *, quant_min, quant_ma
                         grad_factor=grad_factor)
     y.backward(dy)
     return PeerResult(y.detach(), xr.grad, sr.grad, None if zr is None else zr.grad)
+
+
+# ------------------------------------------------------------------ packed codes
+
+def pack_ref(codes: Tensor, bits: int) -> Tensor:
+    """Bytes of integer codes (any int dtype, row-major), from the layout of DESIGN.md section 3
+    written out with Python ints: int4 code 2i in the low nibble of byte i, 2i+1 in the high."""
+    c = [int(v) for v in codes.reshape(-1).tolist()]
+    if bits == 8:
+        return torch.tensor([v & 0xFF for v in c], dtype=torch.uint8)
+    if len(c) % 2:
+        c.append(0)
+    return torch.tensor([(c[i] & 0xF) | ((c[i + 1] & 0xF) << 4) for i in range(0, len(c), 2)],
+                        dtype=torch.uint8)
+
+
+def quantize_codes_ref(x, scale, zero_point=None, *, bits, axis=None, u=None) -> Tensor:
+    """Signed codes clamp(round(x/s + z)) in float64 from the inputs upcast (int64 result).
+
+    ``u``: uniforms (shaped like x) for stochastic rounding, floor(v) + (u < frac(v));
+    None: half to even."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    x64 = x.detach().to(torch.float64)
+    v = x64 / param_view(scale, x, axis) + param_view(zero_point, x, axis)
+    if u is None:
+        r = torch.round(v)
+    else:
+        f = torch.floor(v)
+        r = f + (u.to(torch.float64) < v - f).to(torch.float64)
+    return r.clamp(qmin, qmax).to(torch.int64)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def counter_uniform_ref(seed: int, n: int) -> Tensor:
+    """The uniforms of quantize_pack's stochastic rounding for elements 0..n-1 (float64), written
+    out from its docstring with Python ints."""
+    key = _splitmix64(seed & _MASK64)
+    out = [(_splitmix64((key + (i + 1) * 0x9E3779B97F4A7C15) & _MASK64) >> 40) * 2.0 ** -24
+           for i in range(n)]
+    return torch.tensor(out, dtype=torch.float64)

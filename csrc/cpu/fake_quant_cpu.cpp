@@ -52,29 +52,6 @@ template <> const cpu::FakeQuantKernels<cpu::F16>& kernels_of(const cpu::FakeQua
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Step sizes and offsets as contiguous float vectors, validated (the CPU can read them for
-// free; the CUDA path cannot without a host sync).
-struct Steps {
-  at::Tensor scale, zero_point;  // contiguous; zero_point undefined when absent
-  const float* s() const { return scale.const_data_ptr<float>(); }
-  float z(int64_t c) const { return zero_point.defined() ? zero_point.const_data_ptr<float>()[c] : 0.f; }
-};
-
-Steps checked_steps(const char* op, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& zero_point) {
-  Steps st{scale.contiguous(), zero_point ? zero_point->contiguous() : at::Tensor()};
-  const float* s = st.s();
-  for (int64_t i = 0; i < st.scale.numel(); ++i)
-    OQFL_CHECK_ARG(step_is_valid(s[i]), op, "scale", "positive finite step sizes", s[i],
-                   " at index ", i);
-  if (st.zero_point.defined()) {
-    const float* z = st.zero_point.const_data_ptr<float>();
-    for (int64_t i = 0; i < st.zero_point.numel(); ++i)
-      OQFL_CHECK_ARG(std::isfinite(z[i]), op, "zero_point", "finite values", z[i], " at index ", i);
-  }
-  return st;
-}
-
 // Tiles for short channel rows: x seen as [outer, width] with width = channels * inner, column j
 // belonging to channel j / inner; per-column step sizes and offsets are expanded once.
 struct Tiling {

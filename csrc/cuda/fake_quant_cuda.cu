@@ -43,8 +43,7 @@ __device__ __forceinline__ int64_t element_offset(const Walk& w, int64_t c, int6
 }
 
 __device__ __forceinline__ float checked_step(const float* scale, int64_t c) {
-  const float s = scale[c];
-  return step_is_valid(s) ? s : __int_as_float(0x7fc00000);
+  return step_or_nan(scale[c]);
 }
 
 template <typename T, int VEC>

@@ -111,7 +111,35 @@ void test_special_values() {
 
 }  // namespace
 
+void test_stochastic_rounding() {
+  const float below_one = 1.f - 5.9604644775390625e-8f;  // the largest uniform, 1 - 2^-24
+  const float values[] = {-2.75f, -0.5f, -0.3f, 0.f, 1.f, 2.25f, 7.9f};
+  for (float v : values) {
+    const float f = std::floor(v);
+    EXPECT(oqfl::round_stochastic(v, 0.f) == (v == f ? f : f + 1.f));  // u < frac unless exact
+    EXPECT(oqfl::round_stochastic(v, below_one) == f);                  // u >= frac
+  }
+  EXPECT(oqfl::round_stochastic(0.25f, 0.2f) == 1.f && oqfl::round_stochastic(0.25f, 0.25f) == 0.f);
+  // uniforms: in [0, 1) on the 2^-24 grid, a pure function of (seed, index), seed-dependent
+  double sum = 0;
+  for (uint64_t i = 0; i < 4096; ++i) {
+    const float u = oqfl::counter_uniform(42, i);
+    EXPECT(u >= 0.f && u < 1.f && std::ldexp(u, 24) == std::floor(std::ldexp(u, 24)));
+    EXPECT(u == oqfl::counter_uniform(42, i));
+    sum += u;
+  }
+  EXPECT(std::fabs(sum / 4096 - 0.5) < 0.03);  // sd of the mean: 1 / sqrt(12 * 4096) = 0.0045
+  EXPECT(oqfl::counter_uniform(42, 0) != oqfl::counter_uniform(43, 0));
+  // quantize_code: the q of fq_forward as an integer, NaN as 0
+  EXPECT(oqfl::quantize_code(1.25f, 0.5f, 0.f, -8, 7, false, 0, 0) == 2);   // tie to even
+  EXPECT(oqfl::quantize_code(-9.f, 1.f, 0.f, -8, 7, false, 0, 0) == -8);
+  EXPECT(oqfl::quantize_code(std::nanf(""), 1.f, 0.f, -8, 7, false, 0, 0) == 0);
+  EXPECT(oqfl::quantize_code(1.f, oqfl::step_or_nan(0.f), 0.f, -8, 7, true, 1, 2) == 0);
+  EXPECT(oqfl::dequantize_code(-3, 0.5f, 1.f) == -2.f);
+}
+
 int main() {
+  test_stochastic_rounding();
   test_rounding();
   test_forward_grid();
   test_bounds_are_in_range();

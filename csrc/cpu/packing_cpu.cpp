@@ -1,0 +1,183 @@
+// CPU kernels of the packing ops (oqfl::pack, unpack, quantize_pack, unpack_dequantize). The
+// byte layout is in common/bitpack.h. Plain loops over fixed chunks of output bytes (which the
+// compiler vectorizes); chunks never depend on the thread count, and neither do the results.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/bitpack.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/quant_math.h"
+#include "fake_quant_args.h"
+#include "ops.h"
+#include "packing_args.h"
+
+namespace oqfl {
+namespace {
+
+// Bytes per parallel task.
+constexpr int64_t kChunkBytes = 16384;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Channel of each element, walked incrementally over a run of consecutive elements of a
+// row-major tensor seen as [outer, channels, inner] (no division per element).
+struct ChannelWalk {
+  int64_t channels, inner, c, k;
+  ChannelWalk(const FakeQuantLayout& l, int64_t first)
+      : channels(l.channels), inner(l.inner), c((first / l.inner) % l.channels),
+        k(first % l.inner) {}
+  void next() {
+    if (++k == inner) {
+      k = 0;
+      if (++c == channels) c = 0;
+    }
+  }
+};
+
+// Runs body(first_byte, end_byte, first_element, end_element) on fixed chunks of the output.
+template <typename F>
+void for_byte_chunks(int64_t bytes, int64_t numel, int bits, const F& body) {
+  const int per = codes_per_byte(bits);
+  at::parallel_for(0, ceil_div(bytes, kChunkBytes), 1, [&](int64_t b, int64_t e) {
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      const int64_t j0 = chunk * kChunkBytes, j1 = std::min(bytes, j0 + kChunkBytes);
+      body(j0, j1, j0 * per, std::min(numel, j1 * per));
+    }
+  });
+}
+
+template <typename T>
+void quantize_pack_impl(const T* x, uint8_t* out, int64_t numel, int bits,
+                        const FakeQuantLayout& l, const Steps& st, const int64_t* seed) {
+  const float qmin = static_cast<float>(code_min(bits, true));
+  const float qmax = static_cast<float>(code_max(bits, true));
+  const uint64_t key = seed ? static_cast<uint64_t>(*seed) : 0;
+  for_byte_chunks(packed_bytes(numel, bits), numel, bits,
+                  [&](int64_t j0, int64_t j1, int64_t i0, int64_t i1) {
+    // Codes of the chunk first (a walk over channels), then the bytes.
+    std::vector<int32_t> codes(i1 - i0 + 1, 0);  // + 1: the padding of an odd int4 tail
+    ChannelWalk w(l, i0);
+    for (int64_t i = i0; i < i1; ++i, w.next())
+      codes[i - i0] = quantize_code(static_cast<float>(x[i]), st.s()[w.c], st.z(w.c), qmin, qmax,
+                                    seed != nullptr, key, static_cast<uint64_t>(i));
+    const int32_t* c = codes.data();
+    for (int64_t j = j0; j < j1; ++j)
+      out[j] = pack_byte(j - j0, i1 - i0, bits, [c](int64_t i) { return c[i]; });
+  });
+}
+
+}  // namespace
+
+at::Tensor pack_cpu(const at::Tensor& q, int64_t bits) {
+  const char* op = "pack";
+  const at::Tensor qc = check_codes(op, q, bits);
+  const int64_t numel = qc.numel();
+  const int b = static_cast<int>(bits);
+  at::Tensor out = at::empty({packed_bytes(numel, b)}, qc.options().dtype(at::kByte));
+  if (numel == 0) return out;
+  const bool is_signed = qc.scalar_type() == at::kChar;
+  uint8_t* o = out.mutable_data_ptr<uint8_t>();
+  // First out-of-range element of each chunk (or -1): the error names the first in the tensor.
+  std::vector<int64_t> bad(ceil_div(out.numel(), kChunkBytes), -1);
+  const auto run = [&](auto* codes) {
+    for_byte_chunks(out.numel(), numel, b, [&](int64_t j0, int64_t j1, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        if (!code_fits(codes[i], b, is_signed)) {
+          bad[j0 / kChunkBytes] = i;
+          return;
+        }
+      for (int64_t j = j0; j < j1; ++j)
+        o[j] = pack_byte(j, numel, b, [codes](int64_t i) { return int32_t(codes[i]); });
+    });
+    for (int64_t i : bad)
+      OQFL_CHECK_ARG(i < 0, op, "q",
+                     "int" + std::to_string(bits) + " codes in [" +
+                         std::to_string(code_min(b, is_signed)) + ", " +
+                         std::to_string(code_max(b, is_signed)) + "]",
+                     int32_t(codes[i]), " at index ", i);
+  };
+  if (is_signed)
+    run(qc.const_data_ptr<int8_t>());
+  else
+    run(qc.const_data_ptr<uint8_t>());
+  return out;
+}
+
+at::Tensor unpack_cpu(const at::Tensor& packed, int64_t bits, int64_t numel, bool is_signed) {
+  const at::Tensor p = check_packed("unpack", packed, bits, numel);
+  at::Tensor out = at::empty({numel}, p.options().dtype(is_signed ? at::kChar : at::kByte));
+  if (numel == 0) return out;
+  const uint8_t* in = p.const_data_ptr<uint8_t>();
+  const int b = static_cast<int>(bits);
+  const auto run = [&](auto* o) {
+    using C = std::remove_pointer_t<decltype(o)>;
+    for_byte_chunks(p.numel(), numel, b, [&](int64_t, int64_t, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<C>(unpack_code(in, i, b, is_signed));
+    });
+  };
+  if (is_signed)
+    run(out.mutable_data_ptr<int8_t>());
+  else
+    run(out.mutable_data_ptr<uint8_t>());
+  return out;
+}
+
+at::Tensor quantize_pack_cpu(const at::Tensor& x, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& zero_point, int64_t bits,
+                             std::optional<int64_t> axis, bool stochastic,
+                             const std::optional<at::Generator>& generator) {
+  const char* op = "quantize_pack";
+  check_bits(op, bits);
+  const int b = static_cast<int>(bits);
+  // Packed in row-major order of x's logical layout, whatever its strides.
+  const at::Tensor xc = check_fake_quant_args(op, x, scale, zero_point, code_min(b, true),
+                                              code_max(b, true), axis)
+                            .contiguous();
+  const Steps st = checked_steps(op, scale, zero_point);
+  const at::Tensor seed = stochastic ? draw_seed(op, generator, xc.device()) : at::Tensor();
+  at::Tensor out = at::empty({packed_bytes(xc.numel(), b)}, xc.options().dtype(at::kByte));
+  if (xc.numel() == 0) return out;
+  const FakeQuantLayout layout = fake_quant_layout(xc, axis);
+  OQFL_DISPATCH_FLOAT_TYPES(xc.scalar_type(), "quantize_pack_cpu", [&] {
+    quantize_pack_impl<scalar_t>(xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<uint8_t>(),
+                                 xc.numel(), b, layout, st,
+                                 stochastic ? seed.const_data_ptr<int64_t>() : nullptr);
+  });
+  return out;
+}
+
+at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale,
+                                 const std::optional<at::Tensor>& zero_point, int64_t bits,
+                                 at::IntArrayRef shape, std::optional<int64_t> axis) {
+  const char* op = "unpack_dequantize";
+  const at::Tensor p = check_unpack_dequantize_args(op, packed, scale, zero_point, bits, shape, axis);
+  const Steps st = checked_steps(op, scale, zero_point);
+  at::Tensor y = at::empty(shape, scale.options().device(packed.device()));
+  if (y.numel() == 0) return y;
+  const FakeQuantLayout layout = fake_quant_layout(y, axis);
+  const uint8_t* in = p.const_data_ptr<uint8_t>();
+  float* o = y.mutable_data_ptr<float>();
+  const int b = static_cast<int>(bits);
+  for_byte_chunks(p.numel(), y.numel(), b, [&](int64_t, int64_t, int64_t i0, int64_t i1) {
+    ChannelWalk w(layout, i0);
+    for (int64_t i = i0; i < i1; ++i, w.next())
+      o[i] = dequantize_code(unpack_code(in, i, b, true), st.s()[w.c], st.z(w.c));
+  });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(oqfl, CPU, m) {
+  m.impl("pack", &pack_cpu);
+  m.impl("unpack", &unpack_cpu);
+  m.impl("quantize_pack", &quantize_pack_cpu);
+  m.impl("unpack_dequantize", &unpack_dequantize_cpu);
+}
+
+}  // namespace oqfl

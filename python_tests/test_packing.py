@@ -1,0 +1,455 @@
+"""Packed integer codes: pack / unpack, quantize_pack / unpack_dequantize.
+
+Golden bytes pin the layout (DESIGN.md section 3); round trips, float64 references
+(reference.py), agreement with fake_quant, the stochastic-rounding contract (unbiased,
+reproducible from the generator, independent of the thread count), every error, and
+torch.library.opcheck on every op."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import helpers as h
+import reference as ref
+from conftest import requires_cuda
+from oqfl_ext import ops as oq
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPE = (3, 5, 7)  # 105 elements: an odd int4 tail
+
+
+def _range(bits, signed=True):
+    return h.bit_range(bits, signed)
+
+
+def _codes(shape, bits, signed, device):
+    lo, hi = _range(bits, signed)
+    return torch.randint(lo, hi + 1, shape).to(torch.int8 if signed else torch.uint8).to(device)
+
+
+def _params(shape, axis, with_zp, bits, device, pow2=True):
+    pshape = () if axis is None else (shape[axis],)
+    qmin, qmax = _range(bits)
+    s = h.pow2_scale(pshape, device) if pow2 else (torch.rand(pshape) * 0.2 + 0.01).to(device)
+    z = h.int_zero_point(pshape, qmin // 2, qmax // 2, device) if with_zp else None
+    return s, z
+
+
+# ------------------------------------------------------------------ golden bytes
+
+GOLDEN = [
+    (4, torch.int8, [1, -2, 7, -8, 3], [0xE1, 0x87, 0x03]),
+    (4, torch.int8, [-1, 0, -8, 7], [0x0F, 0x78]),
+    (4, torch.uint8, [0, 15, 10], [0xF0, 0x0A]),
+    (8, torch.int8, [-1, 0, 127, -128, 5], [0xFF, 0x00, 0x7F, 0x80, 0x05]),
+    (8, torch.uint8, [255, 0, 128], [0xFF, 0x00, 0x80]),
+]
+
+
+@pytest.mark.parametrize("bits,dtype,codes,expected", GOLDEN)
+def test_golden_bytes(plain_device, bits, dtype, codes, expected):
+    q = torch.tensor(codes, dtype=dtype, device=plain_device)
+    packed = oq.pack(q, bits)
+    assert packed.dtype == torch.uint8 and packed.device == q.device
+    assert packed.cpu().tolist() == expected
+    back = oq.unpack(packed, bits, len(codes), signed=dtype == torch.int8)
+    assert back.dtype == dtype and back.cpu().tolist() == codes
+
+
+def test_golden_quantize_pack():
+    # v = x / 0.5 = [1, -2, 7.4, -9, 2.5]: codes [1, -2, 7, -8 (clamped), 2 (tie to even)]
+    x = torch.tensor([0.5, -1.0, 3.7, -4.5, 1.25])
+    packed = oq.quantize_pack(x, torch.tensor(0.5), bits=4)
+    assert packed.tolist() == [0xE1, 0x87, 0x02]
+
+
+# ------------------------------------------------------------------ pack / unpack
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 33333, 40001])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_trip(plain_device, bits, signed, n):
+    q = _codes((n,), bits, signed, plain_device)
+    packed = oq.pack(q, bits)
+    assert packed.shape == (math.ceil(n * bits / 8),)
+    assert torch.equal(packed.cpu(), ref.pack_ref(q.cpu(), bits))
+    assert torch.equal(oq.unpack(packed, bits, n, signed=signed), q)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_row_major_of_any_layout(plain_device, bits):
+    q = _codes((6, 9), bits, True, plain_device).t()  # non-contiguous
+    assert torch.equal(oq.pack(q, bits), oq.pack(q.contiguous(), bits))
+    assert torch.equal(oq.unpack(oq.pack(q, bits), bits, q.numel()).view(9, 6), q)
+
+
+def test_unpack_non_contiguous_packed(plain_device):
+    q = _codes((10,), 4, True, plain_device)
+    spread = torch.zeros(10, dtype=torch.uint8, device=plain_device)
+    spread[::2] = oq.pack(q, 4)
+    assert torch.equal(oq.unpack(spread[::2], 4, 10), q)
+
+
+def test_unpack_unsigned_reads_nibbles(plain_device):
+    packed = torch.tensor([0xE1, 0x87], dtype=torch.uint8, device=plain_device)
+    assert oq.unpack(packed, 4, 4, signed=False).tolist() == [1, 14, 7, 8]
+    assert oq.unpack(packed, 8, 2, signed=True).tolist() == [-31, -121]
+
+
+# ------------------------------------------------------------------ quantize_pack
+
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("axis", [None, 0, -1])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_pack_vs_reference(plain_device, bits, dtype, axis, with_zp):
+    s, z = _params(SHAPE, axis, with_zp, bits, plain_device)
+    qmin, qmax = _range(bits)
+    # on a 1/8 grid of v with ties and clamped values; power-of-two scales make it exact
+    x = h.dyadic_x(SHAPE, s, z, qmin, qmax, dtype, plain_device, axis=axis)
+    packed = oq.quantize_pack(x, s, z, bits=bits, axis=axis)
+    codes = ref.quantize_codes_ref(x, s, z, bits=bits, axis=axis)
+    assert torch.equal(packed.cpu(), ref.pack_ref(codes.cpu(), bits))
+    # and the inverse, exactly (q - z) * s
+    y = oq.unpack_dequantize(packed, s, z, bits=bits, shape=SHAPE, axis=axis)
+    y_ref = (codes.to(torch.float64) - ref.param_view(z, x, axis)) * ref.param_view(s, x, axis)
+    assert y.dtype == torch.float32 and y.shape == SHAPE
+    torch.testing.assert_close(y.to(torch.float64), y_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("axis", [None, 0, 2, -1])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_trip_equals_fake_quant(device, bits, dtype, axis, with_zp):
+    # arbitrary (not power-of-two) scales and normal x: the same float32 arithmetic as fake_quant
+    shape = (4, 6, 33)
+    s, z = _params(shape, axis, with_zp, bits, device, pow2=False)
+    x = (torch.randn(shape) * 0.6).to(dtype).to(device)
+    qmin, qmax = _range(bits)
+    packed = oq.quantize_pack(x, s, z, bits=bits, axis=axis)
+    y = oq.unpack_dequantize(packed, s, z, bits=bits, shape=shape, axis=axis)
+    want = oq.fake_quant(x, s, z, quant_min=qmin, quant_max=qmax, axis=axis)
+    # fake_quant rounds (q - z) * s to x's dtype; compare in that dtype
+    torch.testing.assert_close(y.to(dtype), want, rtol=0, atol=0)
+
+
+def test_quantize_pack_non_contiguous(plain_device):
+    x = torch.randn(8, 5, 6, device=plain_device).transpose(0, 2)  # shape (6, 5, 8)
+    s = torch.rand(5, device=plain_device) + 0.1
+    got = oq.quantize_pack(x, s, bits=4, axis=1)
+    assert torch.equal(got, oq.quantize_pack(x.contiguous(), s, bits=4, axis=1))
+
+
+def test_quantize_pack_nan_and_inf(plain_device):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], device=plain_device)
+    codes = oq.unpack(oq.quantize_pack(x, torch.tensor(1.0, device=plain_device), bits=4), 4, 4)
+    assert codes.tolist() == [0, 7, -8, 1]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_empty(plain_device, bits):
+    for shape, axis in (((0,), None), ((0, 3), 1), ((2, 0, 4), 0)):
+        x = torch.empty(shape, device=plain_device)
+        s = torch.ones(() if axis is None else (shape[axis],), device=plain_device)
+        packed = oq.quantize_pack(x, s, bits=bits, axis=axis)
+        assert packed.shape == (0,) and packed.dtype == torch.uint8
+        y = oq.unpack_dequantize(packed, s, bits=bits, shape=shape, axis=axis)
+        assert y.shape == shape and y.dtype == torch.float32
+    assert oq.pack(torch.empty(0, 5, dtype=torch.int8, device=plain_device), bits).shape == (0,)
+    assert oq.unpack(torch.empty(0, dtype=torch.uint8, device=plain_device), bits, 0).shape == (0,)
+
+
+# ------------------------------------------------------------------ stochastic rounding
+
+def _stochastic(x, s, z=None, *, bits=8, axis=None, seed=0, gen_device="cpu"):
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    return oq.quantize_pack(x, s, z, bits=bits, axis=axis, stochastic=True, generator=g)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_stochastic_matches_counter_reference(bits, axis):
+    # the documented scheme, written out in Python: seed drawn like torch.randint, then a
+    # splitmix64 hash of (seed, element index)
+    shape = (7, 9)
+    s, z = _params(shape, axis, True, bits, "cpu", pow2=False)
+    x = torch.randn(shape) * 0.5
+    packed = _stochastic(x, s, z, bits=bits, axis=axis, seed=1234)
+    seed = int(torch.randint(2 ** 63 - 1, (1,), generator=torch.Generator().manual_seed(1234)))
+    u = ref.counter_uniform_ref(seed, x.numel()).view(shape)
+    # the kernel's v is float32; take the same v (x / s + z in float32) for the reference
+    v32 = x / ref.param_view(s, x, axis).float() + ref.param_view(z, x, axis).float()
+    codes = ref.quantize_codes_ref(v32, torch.tensor(1.0), None, bits=bits, u=u)
+    assert torch.equal(packed, ref.pack_ref(codes, bits))
+
+
+def test_stochastic_unbiased_one_call():
+    # n equal values per fraction: each code is floor(v) + Bernoulli(frac), so the mean code of
+    # the n draws has standard deviation sqrt(f (1 - f) / n) <= 0.5 / sqrt(n) = 0.0016 for
+    # n = 1e5. A bound of 0.01 is > 6 sigma (false failure < 1e-9 per value), while
+    # round-half-to-even is off by min(f, 1 - f) >= 0.125 for every fraction tested.
+    n = 100_000
+    fractions = torch.tensor([0.125, 0.25, 0.5, 0.75, 0.875])  # exact in float32
+    v = (torch.tensor([-3.0, -1.0, 0.0, 2.0, 5.0]) + fractions).repeat_interleave(n)
+    s = torch.tensor(0.25)
+    x = v * s  # exact: power-of-two scale
+    y = oq.unpack_dequantize(_stochastic(x, s, bits=4, seed=7), s, bits=4, shape=x.shape)
+    mean_code = (y / s).view(5, n).mean(dim=1, dtype=torch.float64)
+    assert (mean_code - v.view(5, n)[:, 0].double()).abs().max() < 0.01
+    nearest = torch.round(v.view(5, n)[:, 0])
+    assert ((nearest - v.view(5, n)[:, 0]).abs() >= 0.125).all()
+
+
+def test_stochastic_unbiased_across_draws():
+    # one generator, many calls: each element's mean over k draws is within 6 sigma
+    # (sigma <= s / (2 sqrt(k))) of x. 64 elements x P(|N(0,1)| > 6) ~ 1e-7 false failures.
+    k = 1024
+    s = torch.tensor(0.1)
+    x = torch.rand(64) * 2 - 1  # well inside [-12.8, 12.7] * s: no clamping
+    g = torch.Generator().manual_seed(99)
+    ys = torch.stack([oq.unpack_dequantize(
+        oq.quantize_pack(x, s, bits=8, stochastic=True, generator=g), s, bits=8, shape=x.shape)
+        for _ in range(k)])
+    sigma = 0.1 / (2 * math.sqrt(k))
+    assert (ys.double().mean(0) - x.double()).abs().max() < 6 * sigma
+    # every draw is one of the two neighbours of x / s
+    v = (x / s).double()
+    codes = (ys / s).round().double()
+    assert ((codes == v.floor()) | (codes == v.floor() + 1)).all()
+
+
+def test_stochastic_reproducible_and_seeded():
+    x = torch.randn(4096)
+    s = torch.tensor(0.05)
+    a = _stochastic(x, s, seed=5)
+    assert torch.equal(a, _stochastic(x, s, seed=5))
+    assert not torch.equal(a, _stochastic(x, s, seed=6))
+    # the generator advances: a second call with the same generator draws a new seed
+    g = torch.Generator().manual_seed(5)
+    first = oq.quantize_pack(x, s, bits=8, stochastic=True, generator=g)
+    second = oq.quantize_pack(x, s, bits=8, stochastic=True, generator=g)
+    assert torch.equal(first, a) and not torch.equal(first, second)
+    # no generator: the default one, so torch.manual_seed reproduces it
+    torch.manual_seed(11)
+    b = oq.quantize_pack(x, s, bits=8, stochastic=True)
+    torch.manual_seed(11)
+    assert torch.equal(b, oq.quantize_pack(x, s, bits=8, stochastic=True))
+    # deterministic rounding does not touch the generator
+    state = g.get_state()
+    oq.quantize_pack(x, s, bits=8, generator=g)
+    assert torch.equal(state, g.get_state())
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_stochastic_independent_of_threads(restore_threads, axis):
+    # large enough for many chunks of the CPU kernel
+    x = torch.randn(64, 4001)
+    s = torch.rand(64) + 0.05 if axis == 0 else torch.tensor(0.3)
+    out = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        out.append(_stochastic(x, s, bits=4, axis=axis, seed=3))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+# ------------------------------------------------------------------ errors
+
+def _expect(exc, name, fn):
+    with pytest.raises(exc, match=rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_]).*expected"):
+        fn()
+
+
+def _qp(device, **over):
+    kw = dict(x=torch.randn(4, 6, device=device), scale=torch.tensor(0.1, device=device),
+              zero_point=None, bits=4, axis=None)
+    kw.update({k: (v(device) if callable(v) else v) for k, v in over.items()})
+    return lambda: oq.quantize_pack(kw.pop("x"), kw.pop("scale"), kw.pop("zero_point"), **kw)
+
+
+def _ud(device, **over):
+    kw = dict(packed=torch.zeros(12, dtype=torch.uint8, device=device),
+              scale=torch.tensor(0.1, device=device), zero_point=None, bits=4, shape=(4, 6),
+              axis=None)
+    kw.update({k: (v(device) if callable(v) else v) for k, v in over.items()})
+    return lambda: oq.unpack_dequantize(kw.pop("packed"), kw.pop("scale"), kw.pop("zero_point"),
+                                        **kw)
+
+
+def _unpack(device, packed, bits=4, numel=6):
+    return lambda: oq.unpack(packed(device), bits, numel)
+
+
+ERRORS = [
+    ("pack_int32", TypeError, "q", lambda d: lambda: oq.pack(torch.zeros(3, dtype=torch.int32, device=d), 4)),
+    ("pack_float", TypeError, "q", lambda d: lambda: oq.pack(torch.zeros(3, device=d), 8)),
+    ("pack_bits_3", ValueError, "bits", lambda d: lambda: oq.pack(torch.zeros(3, dtype=torch.int8, device=d), 3)),
+    ("pack_bits_16", ValueError, "bits", lambda d: lambda: oq.pack(torch.zeros(3, dtype=torch.int8, device=d), 16)),
+    ("unpack_int8_packed", TypeError, "packed", lambda d: _unpack(d, lambda d: torch.zeros(3, dtype=torch.int8, device=d))),
+    ("unpack_short", ValueError, "packed", lambda d: _unpack(d, lambda d: torch.zeros(2, dtype=torch.uint8, device=d))),
+    ("unpack_long", ValueError, "packed", lambda d: _unpack(d, lambda d: torch.zeros(4, dtype=torch.uint8, device=d))),
+    ("unpack_2d", ValueError, "packed", lambda d: _unpack(d, lambda d: torch.zeros(1, 3, dtype=torch.uint8, device=d))),
+    ("unpack_int8_length", ValueError, "packed", lambda d: _unpack(d, lambda d: torch.zeros(3, dtype=torch.uint8, device=d), bits=8)),
+    ("unpack_bits", ValueError, "bits", lambda d: _unpack(d, lambda d: torch.zeros(3, dtype=torch.uint8, device=d), bits=2)),
+    ("unpack_numel", ValueError, "numel", lambda d: _unpack(d, lambda d: torch.zeros(0, dtype=torch.uint8, device=d), numel=-1)),
+    ("qp_x_int8", TypeError, "x", lambda d: _qp(d, x=lambda d: torch.zeros(4, 6, dtype=torch.int8, device=d))),
+    ("qp_x_float64", TypeError, "x", lambda d: _qp(d, x=lambda d: torch.zeros(4, 6, dtype=torch.float64, device=d))),
+    ("qp_bits", ValueError, "bits", lambda d: _qp(d, bits=2)),
+    ("qp_scale_dtype", TypeError, "scale", lambda d: _qp(d, scale=lambda d: torch.tensor(0.1, dtype=torch.float64, device=d))),
+    ("qp_scale_shape", ValueError, "scale", lambda d: _qp(d, scale=lambda d: torch.ones(2, device=d))),
+    ("qp_scale_channels", ValueError, "scale", lambda d: _qp(d, axis=1, scale=lambda d: torch.ones(4, device=d))),
+    ("qp_zero_point_shape", ValueError, "zero_point", lambda d: _qp(d, axis=0, scale=lambda d: torch.ones(4, device=d), zero_point=lambda d: torch.zeros(6, device=d))),
+    ("qp_axis", ValueError, "axis", lambda d: _qp(d, axis=2, scale=lambda d: torch.ones(4, device=d))),
+    ("ud_packed_dtype", TypeError, "packed", lambda d: _ud(d, packed=lambda d: torch.zeros(12, dtype=torch.int8, device=d))),
+    ("ud_packed_length", ValueError, "packed", lambda d: _ud(d, packed=lambda d: torch.zeros(13, dtype=torch.uint8, device=d))),
+    ("ud_packed_length_bits8", ValueError, "packed", lambda d: _ud(d, bits=8)),
+    ("ud_bits", ValueError, "bits", lambda d: _ud(d, bits=5)),
+    ("ud_shape", ValueError, "shape", lambda d: _ud(d, shape=(4, -6))),
+    ("ud_scale_dtype", TypeError, "scale", lambda d: _ud(d, scale=lambda d: torch.tensor(1, device=d))),
+    ("ud_scale_shape", ValueError, "scale", lambda d: _ud(d, axis=-1, scale=lambda d: torch.ones(4, device=d))),
+    ("ud_zero_point_shape", ValueError, "zero_point", lambda d: _ud(d, zero_point=lambda d: torch.zeros(3, device=d))),
+    ("ud_axis", ValueError, "axis", lambda d: _ud(d, axis=-3, scale=lambda d: torch.ones(4, device=d))),
+]
+
+
+@pytest.mark.parametrize("name,exc,arg,build", ERRORS, ids=[e[0] for e in ERRORS])
+def test_bad_argument(plain_device, name, exc, arg, build):
+    _expect(exc, arg, build(plain_device))
+
+
+@pytest.mark.parametrize("signed,bad", [(True, 8), (True, -9), (True, 127), (False, 16),
+                                        (False, 255)])
+def test_pack_out_of_range_cpu(signed, bad):
+    q = torch.zeros(40001, dtype=torch.int8 if signed else torch.uint8)
+    q[30000] = bad
+    q[39999] = bad
+    lo, hi = _range(4, signed)
+    with pytest.raises(ValueError, match=rf"pack: q expected int4 codes in \[{lo}, {hi}\], got "
+                                         rf"{bad} at index 30000"):
+        oq.pack(q, 4)
+    oq.pack(q, 8)  # any int8 / uint8 value is a valid 8-bit code
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")], ids=str)
+def test_bad_scale_value_cpu(value):
+    s = torch.full((4,), 0.1)
+    s[3] = value
+    _expect(ValueError, "scale", _qp("cpu", axis=0, scale=s))
+    _expect(ValueError, "scale", _ud("cpu", axis=0, scale=s))
+
+
+def test_bad_zero_point_value_cpu():
+    _expect(ValueError, "zero_point", _qp("cpu", zero_point=torch.tensor(float("nan"))))
+
+
+def test_generator_on_other_device_cpu_x():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA generator")
+    g = torch.Generator(device="cuda")
+    _expect(ValueError, "generator",
+            lambda: oq.quantize_pack(torch.randn(4), torch.tensor(0.1), bits=4, stochastic=True,
+                                     generator=g))
+
+
+def test_raw_ops_check_too():
+    # the checks live in C++: calling torch.ops.oqfl directly is equally guarded
+    _expect(ValueError, "packed", lambda: torch.ops.oqfl.unpack(
+        torch.zeros(2, dtype=torch.uint8), 4, 6))
+    _expect(ValueError, "q", lambda: torch.ops.oqfl.pack(torch.full((3,), 9, dtype=torch.int8), 4))
+
+
+# ------------------------------------------------------------------ opcheck and compile
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck_pack_unpack(plain_device, bits, signed):
+    for n in (0, 7, 10):
+        q = _codes((n,), bits, signed, plain_device)
+        torch.library.opcheck(torch.ops.oqfl.pack.default, (q, bits))
+        packed = oq.pack(q, bits)
+        torch.library.opcheck(torch.ops.oqfl.unpack.default, (packed, bits, n, signed))
+    torch.library.opcheck(torch.ops.oqfl.pack.default, (_codes((3, 5), bits, signed, plain_device).t(), bits))
+
+
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("axis", [None, 0, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opcheck_quantize_pack_unpack_dequantize(plain_device, bits, axis, with_zp):
+    s, z = _params(SHAPE, axis, with_zp, bits, plain_device)
+    x = torch.randn(SHAPE, device=plain_device)
+    kw = dict(bits=bits, axis=axis)
+    torch.library.opcheck(torch.ops.oqfl.quantize_pack.default, (x, s, z), kw)
+    packed = oq.quantize_pack(x, s, z, **kw)
+    torch.library.opcheck(torch.ops.oqfl.unpack_dequantize.default, (packed, s, z),
+                          dict(kw, shape=list(SHAPE)))
+
+
+def test_opcheck_quantize_pack_stochastic(plain_device):
+    x = torch.randn(SHAPE, device=plain_device).to(torch.bfloat16)
+    s = torch.tensor(0.1, device=plain_device)
+    # default generator: opcheck restores the RNG state between its runs, so all tests apply
+    torch.library.opcheck(torch.ops.oqfl.quantize_pack.default, (x, s, None),
+                          dict(bits=4, stochastic=True))
+    # an explicit generator advances between opcheck's eager and traced runs, so their codes
+    # differ by design (as for any op given a generator); every other test applies
+    g = torch.Generator(device=plain_device).manual_seed(0)
+    torch.library.opcheck(torch.ops.oqfl.quantize_pack.default, (x, s, None),
+                          dict(bits=8, stochastic=True, generator=g),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_compile_round_trip(plain_device):
+    torch._dynamo.reset()
+
+    def f(x, s):
+        return oq.unpack_dequantize(oq.quantize_pack(x * 2, s, bits=4, axis=1), s, bits=4,
+                                    shape=x.shape, axis=1)
+
+    x = torch.randn(8, 6, device=plain_device)
+    s = torch.rand(6, device=plain_device) + 0.1
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, s), f(x, s), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ CUDA matches CPU
+
+@requires_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_matches_cpu(bits):
+    shape = (5, 17, 33)
+    for axis in (None, 1):
+        s, z = _params(shape, axis, True, bits, "cpu", pow2=False)
+        x = torch.randn(shape)
+        cpu = oq.quantize_pack(x, s, z, bits=bits, axis=axis)
+        gpu = oq.quantize_pack(x.cuda(), s.cuda(), z.cuda(), bits=bits, axis=axis)
+        assert torch.equal(gpu.cpu(), cpu)
+        # stochastic: the same seed (a CPU generator) gives the same bits on both devices
+        st_cpu = _stochastic(x, s, z, bits=bits, axis=axis, seed=42)
+        st_gpu = _stochastic(x.cuda(), s.cuda(), z.cuda(), bits=bits, axis=axis, seed=42)
+        assert torch.equal(st_gpu.cpu(), st_cpu)
+        y = oq.unpack_dequantize(gpu, s.cuda(), z.cuda(), bits=bits, shape=shape, axis=axis)
+        assert torch.equal(y.cpu(), oq.unpack_dequantize(cpu, s, z, bits=bits, shape=shape,
+                                                         axis=axis))
+
+
+@requires_cuda
+def test_cuda_stochastic_with_cuda_generator():
+    x = torch.randn(1000, device="cuda")
+    s = torch.tensor(0.1, device="cuda")
+    a = _stochastic(x, s, seed=1, gen_device="cuda")
+    assert torch.equal(a, _stochastic(x, s, seed=1, gen_device="cuda"))
+    assert not torch.equal(a, _stochastic(x, s, seed=2, gen_device="cuda"))
+
+
+@requires_cuda
+def test_cuda_bad_scale_gives_code_zero():
+    x = torch.ones(4, 3, device="cuda")
+    s = torch.tensor([1.0, 0.0, 1.0], device="cuda")
+    codes = oq.unpack(oq.quantize_pack(x, s, bits=4, axis=1), 4, 12).view(4, 3)
+    assert (codes[:, 1] == 0).all() and (codes[:, [0, 2]] == 1).all()
+    y = oq.unpack_dequantize(oq.pack(torch.ones(12, dtype=torch.int8, device="cuda"), 4), s,
+                             bits=4, shape=(4, 3), axis=1)
+    assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, [0, 2]]).any()
