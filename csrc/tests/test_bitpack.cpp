@@ -4,19 +4,10 @@
 #include <cstdio>
 #include <vector>
 
+#include "tests/expect.h"
 #include "common/bitpack.h"
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond)                                                     \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      ++failures;                                                        \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                    \
-  } while (0)
 
 std::vector<uint8_t> pack_all(const std::vector<int32_t>& codes, int bits) {
   const int64_t n = static_cast<int64_t>(codes.size());
@@ -83,10 +74,5 @@ int main() {
   test_every_int4_pair();
   test_every_int8();
   test_round_trip_odd_lengths();
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
-    return 1;
-  }
-  std::printf("all bitpack tests passed\n");
-  return 0;
+  return oqfl_test::finish("bitpack");
 }

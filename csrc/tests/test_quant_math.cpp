@@ -5,19 +5,10 @@
 #include <initializer_list>
 #include <limits>
 
+#include "tests/expect.h"
 #include "common/quant_math.h"
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond)                                                     \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      ++failures;                                                        \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                    \
-  } while (0)
 
 // Round half to even written out without rint: floor, then settle exact halves by parity.
 long double reference_round(long double v) {
@@ -145,7 +136,5 @@ int main() {
   test_bounds_are_in_range();
   test_backward_cases();
   test_special_values();
-  if (failures) std::fprintf(stderr, "%d check(s) failed\n", failures);
-  else std::printf("quant_math: all checks passed\n");
-  return failures ? 1 : 0;
+  return oqfl_test::finish("quant_math");
 }
