@@ -1,0 +1,198 @@
+"""A federated client: local SGD from the global state, uplink of the encoded model delta.
+
+What a client sends (see also :mod:`oqfl_ext.fl.server`): the difference ``local - global`` of
+every **floating-point** entry of the model's ``state_dict()`` -- weights, biases, the LSQ
+quantizers' step sizes and offsets, batch-norm running means and variances -- encoded by
+:func:`oqfl_ext.fl.codec.encode_update`. Entries that are not floating point (batch-norm
+``num_batches_tracked``, the quantizers' ``initialized`` / ``signed`` flags) are never sent:
+every client loads them from the global state at the start of a round and the server keeps its
+own values, so they are always those of the global model (the quantizers' flags are fixed once
+the server has initialized them, see :class:`oqfl_ext.fl.server.Server`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from .codec import decode_update, encode_update
+
+__all__ = ["ClientConfig", "Client", "float_state", "derive_seed"]
+
+_MASK63 = (1 << 63) - 1
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 steps), for independent seeded streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & _MASK63
+
+
+def float_state(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The floating-point entries of a state dict (the ones clients send), in order."""
+    return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    """Local training and uplink settings of a client.
+
+    Attributes:
+        local_epochs: passes over the local data per round (>= 1).
+        batch_size: SGD mini-batch size (>= 1).
+        lr, momentum, weight_decay: of the client's own ``torch.optim.SGD`` (fresh each round).
+        uplink_bits: 4 or 8 (quantized delta) or 32 (float32 delta).
+        stochastic: unbiased stochastic rounding of the uplink codes (else round half to even).
+        error_feedback: keep the uplink quantization error ``delta - decoded(delta)`` and add it
+            to the next round's delta (EF-SGD style); no effect with ``uplink_bits=32``.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    uplink_bits: int = 32
+    stochastic: bool = True
+    error_feedback: bool = False
+
+    def __post_init__(self):
+        for name in ("local_epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ClientConfig.{name} expected a positive integer, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"ClientConfig.{name} expected a number >= 0, got {v!r}")
+        if isinstance(self.uplink_bits, bool) or self.uplink_bits not in (4, 8, 32):
+            raise ValueError(f"ClientConfig.uplink_bits expected 4, 8 or 32, "
+                             f"got {self.uplink_bits!r}")
+
+
+Dataset = Union[TensorDataset, Tuple[Tensor, Tensor]]
+
+
+def _tensors(dataset: Dataset) -> Tuple[Tensor, Tensor]:
+    if isinstance(dataset, TensorDataset):
+        tensors = dataset.tensors
+    elif isinstance(dataset, (tuple, list)):
+        tensors = tuple(dataset)
+    else:
+        raise TypeError("dataset expected a TensorDataset or an (inputs, labels) tuple, got "
+                        f"{type(dataset).__name__}")
+    if len(tensors) != 2 or not all(isinstance(t, Tensor) for t in tensors):
+        raise ValueError("dataset expected exactly two tensors (inputs, labels)")
+    x, y = tensors
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"dataset inputs and labels expected the same first dimension, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    return x, y
+
+
+class Client:
+    """One federated client holding its local data (a classification task, cross-entropy loss).
+
+    Args:
+        client_id: printable text (at most 256 characters), written into every update.
+        dataset: a ``TensorDataset(inputs, labels)`` or an ``(inputs, labels)`` tuple.
+        config: a :class:`ClientConfig` (default: ``ClientConfig()``).
+        seed: the client's seed; with the round index it fixes the batch order, any randomness
+            of the model (dropout) and the stochastic rounding of the uplink.
+    """
+
+    def __init__(self, client_id: str, dataset: Dataset, config: Optional[ClientConfig] = None,
+                 seed: int = 0):
+        if not isinstance(client_id, str) or not client_id or not client_id.isprintable() \
+                or len(client_id) > 256:
+            raise ValueError(f"client_id expected non-empty printable text (<= 256 characters), "
+                             f"got {client_id!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed expected an integer, got {seed!r}")
+        self.client_id = client_id
+        self.inputs, self.labels = _tensors(dataset)
+        self.config = config if config is not None else ClientConfig()
+        if not isinstance(self.config, ClientConfig):
+            raise TypeError(f"config expected a ClientConfig, got {type(self.config).__name__}")
+        self.seed = seed
+        self.residual: Optional[Dict[str, Tensor]] = None  # error feedback memory
+        self.last_loss: Optional[float] = None  # mean training loss of the last round
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return len(self)
+
+    def train(self, global_state: Dict[str, Tensor], model_fn: Callable[[], nn.Module], *,
+              round_idx: int = 0) -> bytes:
+        """Trains a fresh ``model_fn()`` loaded with ``global_state`` for ``local_epochs``
+        epochs and returns the encoded update ``local - global`` (floating-point entries only,
+        see the module docstring), with ``round=round_idx``, this client's id and
+        ``num_samples=len(dataset)``."""
+        if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
+            raise ValueError(f"round_idx expected a non-negative integer, got {round_idx!r}")
+        cfg = self.config
+        base_seed = derive_seed(self.seed, round_idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base_seed)
+            model = model_fn()
+            model.load_state_dict(global_state)
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            self._fit(model, device, derive_seed(base_seed, 1))
+        local = float_state(model.state_dict())
+        reference = float_state(global_state)
+        if list(local) != list(reference):
+            raise RuntimeError("model_fn() built a model whose floating-point state differs "
+                               "from the global state's")
+        delta = {k: (local[k].detach() - reference[k].to(local[k].device, local[k].dtype))
+                 for k in local}
+        ef = cfg.error_feedback and cfg.uplink_bits != 32
+        if ef and self.residual is not None:
+            delta = {k: v + self.residual[k].to(v.device, v.dtype) if k in self.residual else v
+                     for k, v in delta.items()}
+        gen = torch.Generator().manual_seed(derive_seed(base_seed, 2))
+        blob = encode_update(delta, bits=cfg.uplink_bits, round=round_idx,
+                             client_id=self.client_id, num_samples=len(self),
+                             stochastic=cfg.stochastic, generator=gen)
+        if ef:
+            sent = decode_update(blob, delta)
+            self.residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
+        return blob
+
+    def _fit(self, model: nn.Module, device: torch.device, seed: int) -> None:
+        cfg = self.config
+        model.train()
+        n = len(self)
+        if n == 0:
+            self.last_loss = None
+            return
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        total, count = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                x = self.inputs[idx].to(device)
+                y = self.labels[idx].to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+        self.last_loss = total / max(count, 1)
