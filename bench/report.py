@@ -191,6 +191,48 @@ def _default_stem(data: dict) -> str:
     return f"fake_quant-{dev}-{stamp}"
 
 
+def suite_results(json_arg, json_out, json_name, run, options):
+    """(rc, data, json_path, tmpdir): the pytest-benchmark JSON given as json_arg, or the one
+    `run(json_path)` writes (into json_out, else a temp dir the caller removes). data is None
+    when the run wrote nothing."""
+    if json_arg:
+        path = Path(json_arg)
+        return 0, json.loads(path.read_text()), path, None
+    tmpdir = None
+    if json_out:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        tmpdir = tempfile.mkdtemp(prefix="oqfl-bench-")
+        path = Path(tmpdir) / json_name
+    rc = run(path)
+    if not path.exists():
+        print(f"pytest exited with {rc} and wrote no JSON", file=sys.stderr)
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return rc or 1, None, path, None
+    data = json.loads(path.read_text())
+    data["_report_options"] = options
+    return rc, data, path, tmpdir
+
+
+def publish(text: str, data: dict, rc: int, save, stem: str, json_path: Path) -> None:
+    """Print the report (with a warning when pytest failed) and, when `save` is not None, write
+    bench/results/<stem>.md and .json."""
+    if rc:
+        text += f"\n**Warning:** pytest exited with status {rc}; see its output above.\n"
+    print(text)
+    if save is None:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    md = RESULTS_DIR / f"{stem}.md"
+    md.write_text(text)
+    js = RESULTS_DIR / f"{stem}.json"
+    if json_path.resolve() != js.resolve():
+        js.write_text(json.dumps(data, indent=1))
+    print(f"saved {md.relative_to(ROOT)} and {js.relative_to(ROOT)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="?", help="existing pytest-benchmark JSON to summarize "
@@ -204,39 +246,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME)
     args = p.parse_args(argv)
 
-    rc = 0
-    tmpdir = None
-    if args.json:
-        json_path = Path(args.json)
-        data = json.loads(json_path.read_text())
-    else:
-        if args.json_out:
-            json_path = Path(args.json_out)
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            tmpdir = tempfile.mkdtemp(prefix="oqfl-bench-")
-            json_path = Path(tmpdir) / "fake_quant.json"
-        rc = run_suite(json_path, args.min_rounds, args.max_time, args.keyword)
-        if not json_path.exists():
-            print(f"pytest exited with {rc} and wrote no JSON", file=sys.stderr)
-            return rc or 1
-        data = json.loads(json_path.read_text())
-        data["_report_options"] = {"min_rounds": args.min_rounds, "max_time": args.max_time}
-
-    text = render(data)
-    if rc not in (0,):
-        text += f"\n**Warning:** pytest exited with status {rc}; see its output above.\n"
-    print(text)
-
-    if args.save is not None:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stem = args.save or _default_stem(data)
-        md = RESULTS_DIR / f"{stem}.md"
-        md.write_text(text)
-        js = RESULTS_DIR / f"{stem}.json"
-        if json_path.resolve() != js.resolve():
-            js.write_text(json.dumps(data, indent=1))
-        print(f"saved {md.relative_to(ROOT)} and {js.relative_to(ROOT)}", file=sys.stderr)
+    rc, data, json_path, tmpdir = suite_results(
+        args.json, args.json_out, "fake_quant.json",
+        lambda path: run_suite(path, args.min_rounds, args.max_time, args.keyword),
+        {"min_rounds": args.min_rounds, "max_time": args.max_time})
+    if data is None:
+        return rc
+    publish(render(data), data, rc, args.save, args.save or _default_stem(data), json_path)
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return rc

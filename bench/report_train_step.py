@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from report import machine_lines  # noqa: E402  (same machine description as the op report)
+from report import machine_lines, publish, suite_results  # noqa: E402  (shared with the op report)
 
 ROOT = BENCH_DIR.parent
 SUITE = BENCH_DIR / "test_bench_train_step.py"
@@ -104,30 +102,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME)
     args = p.parse_args(argv)
 
-    rc, tmpdir = 0, None
-    if args.json:
-        json_path = Path(args.json)
-        data = json.loads(json_path.read_text())
-    else:
-        tmpdir = tempfile.mkdtemp(prefix="oqfl-bench-")
-        json_path = Path(tmpdir) / "train_step.json"
-        rc = run_suite(json_path, args.min_rounds, args.max_time)
-        if not json_path.exists():
-            print(f"pytest exited with {rc} and wrote no JSON", file=sys.stderr)
-            return rc or 1
-        data = json.loads(json_path.read_text())
-        data["_report_options"] = {"min_rounds": args.min_rounds, "max_time": args.max_time}
-    text = render(data)
-    if rc:
-        text += f"\n**Warning:** pytest exited with status {rc}; see its output above.\n"
-    print(text)
-    if args.save is not None:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        dev = "cuda" if data.get("machine_info", {}).get("cuda_available") else "cpu"
-        stem = args.save or f"train_step-{dev}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-        (RESULTS_DIR / f"{stem}.md").write_text(text)
-        (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(data, indent=1))
-        print(f"saved bench/results/{stem}.md and .json", file=sys.stderr)
+    rc, data, json_path, tmpdir = suite_results(
+        args.json, None, "train_step.json",
+        lambda path: run_suite(path, args.min_rounds, args.max_time),
+        {"min_rounds": args.min_rounds, "max_time": args.max_time})
+    if data is None:
+        return rc
+    dev = "cuda" if data.get("machine_info", {}).get("cuda_available") else "cpu"
+    publish(render(data), data, rc, args.save,
+            args.save or f"train_step-{dev}-{_dt.datetime.now():%Y%m%d-%H%M%S}", json_path)
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return rc
