@@ -29,6 +29,17 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& sca
                                  const std::optional<at::Tensor>& zero_point, int64_t bits,
                                  at::IntArrayRef shape, std::optional<int64_t> axis);
 
+at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
+                        const at::Tensor& x_zero_point, const at::Tensor& w_packed,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                        int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
+                        int64_t x_quant_max);
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& x_scale,
+                        const at::Tensor& x_zero_point, const at::Tensor& w_packed,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max);
+
 #ifdef OQFL_WITH_CUDA
 at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
                            const std::optional<at::Tensor>& zero_point, int64_t quant_min,
@@ -48,6 +59,16 @@ at::Tensor quantize_pack_cuda(const at::Tensor& x, const at::Tensor& scale,
 at::Tensor unpack_dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale,
                                  const std::optional<at::Tensor>& zero_point, int64_t bits,
                                  at::IntArrayRef shape, std::optional<int64_t> axis);
+at::Tensor qconv2d_cuda(const at::Tensor& x, const at::Tensor& x_scale,
+                        const at::Tensor& x_zero_point, const at::Tensor& w_packed,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                        int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
+                        int64_t x_quant_max);
+at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& x_scale,
+                        const at::Tensor& x_zero_point, const at::Tensor& w_packed,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max);
 #endif
 
 }  // namespace oqfl

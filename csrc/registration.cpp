@@ -36,6 +36,18 @@ TORCH_LIBRARY(oqfl, m) {
       "int[] shape, int? axis=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
+  // Integer inference (contract and weight layout in qconv_args.h). Not differentiable.
+  m.def(
+      "qconv2d(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor w_packed, Tensor w_scale, "
+      "Tensor? bias=None, *, int w_bits, int[2] stride=1, int[2] padding=0, int[2] dilation=1, "
+      "int groups=1, bool relu=False, int x_quant_min=0, int x_quant_max=255) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "qlinear(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor w_packed, Tensor w_scale, "
+      "Tensor? bias=None, *, int w_bits, bool relu=False, int x_quant_min=0, "
+      "int x_quant_max=255) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // Which CPU instruction set the kernels use (see cpu/cpu_capability.h).
   m.def("_cpu_capability() -> str", &oqfl::cpu::cpu_capability);
   m.def("_set_cpu_capability(str capability) -> str", &oqfl::cpu::set_cpu_capability);

@@ -35,7 +35,8 @@ _load_extension()
 from . import _meta, _autograd  # noqa: E402,F401  (registrations)
 from . import ops  # noqa: E402
 from . import nn, models  # noqa: E402
-from .nn import quantize_model, cost  # noqa: E402
+from .nn import quantize_model, cost, convert, save_packed, load_packed  # noqa: E402
 from ._version import __version__  # noqa: E402
 
-__all__ = ["ops", "nn", "models", "quantize_model", "cost", "__version__"]
+__all__ = ["ops", "nn", "models", "quantize_model", "cost", "convert", "save_packed", "load_packed",
+           "__version__"]

@@ -143,3 +143,166 @@ def _unpack_dequantize_fake(packed, scale, zero_point=None, *, bits, shape, axis
     _check_packed("unpack_dequantize", packed, bits, numel)
     _check_steps("unpack_dequantize", shape, scale, zero_point, axis, shape_name="shape")
     return packed.new_empty(tuple(shape), dtype=torch.float32)
+
+
+# ------------------------------------------------- integer inference (qconv_args.h)
+# The metadata checks of csrc/qconv_args.cpp, in the same order and with the same messages.
+# The value checks (positive finite scales, a zero point inside the code domain) read data
+# and exist only in the CPU kernel.
+
+_QCONV_OC_BLOCK = 16  # kQConvOcBlock
+_QCONV_IC_BLOCK = 4   # kQConvIcBlock
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _dims(sizes) -> str:
+    return "[" + ", ".join(str(d) for d in sizes) + "]"
+
+
+def _qconv_arg(cond, op: str, arg: str, expected: str, got: str) -> None:
+    if not cond:
+        raise ValueError(f"{op}: {arg} expected {expected}, got {got}")
+
+
+def _qconv_dtype(cond, op: str, arg: str, expected: str, got) -> None:
+    if not cond:
+        raise TypeError(f"{op}: {arg} expected {expected}, got {got}")
+
+
+def _qconv_same_device(op: str, arg: str, t: Tensor, x: Tensor) -> None:
+    _qconv_arg(t.device == x.device, op, arg, f"to be on the device of x ({x.device})",
+               str(t.device))
+
+
+def _qconv_check_common(op: str, x: Tensor, x_scale: Tensor, x_zero_point: Tensor,
+                        w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], w_bits: int,
+                        x_quant_min: int, x_quant_max: int) -> int:
+    """check_common of qconv_args.cpp; returns the number of output channels."""
+    _qconv_dtype(x.dtype in (torch.float32, torch.uint8, torch.int8), op, "x",
+                 "dtype float32 (values), uint8 or int8 (codes)", x.dtype)
+    _qconv_dtype(x_scale.dtype == torch.float32, op, "x_scale", "dtype float32", x_scale.dtype)
+    _qconv_arg(x_scale.numel() == 1 and x_scale.dim() <= 1, op, "x_scale",
+               "a single value (shape [] or [1])", f"shape {_dims(x_scale.shape)}")
+    _qconv_same_device(op, "x_scale", x_scale, x)
+    _qconv_dtype(x_zero_point.dtype in (torch.int32, torch.int64), op, "x_zero_point",
+                 "an integer dtype (int32 or int64)", x_zero_point.dtype)
+    _qconv_arg(x_zero_point.numel() == 1 and x_zero_point.dim() <= 1, op, "x_zero_point",
+               "a single value (shape [] or [1])", f"shape {_dims(x_zero_point.shape)}")
+    _qconv_same_device(op, "x_zero_point", x_zero_point, x)
+    _qconv_arg(w_bits in (4, 8), op, "w_bits", "4 or 8", str(w_bits))
+    if w_bits == 8:
+        _qconv_dtype(w_packed.dtype == torch.int8, op, "w_packed", "dtype int8 for w_bits=8",
+                     w_packed.dtype)
+    else:
+        _qconv_dtype(w_packed.dtype == torch.uint8, op, "w_packed",
+                     "dtype uint8 (two int4 codes per byte) for w_bits=4", w_packed.dtype)
+    _qconv_same_device(op, "w_packed", w_packed, x)
+    _qconv_dtype(w_scale.dtype == torch.float32, op, "w_scale", "dtype float32", w_scale.dtype)
+    _qconv_arg(w_scale.dim() == 1 and w_scale.shape[0] >= 1, op, "w_scale",
+               "shape [OC] with OC >= 1 (one step size per output channel)",
+               f"shape {_dims(w_scale.shape)}")
+    _qconv_same_device(op, "w_scale", w_scale, x)
+    oc = w_scale.shape[0]
+    if bias is not None:
+        _qconv_dtype(bias.dtype == torch.float32, op, "bias", "dtype float32", bias.dtype)
+        _qconv_arg(bias.dim() == 1 and bias.shape[0] == oc, op, "bias",
+                   f"shape [{oc}] (the size of w_scale)", f"shape {_dims(bias.shape)}")
+        _qconv_same_device(op, "bias", bias, x)
+    if x.dtype == torch.float32:
+        _qconv_arg(x_quant_min < x_quant_max, op, "x_quant_min",
+                   f"less than x_quant_max ({x_quant_max})", str(x_quant_min))
+        if x_quant_min < 0:
+            _qconv_arg(x_quant_min >= -128 and x_quant_max <= 127, op,
+                       "x_quant_min/x_quant_max",
+                       "a range inside -128..127 (signed codes, x_quant_min < 0)",
+                       f"{x_quant_min}..{x_quant_max}")
+        else:
+            _qconv_arg(x_quant_max <= 255, op, "x_quant_max",
+                       "at most 255 (unsigned codes, x_quant_min >= 0)", str(x_quant_max))
+    return oc
+
+
+def _qconv_pair(op: str, arg: str, v) -> list:
+    _qconv_arg(len(v) in (1, 2), op, arg, "one or two integers", _dims(v))
+    return [v[0], v[0]] if len(v) == 1 else list(v)
+
+
+def _has_op(name: str) -> bool:
+    # A _C built before these schemas existed (a stale development build) still imports; the
+    # fake kernels are then skipped rather than failing every import of the package.
+    return hasattr(torch.ops.oqfl, name)
+
+
+def _qconv2d_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits,
+                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, relu=False,
+                  x_quant_min=0, x_quant_max=255):
+    op = "qconv2d"
+    _qconv_arg(x.dim() == 4, op, "x", "a 4-d tensor [N, C, H, W]", f"shape {_dims(x.shape)}")
+    oc = _qconv_check_common(op, x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits,
+                             x_quant_min, x_quant_max)
+    n, c, h, w = x.shape
+    _qconv_arg(groups >= 1, op, "groups", "a positive integer", str(groups))
+    _qconv_arg(c >= groups and c % groups == 0, op, "x",
+               f"a channel count that is a positive multiple of groups ({groups})",
+               f"shape {_dims(x.shape)}")
+    _qconv_arg(oc >= groups and oc % groups == 0, op, "w_scale",
+               f"a length (OC) that is a positive multiple of groups ({groups})",
+               f"shape {_dims(w_scale.shape)}")
+    ocb = _ceil_div(oc // groups, _QCONV_OC_BLOCK)
+    icb = _ceil_div(c // groups, _QCONV_IC_BLOCK)
+    row = 4 if w_bits == 8 else 2
+    _qconv_arg(w_packed.dim() == 7, op, "w_packed",
+               f"a 7-d blocked weight [G, OCB, KH, KW, ICB, 16, {row}]",
+               f"shape {_dims(w_packed.shape)}")
+    kh, kw = w_packed.shape[2], w_packed.shape[3]
+    _qconv_arg(kh >= 1 and kw >= 1, op, "w_packed", "a kernel size KH, KW >= 1 (dims 2 and 3)",
+               f"shape {_dims(w_packed.shape)}")
+    expected = [groups, ocb, kh, kw, icb, 16, row]
+    _qconv_arg(list(w_packed.shape) == expected, op, "w_packed",
+               f"shape {_dims(expected)} for groups={groups}, OC={oc} (w_scale), IC={c} (x) "
+               f"and w_bits={w_bits}", f"shape {_dims(w_packed.shape)}")
+    sh, sw = _qconv_pair(op, "stride", stride)
+    ph, pw = _qconv_pair(op, "padding", padding)
+    dh, dw = _qconv_pair(op, "dilation", dilation)
+    _qconv_arg(sh >= 1 and sw >= 1, op, "stride", "positive integers", _dims(stride))
+    _qconv_arg(ph >= 0 and pw >= 0, op, "padding", "non-negative integers", _dims(padding))
+    _qconv_arg(dh >= 1 and dw >= 1, op, "dilation", "positive integers", _dims(dilation))
+    eff_h, eff_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    span_h, span_w = h + 2 * ph - eff_h, w + 2 * pw - eff_w
+    _qconv_arg(span_h >= 0 and span_w >= 0, op, "x",
+               "a padded input (H + 2 * padding, W + 2 * padding) at least as large as the "
+               f"dilated kernel {_dims([eff_h, eff_w])} (a non-empty output)",
+               f"shape {_dims(x.shape)} with padding {_dims(padding)}")
+    # channels_last in, channels_last out (x.suggest_memory_format() in C++)
+    from torch._prims_common import suggest_memory_format
+    fmt = torch.channels_last if suggest_memory_format(x) == torch.channels_last \
+        else torch.contiguous_format
+    return torch.empty((n, oc, span_h // sh + 1, span_w // sw + 1), dtype=torch.float32,
+                       device=x.device, memory_format=fmt)
+
+
+def _qlinear_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits,
+                  relu=False, x_quant_min=0, x_quant_max=255):
+    op = "qlinear"
+    _qconv_arg(x.dim() >= 1, op, "x", "at least one dimension ([..., IC])",
+               f"shape {_dims(x.shape)}")
+    oc = _qconv_check_common(op, x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits,
+                             x_quant_min, x_quant_max)
+    ic = x.shape[-1]
+    _qconv_arg(ic >= 1, op, "x", "a last dimension (IC) of at least 1",
+               f"shape {_dims(x.shape)}")
+    row = 4 if w_bits == 8 else 2
+    expected = [_ceil_div(oc, _QCONV_OC_BLOCK), _ceil_div(ic, _QCONV_IC_BLOCK), 16, row]
+    _qconv_arg(list(w_packed.shape) == expected, op, "w_packed",
+               f"shape {_dims(expected)} for OC={oc} (w_scale), IC={ic} (x.shape[-1]) and "
+               f"w_bits={w_bits}", f"shape {_dims(w_packed.shape)}")
+    return torch.empty((*x.shape[:-1], oc), dtype=torch.float32, device=x.device)
+
+
+if _has_op("qconv2d"):
+    torch.library.register_fake("oqfl::qconv2d")(_qconv2d_fake)
+if _has_op("qlinear"):
+    torch.library.register_fake("oqfl::qlinear")(_qlinear_fake)

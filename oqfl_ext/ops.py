@@ -8,7 +8,8 @@ guards memory lives in C++, so calling ``torch.ops.oqfl.*`` directly is equally 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import operator
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -224,3 +225,323 @@ def cpu_capability() -> str:
     the CPU supports.
     """
     return torch.ops.oqfl._cpu_capability()
+
+
+# ------------------------------------------------------------------ integer inference
+
+__all__ += ["qconv2d", "qlinear", "pack_conv_weight", "unpack_conv_weight",
+            "pack_linear_weight", "unpack_linear_weight"]
+
+_OC_BLOCK = 16  # output channels per weight block (kQConvOcBlock in csrc/qconv_args.h)
+_IC_BLOCK = 4   # input channels per weight block (kQConvIcBlock)
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(op: str, name: str, value: IntPair) -> List[int]:
+    """``value`` as a list of two ints: an int is repeated, a sequence must have 1 or 2 entries."""
+    def as_int(v):
+        if isinstance(v, (bool, float)) or (not isinstance(v, (int, torch.SymInt))
+                                            and not hasattr(v, "__index__")):
+            raise TypeError(f"{op}: {name} expected an int or a pair of ints, got {value!r}")
+        return v if isinstance(v, (int, torch.SymInt)) else operator.index(v)
+
+    if isinstance(value, (Tensor, str)) or not isinstance(value, Sequence):
+        return [as_int(value)] * 2
+    items = [as_int(v) for v in value]
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2:
+        raise ValueError(f"{op}: {name} expected an int or a pair of ints, got {value!r}")
+    return items
+
+
+def qconv2d(
+    x: Tensor,
+    x_scale: Tensor,
+    x_zero_point: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    w_bits: int,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    relu: bool = False,
+    x_quant_min: int = 0,
+    x_quant_max: int = 255,
+) -> Tensor:
+    """Integer 2-D convolution: quantized activations times packed per-channel weight codes.
+
+    The activations are quantized per tensor (one step size ``x_scale`` and one integer zero
+    point ``x_zero_point``), the weights symmetrically per output channel (codes ``w`` and step
+    sizes ``w_scale``). With ``u`` the activation codes, everything is summed in int32 and
+    rescaled once per output element (float32, each operation rounded separately)::
+
+        u      = clamp(round_half_to_even(x / x_scale + x_zero_point), x_quant_min, x_quant_max)
+        acc    = sum over the kernel taps and the group's input channels of u * w
+                 (a padding tap holds the code x_zero_point, i.e. the real value 0)
+        wsum_o = sum of the weight codes of output channel o
+        out    = float(acc - x_zero_point * wsum_o) * (x_scale * w_scale[o]) + bias[o]
+        out    = max(out, 0)  when relu
+
+    i.e. ``sum((u - x_zero_point) * w)`` rescaled: the convolution of the dequantized tensors,
+    computed exactly in integers (``F.conv2d(dequantized x, dequantized w, bias, ...)`` up to
+    float rounding).
+
+    Args:
+        x: ``[N, C, H, W]`` in NCHW (contiguous) or channels_last memory format; other strides
+            are copied first. float32 values, quantized inside the op as above; or uint8 codes
+            (code domain 0..255) or int8 codes (-128..127), taken as they are.
+        x_scale: float32, one element (shape ``[]`` or ``[1]``), positive and finite.
+        x_zero_point: int32 or int64, one element, inside the code domain (0..255 for uint8
+            codes and for a float input with ``x_quant_min >= 0``; -128..127 for int8 codes and
+            for a float input with ``x_quant_min < 0``).
+        w_packed: the weight codes in the blocked layout of :func:`pack_conv_weight`: int8
+            ``[G, OCB, KH, KW, ICB, 16, 4]`` for ``w_bits=8``, uint8 ``[G, OCB, KH, KW, ICB,
+            16, 2]`` (two int4 codes per byte) for ``w_bits=4``; ``G = groups``,
+            ``OCB = ceil(OC / G / 16)``, ``ICB = ceil(C / G / 4)``.
+        w_scale: float32 ``[OC]``, positive and finite; its length is the number of output
+            channels ``OC`` (a multiple of ``groups``).
+        bias: float32 ``[OC]`` or None.
+        w_bits: 4 or 8, the width of the weight codes.
+        stride, padding, dilation: an int (both spatial dims) or a pair ``(h, w)``; stride and
+            dilation >= 1, padding >= 0 (zero padding: the code ``x_zero_point``).
+        groups: >= 1, divides ``C`` and ``OC``.
+        relu: apply ``max(., 0)`` to the output.
+        x_quant_min, x_quant_max: the code range of a float ``x`` (``x_quant_min <
+            x_quant_max``), inside 0..255, or inside -128..127 when ``x_quant_min < 0`` (e.g.
+            [0, 255], [0, 15], [-8, 7]). Ignored when ``x`` holds codes.
+
+    Returns:
+        float32 ``[N, OC, OH, OW]``, ``OH = (H + 2 * pad_h - dil_h * (KH - 1) - 1) // stride_h
+        + 1`` (likewise OW), in ``x``'s memory format (channels_last in, channels_last out),
+        on ``x``'s device. The output must not be empty (OH, OW >= 1).
+
+    Not differentiable. On CPU the scales and the zero point are checked (a non-positive or
+    non-finite scale, or a zero point outside the code domain, raises ValueError). On CUDA they
+    are not read on the host (that would synchronize): an output channel whose ``w_scale`` is
+    invalid comes out NaN, and the whole output when ``x_scale`` or ``x_zero_point`` is (relu
+    keeps the NaN).
+    """
+    op = "qconv2d"
+    return torch.ops.oqfl.qconv2d(
+        x, x_scale, x_zero_point, w_packed, w_scale, bias,
+        w_bits=w_bits, stride=_pair(op, "stride", stride), padding=_pair(op, "padding", padding),
+        dilation=_pair(op, "dilation", dilation), groups=groups, relu=relu,
+        x_quant_min=x_quant_min, x_quant_max=x_quant_max,
+    )
+
+
+def qlinear(
+    x: Tensor,
+    x_scale: Tensor,
+    x_zero_point: Tensor,
+    w_packed: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    w_bits: int,
+    relu: bool = False,
+    x_quant_min: int = 0,
+    x_quant_max: int = 255,
+) -> Tensor:
+    """Integer linear layer: :func:`qconv2d` with a 1x1 kernel over the last dimension of ``x``.
+
+    With ``u`` the activation codes and ``w`` the weight codes ``[OC, IC]``::
+
+        u      = clamp(round_half_to_even(x / x_scale + x_zero_point), x_quant_min, x_quant_max)
+        acc    = sum over i of u[..., i] * w[o, i]                      (int32)
+        out    = float(acc - x_zero_point * sum_i w[o, i]) * (x_scale * w_scale[o]) + bias[o]
+        out    = max(out, 0)  when relu
+
+    Args:
+        x: ``[..., IC]`` (at least 1-D; any strides, copied when not contiguous): float32
+            values, or uint8 / int8 codes, as in :func:`qconv2d`.
+        x_scale, x_zero_point, x_quant_min, x_quant_max, w_bits, relu: as in :func:`qconv2d`.
+        w_packed: the weight codes in the layout of :func:`pack_linear_weight`: int8
+            ``[OCB, ICB, 16, 4]`` (``w_bits=8``) or uint8 ``[OCB, ICB, 16, 2]`` (``w_bits=4``),
+            ``OCB = ceil(OC / 16)``, ``ICB = ceil(IC / 4)``.
+        w_scale: float32 ``[OC]``, positive and finite.
+        bias: float32 ``[OC]`` or None.
+
+    Returns:
+        A contiguous float32 tensor ``[..., OC]`` on ``x``'s device (``[OC]`` for a 1-D
+        ``x``). Invalid scales and zero points are handled as in :func:`qconv2d`.
+    """
+    return torch.ops.oqfl.qlinear(
+        x, x_scale, x_zero_point, w_packed, w_scale, bias,
+        w_bits=w_bits, relu=relu, x_quant_min=x_quant_min, x_quant_max=x_quant_max,
+    )
+
+
+def _check_weight_bits(op: str, bits: int) -> None:
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"{op}: bits expected 4 or 8, got {bits!r}")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def pack_conv_weight(codes: Tensor, bits: int, groups: int = 1) -> Tensor:
+    """Signed weight codes ``[OC, IC / groups, KH, KW]`` in the blocked layout of
+    :func:`qconv2d` (``csrc/qconv_args.h``).
+
+    With ``G = groups``, ``OCg = OC / G``, ``ICg = IC / G``, ``OCB = ceil(OCg / 16)`` and
+    ``ICB = ceil(ICg / 4)``, the int8 layout is::
+
+        W[g, ob, kh, kw, cb, j, i] = codes[g * OCg + ob * 16 + j, cb * 4 + i, kh, kw]
+        (0 where ob * 16 + j >= OCg or cb * 4 + i >= ICg),  shape [G, OCB, KH, KW, ICB, 16, 4]
+
+    so one ``[16, 4]`` row (64 bytes) holds 4 input channels of 16 output channels: one
+    AVX-512 VNNI operand, and per output channel one dp4a word. For ``bits=4`` the same elements
+    are packed two per byte along each flattened 64-element row, element ``2k`` in the LOW nibble
+    and ``2k + 1`` in the HIGH nibble of byte ``k``, as 4-bit two's complement (the nibble order
+    of :func:`pack`, DESIGN.md section 3): shape ``[G, OCB, KH, KW, ICB, 16, 2]`` uint8, byte
+    ``[..., j, b]`` holding input channels ``2b`` (low) and ``2b + 1`` (high) of output
+    channel ``j``. E.g. one output channel with the 1x1 codes ``[1, -2, 7]`` packs to the row
+    ``[[1, -2, 7, 0], [0, 0, 0, 0], ...]`` (int8), or ``[[0xE1, 0x07], [0, 0], ...]`` (int4).
+
+    Pure PyTorch (runs on any device, no custom op); the inverse is
+    :func:`unpack_conv_weight`.
+
+    Args:
+        codes: integer tensor (any integer dtype, any device) ``[OC, IC / groups, KH, KW]``
+            with values in the signed range of ``bits`` ([-128, 127] or [-8, 7]; checked, which
+            reads the values).
+        bits: 4 or 8.
+        groups: the convolution's groups, >= 1, dividing ``OC``.
+
+    Returns:
+        A contiguous int8 (``bits=8``) or uint8 (``bits=4``) tensor on ``codes``' device.
+    """
+    return _pack_blocked("pack_conv_weight", codes, bits, groups, 4)
+
+
+def _pack_blocked(op: str, codes: Tensor, bits: int, groups: int, dims: int) -> Tensor:
+    _check_weight_bits(op, bits)
+    if not isinstance(codes, Tensor):
+        raise TypeError(f"{op}: codes expected a tensor, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"{op}: codes expected an integer dtype, got {codes.dtype}")
+    if codes.dim() != dims:
+        what = "4 dimensions [OC, IC / groups, KH, KW]" if dims == 4 else "2 dimensions [OC, IC]"
+        raise ValueError(f"{op}: codes expected {what}, got shape {list(codes.shape)}")
+    if dims == 2:
+        codes = codes[:, :, None, None]
+    oc, icg, kh, kw = codes.shape
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or oc % groups:
+        raise ValueError(f"{op}: groups expected a positive divisor of the output channels "
+                         f"({oc}), got {groups!r}")
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < qmin or hi > qmax:
+            raise ValueError(f"{op}: codes expected values in [{qmin}, {qmax}] ({bits}-bit "
+                             f"signed), got values in [{lo}, {hi}]")
+    g = groups
+    ocg = oc // g
+    ocb, icb = _ceil_div(ocg, _OC_BLOCK), _ceil_div(icg, _IC_BLOCK)
+    w = torch.zeros((g, ocb * _OC_BLOCK, icb * _IC_BLOCK, kh, kw), dtype=torch.int8,
+                    device=codes.device)
+    w[:, :ocg, :icg] = codes.reshape(g, ocg, icg, kh, kw).to(torch.int8)
+    # [G, OCB, 16, ICB, 4, KH, KW] -> [G, OCB, KH, KW, ICB, 16, 4]
+    w = w.reshape(g, ocb, _OC_BLOCK, icb, _IC_BLOCK, kh, kw).permute(0, 1, 5, 6, 3, 2, 4)
+    w = w.contiguous()
+    if bits == 8:
+        return w
+    flat = w.reshape(g, ocb, kh, kw, icb, _OC_BLOCK * _IC_BLOCK).to(torch.int16)
+    low, high = flat[..., 0::2] & 0xF, flat[..., 1::2] & 0xF
+    packed = (low | (high << 4)).to(torch.uint8)
+    return packed.reshape(g, ocb, kh, kw, icb, _OC_BLOCK, _IC_BLOCK // 2).contiguous()
+
+
+def unpack_conv_weight(w_packed: Tensor, bits: int, out_channels: int,
+                       in_channels_per_group: int) -> Tensor:
+    """Inverse of :func:`pack_conv_weight` (which documents the layout).
+
+    Args:
+        w_packed: int8 ``[G, OCB, KH, KW, ICB, 16, 4]`` (``bits=8``) or uint8
+            ``[G, OCB, KH, KW, ICB, 16, 2]`` (``bits=4``); ``G`` is the groups.
+        bits: 4 or 8.
+        out_channels: ``OC``, a multiple of ``G`` with ``OCB == ceil(OC / G / 16)``.
+        in_channels_per_group: ``ICg`` with ``ICB == ceil(ICg / 4)``.
+
+    Returns:
+        Contiguous int8 codes ``[OC, ICg, KH, KW]`` on ``w_packed``'s device (the padding of
+        the blocks is dropped, not checked).
+    """
+    return _unpack_blocked("unpack_conv_weight", w_packed, bits, out_channels,
+                           in_channels_per_group, linear=False)
+
+
+def _unpack_blocked(op: str, w_packed: Tensor, bits: int, oc: int, icg: int,
+                    linear: bool) -> Tensor:
+    _check_weight_bits(op, bits)
+    want = torch.int8 if bits == 8 else torch.uint8
+    if w_packed.dtype != want:
+        raise TypeError(f"{op}: w_packed expected dtype {want} for {bits}-bit codes, got "
+                        f"{w_packed.dtype}")
+    row = _IC_BLOCK if bits == 8 else _IC_BLOCK // 2
+    dims, lead = (4, "OCB, ICB") if linear else (7, "G, OCB, KH, KW, ICB")
+    if w_packed.dim() != dims or tuple(w_packed.shape[-2:]) != (_OC_BLOCK, row):
+        raise ValueError(f"{op}: w_packed expected shape [{lead}, {_OC_BLOCK}, {row}] for "
+                         f"{bits}-bit codes, got shape {list(w_packed.shape)}")
+    if linear:
+        w_packed = w_packed[None, :, None, None]
+    g, ocb, kh, kw, icb = w_packed.shape[:5]
+    oc_name, ic_name = ("out_features", "in_features") if linear else \
+        ("out_channels", "in_channels_per_group")
+    if oc < 1 or oc % g or _ceil_div(oc // g, _OC_BLOCK) != ocb:
+        per = f" / {g}" if not linear else ""
+        raise ValueError(f"{op}: {oc_name} expected a positive count"
+                         f"{'' if linear else f' divisible by the groups ({g})'} with "
+                         f"ceil({oc_name}{per} / {_OC_BLOCK}) == OCB ({ocb}), got {oc}")
+    if icg < 1 or _ceil_div(icg, _IC_BLOCK) != icb:
+        raise ValueError(f"{op}: {ic_name} expected a count with "
+                         f"ceil({ic_name} / {_IC_BLOCK}) == ICB ({icb}), got {icg}")
+    if bits == 8:
+        w = w_packed
+    else:
+        b = w_packed.to(torch.int16)
+        low, high = b & 0xF, (b >> 4) & 0xF
+        nib = torch.stack((low, high), dim=-1)              # [..., 16, 2, 2]
+        w = ((nib ^ 8) - 8).to(torch.int8).reshape(g, ocb, kh, kw, icb, _OC_BLOCK, _IC_BLOCK)
+    # [G, OCB, KH, KW, ICB, 16, 4] -> [G, OCB, 16, ICB, 4, KH, KW]
+    w = w.permute(0, 1, 5, 4, 6, 2, 3).reshape(g, ocb * _OC_BLOCK, icb * _IC_BLOCK, kh, kw)
+    ocg = oc // g
+    w = w[:, :ocg, :icg].reshape(oc, icg, kh, kw)
+    return (w.reshape(oc, icg) if linear else w).contiguous()
+
+
+def pack_linear_weight(codes: Tensor, bits: int) -> Tensor:
+    """Signed weight codes ``[OC, IC]`` in the blocked layout of :func:`qlinear`.
+
+    The layout of :func:`pack_conv_weight` for a 1x1 kernel with one group, without the unit
+    dimensions: int8 ``[OCB, ICB, 16, 4]`` (``bits=8``) or uint8 ``[OCB, ICB, 16, 2]``
+    (``bits=4``), ``OCB = ceil(OC / 16)``, ``ICB = ceil(IC / 4)``::
+
+        W[ob, cb, j, i] = codes[ob * 16 + j, cb * 4 + i]   (0 past the edges)
+
+    (int4: element ``2k`` of a flattened 64-element row in the low nibble of byte ``k``).
+
+    Args:
+        codes: integer tensor ``[OC, IC]`` with values in the signed range of ``bits``.
+        bits: 4 or 8.
+
+    Returns:
+        A contiguous int8 (``bits=8``) or uint8 (``bits=4``) tensor on ``codes``' device.
+    """
+    w = _pack_blocked("pack_linear_weight", codes, bits, 1, 2)
+    return w.reshape(w.shape[1], w.shape[4], w.shape[5], w.shape[6])
+
+
+def unpack_linear_weight(w_packed: Tensor, bits: int, out_features: int,
+                         in_features: int) -> Tensor:
+    """Inverse of :func:`pack_linear_weight`: int8 codes ``[OC, IC]`` from ``[OCB, ICB, 16,
+    4|2]`` (``out_features = OC``, ``in_features = IC``)."""
+    return _unpack_blocked("unpack_linear_weight", w_packed, bits, out_features, in_features,
+                           linear=True)

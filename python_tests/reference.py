@@ -202,3 +202,131 @@ def counter_uniform_ref(seed: int, n: int) -> Tensor:
     out = [(_splitmix64((key + (i + 1) * 0x9E3779B97F4A7C15) & _MASK64) >> 40) * 2.0 ** -24
            for i in range(n)]
     return torch.tensor(out, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ integer inference
+
+def quantize_activation_ref(x: Tensor, x_scale: Tensor, x_zero_point: Tensor, *,
+                            x_quant_min: int, x_quant_max: int) -> Tensor:
+    """int64 activation codes of qconv2d / qlinear (qconv_args.h), on the CPU.
+
+    float32 x: ``clamp(round(x / s + zp), qmin, qmax)`` evaluated as the kernels do, one float32
+    operation at a time (x / s rounded to float32, then + zp rounded to float32, then
+    ``torch.round``: half to even). uint8 / int8 x: the codes as they are (qmin/qmax ignored).
+    """
+    x = x.detach().cpu()
+    if x.dtype != torch.float32:
+        return x.to(torch.int64)
+    s = x_scale.detach().cpu().reshape(()).to(torch.float32)
+    z = x_zero_point.detach().cpu().reshape(()).to(torch.float32)
+    v = x / s
+    v = v + z
+    return torch.round(v).clamp(x_quant_min, x_quant_max).to(torch.int64)
+
+
+def _requantize_ref(centered: Tensor, x_scale: Tensor, w_scale: Tensor,
+                    bias: Optional[Tensor], relu: bool, channel_shape) -> Tensor:
+    """float32 float(acc - zp * wsum) * (x_scale * w_scale) + bias, each op rounded on its own
+    (``centered`` = acc - zp * wsum, exact in int64)."""
+    scale = x_scale.detach().cpu().reshape(()).to(torch.float32) * \
+        w_scale.detach().cpu().to(torch.float32)               # one float32 product per channel
+    out = centered.to(torch.float32) * scale.reshape(channel_shape)
+    if bias is not None:
+        out = out + bias.detach().cpu().to(torch.float32).reshape(channel_shape)
+    if relu:
+        out = torch.clamp_min(out, 0.0)
+    return out
+
+
+def _pair_ref(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def qconv2d_acc_ref(u: Tensor, zp: int, w_codes: Tensor, *, stride=1, padding=0, dilation=1,
+                    groups=1) -> Tensor:
+    """int64 ``sum over taps and channels of (u - zp) * w`` of integer codes u ``[N, C, H, W]``
+    and w ``[OC, C / groups, KH, KW]``, the input padded with the code ``zp``.
+
+    Computed as ``sum u * w - zp * wsum`` like the kernels: the padded input, one strided view
+    per kernel tap, an einsum over the group's channels in int64 (exact whatever the size)."""
+    sh, sw = _pair_ref(stride)
+    ph, pw = _pair_ref(padding)
+    dh, dw = _pair_ref(dilation)
+    u = u.to(torch.int64)
+    w = w_codes.to(torch.int64)
+    n, c, h, wd = u.shape
+    oc, icg, kh, kw = w.shape
+    g = groups
+    ocg = oc // g
+    up = torch.nn.functional.pad(u, (pw, pw, ph, ph), value=zp)
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    up = up.reshape(n, g, icg, h + 2 * ph, wd + 2 * pw)
+    wg = w.reshape(g, ocg, icg, kh, kw)
+    acc = torch.zeros((n, g, ocg, oh, ow), dtype=torch.int64)
+    for i in range(kh):
+        for j in range(kw):
+            tap = up[:, :, :, i * dh: i * dh + (oh - 1) * sh + 1: sh,
+                     j * dw: j * dw + (ow - 1) * sw + 1: sw]
+            acc += torch.einsum("ngchw,goc->ngohw", tap, wg[:, :, :, i, j])
+    wsum = w.sum(dim=(1, 2, 3))
+    return acc.reshape(n, oc, oh, ow) - zp * wsum.reshape(1, oc, 1, 1)
+
+
+def qconv2d_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits, stride=1,
+                padding=0, dilation=1, groups=1, relu=False, x_quant_min=0,
+                x_quant_max=255) -> Tensor:
+    """The contract of ``oqfl::qconv2d`` (qconv_args.h) in plain PyTorch, on the CPU.
+
+    Activation codes from :func:`quantize_activation_ref`, weight codes from
+    ``oqfl_ext.ops.unpack_conv_weight``, the accumulator from :func:`qconv2d_acc_ref` (int64,
+    exact whatever its size: the input is padded with the code ``x_zero_point`` and the
+    products are summed per kernel tap). ``F.conv2d`` in float64 on the integer codes would be
+    exact as well, every partial sum being an integer of magnitude below
+    255 * 128 * IC * KH * KW << 2**53, but int64 needs no such argument and shares no code with
+    the convolution the float comparison uses. The rescale is done as separate float32
+    operations: ``float(acc - zp * wsum) * (x_scale * w_scale) + bias``, then relu. Returns a
+    contiguous float32 NCHW tensor on the CPU.
+    """
+    from oqfl_ext.ops import unpack_conv_weight  # lazy: reference.py imports without _C
+
+    oc = w_scale.shape[0]
+    icg = x.shape[1] // groups
+    wc = unpack_conv_weight(w_packed.detach().cpu(), w_bits, oc, icg)
+    zp = int(x_zero_point.detach().cpu().reshape(()))
+    u = quantize_activation_ref(x, x_scale, x_zero_point, x_quant_min=x_quant_min,
+                                x_quant_max=x_quant_max)
+    centered = qconv2d_acc_ref(u, zp, wc, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups)
+    return _requantize_ref(centered, x_scale, w_scale, bias, relu, (1, oc, 1, 1))
+
+
+def qlinear_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits, relu=False,
+                x_quant_min=0, x_quant_max=255) -> Tensor:
+    """The contract of ``oqfl::qlinear``: ``[..., IC]`` times the codes of
+    ``oqfl_ext.ops.unpack_linear_weight`` (int64 matmul, exact), rescaled as in
+    :func:`qconv2d_ref`. Returns a contiguous float32 ``[..., OC]`` tensor on the CPU."""
+    from oqfl_ext.ops import unpack_linear_weight
+
+    oc, ic = w_scale.shape[0], x.shape[-1]
+    wc = unpack_linear_weight(w_packed.detach().cpu(), w_bits, oc, ic).to(torch.int64)
+    zp = int(x_zero_point.detach().cpu().reshape(()))
+    u = quantize_activation_ref(x, x_scale, x_zero_point, x_quant_min=x_quant_min,
+                                x_quant_max=x_quant_max).reshape(-1, ic)
+    centered = u @ wc.t() - zp * wc.sum(dim=1)
+    out = _requantize_ref(centered, x_scale, w_scale, bias, relu, (1, oc))
+    return out.reshape(*x.shape[:-1], oc)
+
+
+def qconv_dequantized_inputs(x, x_scale, x_zero_point, w_codes, w_scale, *, x_quant_min=0,
+                             x_quant_max=255):
+    """float64 dequantized activations ``(u - zp) * x_scale`` and weights ``w * w_scale``
+    (for comparing the integer ops with F.conv2d / F.linear)."""
+    u = quantize_activation_ref(x, x_scale, x_zero_point, x_quant_min=x_quant_min,
+                                x_quant_max=x_quant_max)
+    zp = int(x_zero_point.detach().cpu().reshape(()))
+    xs = float(x_scale.detach().cpu().reshape(()))
+    ws = w_scale.detach().cpu().to(torch.float64)
+    xd = (u - zp).to(torch.float64) * xs
+    wd = w_codes.detach().cpu().to(torch.float64) * ws.reshape(-1, *([1] * (w_codes.dim() - 1)))
+    return xd, wd

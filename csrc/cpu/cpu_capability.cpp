@@ -25,6 +25,17 @@ Capability best_supported() {
   return kDefault;
 }
 
+bool has_avx512_vnni() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 int parse(const std::string& name) {
   for (int i = 0; i <= kAvx512; ++i)
     if (name == kNames[i]) return i;
@@ -59,6 +70,15 @@ const FakeQuantKernelTable& active_fake_quant_kernels() {
 #endif
     default: return fake_quant_kernels_default();
   }
+}
+
+const QConvKernelTable& active_qconv_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool vnni = has_avx512_vnni();
+  if (vnni && active().load(std::memory_order_relaxed) == kAvx512)
+    return qconv_kernels_avx512_vnni();
+#endif
+  return qconv_kernels_default();
 }
 
 std::string cpu_capability() { return kNames[active().load()]; }

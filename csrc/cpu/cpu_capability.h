@@ -4,12 +4,17 @@
 #include <string>
 
 #include "isa/fake_quant_table.h"
+#include "isa/qconv2d_table.h"
 
 namespace oqfl {
 namespace cpu {
 
 // The kernel table of the active instruction set.
 const FakeQuantKernelTable& active_fake_quant_kernels();
+
+// The qconv2d kernel table of the active instruction set: under "avx512" the AVX-512 VNNI
+// kernels when the CPU has AVX-512 VNNI, else (and under "avx2" / "default") the portable ones.
+const QConvKernelTable& active_qconv_kernels();
 
 // "avx512", "avx2" or "default".
 std::string cpu_capability();

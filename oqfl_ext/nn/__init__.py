@@ -6,15 +6,20 @@
 * :func:`quantize_model`: swap every Conv2d/Linear of a model; :func:`quantization_summary`,
   :func:`calibrate`, :func:`set_quantizers_enabled`.
 * :func:`cost`: parameter bytes and BitOPs per layer.
+* :func:`convert`: a trained model to integer inference (:class:`QConv2dInt`,
+  :class:`QLinearInt`); :func:`save_packed` / :func:`load_packed`: its compact file.
 """
 
 from .quantizer import LSQQuantizer, bit_range, MIN_STEP, MAX_STEP
 from .layers import QuantConv2d, QuantLinear
 from .quantize import quantize_model, quantization_summary, calibrate, set_quantizers_enabled
 from .bitops import cost, CostReport, LayerCost
+from .integer import (QConv2dInt, QLinearInt, convert, save_packed, load_packed,
+                      ConversionWarning)
 
 __all__ = [
     "LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "QuantConv2d", "QuantLinear",
     "quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
     "cost", "CostReport", "LayerCost",
+    "QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed", "ConversionWarning",
 ]

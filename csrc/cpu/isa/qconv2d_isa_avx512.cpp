@@ -1,0 +1,250 @@
+// AVX-512 VNNI instance of the qconv2d kernels; compiled for x86-64 only, used only when the
+// CPU reports AVX-512 F/BW/VL/DQ and VNNI and the capability is "avx512" (cpu_capability.cpp).
+//
+// Microkernel: a register tile of kTile = 14 consecutive output pixels of one output row x 32
+// output channels (two slabs of 16), 28 zmm accumulators. Per k-step (4 input channels of one
+// tap) it loads the two 64-byte weight rows [16 oc x 4 ic] and, for each pixel, broadcasts the
+// pixel's 4 input bytes (vpbroadcastd) into vpdpbusd (u8 activations x s8 weights -> int32).
+// 14 divides the ResNet widths 56, 28 and 14; other widths end with a shorter tile.
+// Epilogue fused in registers: acc - zp * wsum, cvt to float, multiply by the float scale
+// product and add the bias with the explicit-rounding intrinsics _mm512_mul_round_ps /
+// _mm512_add_round_ps (builtins that the compiler never contracts into an FMA, unlike
+// _mm512_mul_ps / _mm512_add_ps, which GCC implements as plain vector arithmetic), then relu.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "isa/qconv2d_table.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+#endif
+
+namespace oqfl {
+namespace cpu {
+namespace avx512_vnni {
+namespace {
+
+constexpr int kTile = 14;
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
+
+inline int32_t load_u32(const uint8_t* p) { return *reinterpret_cast<const unaligned_i32*>(p); }
+
+// quantize_code of 16 floats (a NaN gives code 0), plus the offset, narrowed to bytes.
+inline __m128i quantize16(__m512 x, __m512 s, __m512 z, __m512 lo, __m512 hi, __m512i off) {
+  const __m512 v = _mm512_add_ps(_mm512_div_ps(x, s), z);
+  // Clamping before rounding is the same as after (integer bounds, monotone rounding).
+  // max/min return their second operand when one is NaN, so a NaN stays NaN here ...
+  const __m512 c = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+  // ... and converts to 0x80000000, whose low byte after adding the offset (0 or 128) is the
+  // byte of code 0, as quantize_code gives for NaN. Otherwise: rint (half to even).
+  const __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(c, kRound), off);
+  return _mm512_cvtepi32_epi8(q);  // truncating narrow: codes are 0..255
+}
+
+void quantize(const float* x, uint8_t* out, int64_t n, float s, float z, float qmin, float qmax,
+              int32_t offset) {
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+  const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+  const __m512i off = _mm512_set1_epi32(offset);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m128i a = quantize16(_mm512_loadu_ps(x + i), vs, vz, lo, hi, off);
+    const __m128i b = quantize16(_mm512_loadu_ps(x + i + 16), vs, vz, lo, hi, off);
+    const __m128i c = quantize16(_mm512_loadu_ps(x + i + 32), vs, vz, lo, hi, off);
+    const __m128i d = quantize16(_mm512_loadu_ps(x + i + 48), vs, vz, lo, hi, off);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), a);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 16), b);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 32), c);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 48), d);
+  }
+  for (; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                   : static_cast<__mmask16>((1u << left) - 1);
+    const __m128i q = quantize16(_mm512_maskz_loadu_ps(m, x + i), vs, vz, lo, hi, off);
+    _mm_mask_storeu_epi8(out + i, m, q);
+  }
+}
+
+void prepare_slab(const uint8_t* src, int bits, int64_t rows, int8_t* dst, int32_t* wsum) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i eight = _mm512_set1_epi8(8);
+  const __m512i lo_mask = _mm512_set1_epi16(0x000F), hi_mask = _mm512_set1_epi16(0x0F00);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i w;
+    if (bits == 8) {
+      w = _mm512_loadu_si512(src + r * 64);
+    } else {
+      // Byte k of the row holds element 2k (low nibble) and 2k + 1 (high nibble): widen each
+      // byte to a 16-bit lane and place the nibbles in its low and high byte.
+      const __m512i e = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * 32)));
+      w = _mm512_or_si512(_mm512_and_si512(e, lo_mask),
+                          _mm512_and_si512(_mm512_slli_epi16(e, 4), hi_mask));
+      w = _mm512_sub_epi8(_mm512_xor_si512(w, eight), eight);  // sign-extend the nibbles
+    }
+    if (dst != nullptr) _mm512_storeu_si512(dst + r * 64, w);
+    acc = _mm512_dpbusd_epi32(acc, ones, w);
+  }
+  _mm512_storeu_si512(wsum, acc);
+}
+
+inline __m512 epilogue(__m512i acc, __m512i zws, __m512 scale, const __m512* bias, bool relu) {
+  __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zws));
+  f = _mm512_mul_round_ps(f, scale, kRound);
+  if (bias != nullptr) f = _mm512_add_round_ps(f, *bias, kRound);
+  if (relu) f = _mm512_max_ps(_mm512_setzero_ps(), f);  // max(0, NaN) = NaN, like torch.relu
+  return f;
+}
+
+// How one 16-channel block of a tile is stored (chosen once per tile).
+enum StoreMode { kSkip, kFull, kStream, kMasked, kStrided };
+
+inline StoreMode store_mode(const QConvRowArgs& a, int64_t valid, const float* first) {
+  if (valid <= 0) return kSkip;
+  if (a.out_oc_stride != 1) return kStrided;
+  if (valid < 16) return kMasked;
+  // Streaming needs every pixel's 16 floats 64-byte aligned.
+  const bool aligned = (reinterpret_cast<uintptr_t>(first) & 63) == 0 &&
+                       (a.out_pix_stride & 15) == 0;
+  return a.stream && aligned ? kStream : kFull;
+}
+
+inline void store16(StoreMode mode, float* out, __m512 v, int64_t valid, int64_t oc_stride) {
+  switch (mode) {
+    case kFull: _mm512_storeu_ps(out, v); break;
+    case kStream: _mm512_stream_ps(out, v); break;
+    case kMasked:
+      _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << valid) - 1), v);
+      break;
+    case kStrided: {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, v);
+      const int64_t n = valid < 16 ? valid : 16;
+      for (int64_t j = 0; j < n; ++j) out[j * oc_stride] = tmp[j];
+      break;
+    }
+    default: break;
+  }
+}
+
+template <int M, bool TWO>
+void tile(const QConvRowArgs& a, int64_t p0) {
+  __m512i c0[M], c1[M];
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    c0[m] = _mm512_setzero_si512();
+    if (TWO) c1[m] = _mm512_setzero_si512();
+  }
+  const int64_t ps = a.pix_step, icb = a.icb;
+  const uint8_t* in = a.in + p0 * ps;
+  // When the kw taps of a kernel row are adjacent in memory (dilation 1, one group), the kw
+  // and input-channel-block loops are one loop over contiguous input bytes and weight rows.
+  const bool merged = a.tap_w == 4 * icb;
+  const int64_t nkw = merged ? 1 : a.kw, steps = merged ? a.kw * icb : icb;
+  for (int64_t kh = 0; kh < a.kh; ++kh) {
+    for (int64_t kw = 0; kw < nkw; ++kw) {
+      const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
+      const int64_t woff = (kh * a.kw + kw) * icb * 64;
+      const int8_t* pa = a.w0 + woff;
+      const int8_t* pb = TWO ? a.w1 + woff : nullptr;
+      for (int64_t cb = 0; cb < steps; ++cb, t += 4, pa += 64) {
+        const __m512i b0 = _mm512_loadu_si512(pa);
+        __m512i b1;
+        if (TWO) {
+          b1 = _mm512_loadu_si512(pb);
+          pb += 64;
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m) {
+          const __m512i av = _mm512_set1_epi32(load_u32(t + m * ps));
+          c0[m] = _mm512_dpbusd_epi32(c0[m], av, b0);
+          if (TWO) c1[m] = _mm512_dpbusd_epi32(c1[m], av, b1);
+        }
+      }
+    }
+  }
+  const __m512i z0 = _mm512_loadu_si512(a.zws), z1 = _mm512_loadu_si512(a.zws + 16);
+  const __m512 s0 = _mm512_loadu_ps(a.scale), s1 = _mm512_loadu_ps(a.scale + 16);
+  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+  const bool has_bias = a.bias != nullptr, relu = a.relu;
+  if (has_bias) {
+    bias0 = _mm512_loadu_ps(a.bias);
+    bias1 = _mm512_loadu_ps(a.bias + 16);
+  }
+  const int64_t pix_stride = a.out_pix_stride, oc_stride = a.out_oc_stride;
+  const int64_t valid0 = a.noc, valid1 = a.noc - 16;
+  float* out = a.out + p0 * pix_stride;
+  float* out1 = out + 16 * oc_stride;
+  const StoreMode mode0 = store_mode(a, valid0, out);
+  const StoreMode mode1 = TWO ? store_mode(a, valid1, out1) : kSkip;
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    store16(mode0, out + m * pix_stride,
+            epilogue(c0[m], z0, s0, has_bias ? &bias0 : nullptr, relu), valid0, oc_stride);
+    if (TWO)
+      store16(mode1, out1 + m * pix_stride,
+              epilogue(c1[m], z1, s1, has_bias ? &bias1 : nullptr, relu), valid1, oc_stride);
+  }
+}
+
+template <int M>
+void tile_any(const QConvRowArgs& a, int64_t p0) {
+  if (a.w1 != nullptr) {
+    tile<M, true>(a, p0);
+  } else {
+    tile<M, false>(a, p0);
+  }
+}
+
+void conv_row(const QConvRowArgs& a) {
+  int64_t p = 0;
+  for (; p + kTile <= a.npix; p += kTile) tile_any<kTile>(a, p);
+  switch (a.npix - p) {
+    case 1: tile_any<1>(a, p); break;
+    case 2: tile_any<2>(a, p); break;
+    case 3: tile_any<3>(a, p); break;
+    case 4: tile_any<4>(a, p); break;
+    case 5: tile_any<5>(a, p); break;
+    case 6: tile_any<6>(a, p); break;
+    case 7: tile_any<7>(a, p); break;
+    case 8: tile_any<8>(a, p); break;
+    case 9: tile_any<9>(a, p); break;
+    case 10: tile_any<10>(a, p); break;
+    case 11: tile_any<11>(a, p); break;
+    case 12: tile_any<12>(a, p); break;
+    case 13: tile_any<13>(a, p); break;
+    default: break;
+  }
+  if (a.stream) _mm_sfence();  // order the non-temporal stores before the caller goes on
+}
+
+}  // namespace
+}  // namespace avx512_vnni
+
+const QConvKernelTable& qconv_kernels_avx512_vnni() {
+  static const QConvKernelTable table{"avx512_vnni", &avx512_vnni::quantize,
+                                      &avx512_vnni::prepare_slab, &avx512_vnni::conv_row};
+  return table;
+}
+
+}  // namespace cpu
+}  // namespace oqfl
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif

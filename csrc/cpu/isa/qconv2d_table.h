@@ -1,0 +1,62 @@
+// The CPU kernels of the integer convolution (oqfl::qconv2d / qlinear) of one instruction set, as
+// plain function pointers on raw memory, like fake_quant_table.h. The torch side
+// (cpu/qconv2d_cpu.cpp) does the argument checks, the threading and the buffers; these
+// functions do the inner work of one task and never allocate or start threads.
+//
+// Input buffer ("padded NHWC"): uint8 codes [N, Hp, Wp, G, ICB * 4] with Hp = H + 2 * pad_h,
+// Wp = W + 2 * pad_w; every pixel of the border and every channel past ICg in a group holds the
+// zero point (so no tap is ever out of bounds and the padded channels meet zero weights).
+// Signed (int8) codes are stored shifted by +128, with the zero point shifted alike: the
+// result acc - zp * wsum is unchanged.
+//
+// Weights: one "slab" is the weights of 16 output channels of one group,
+// [KH, KW, ICB, 16, 4] int8 (qconv_args.h), 64 bytes per (kh, kw, cb) row.
+#pragma once
+
+#include <cstdint>
+
+namespace oqfl {
+namespace cpu {
+
+// One run of output pixels of one output row times up to 32 output channels (two slabs).
+struct QConvRowArgs {
+  const uint8_t* in;       // padded input at the first tap (kh = kw = 0) of the first pixel
+  int64_t npix;            // output pixels in the run
+  int64_t pix_step;        // bytes between the first taps of consecutive pixels (stride_w * C)
+  int64_t tap_h, tap_w;    // bytes between taps along kh (dil_h * Wp * C) and kw (dil_w * C)
+  int64_t kh, kw, icb;     // kernel size and input-channel blocks of the group
+  const int8_t* w0;        // slab of output channels 0..15
+  const int8_t* w1;        // slab of output channels 16..31, or null (16 channels only)
+  const int32_t* zws;      // [32] zero point * wsum per output channel (wrapping int32)
+  const float* scale;      // [32] x_scale * w_scale[o] (a float32 product)
+  const float* bias;       // [32] bias, or null
+  int64_t noc;             // valid output channels, 1..32 (16 at most when w1 is null)
+  bool relu;
+  bool stream;             // may write the output with non-temporal stores (large outputs)
+  float* out;              // output of pixel 0, channel 0
+  int64_t out_pix_stride;  // floats between consecutive pixels
+  int64_t out_oc_stride;   // floats between consecutive output channels
+};
+
+struct QConvKernelTable {
+  const char* name;
+  // out[i] = clamp(rint(x[i] / s + z), qmin, qmax) + offset (quantize_code of quant_math.h; a
+  // NaN gives code 0), for n contiguous floats.
+  void (*quantize)(const float* x, uint8_t* out, int64_t n, float s, float z, float qmin,
+                   float qmax, int32_t offset);
+  // One slab: `rows` rows of 16 x 4 codes starting at `src` (int8 bytes when bits == 8, packed
+  // int4 bytes, 32 per row, when bits == 4). Writes the int8 codes to dst (may be null when
+  // bits == 8: nothing to unpack) and wsum[j] = sum of the codes of output channel j.
+  void (*prepare_slab)(const uint8_t* src, int bits, int64_t rows, int8_t* dst, int32_t* wsum);
+  // Computes one run of output pixels (see QConvRowArgs).
+  void (*conv_row)(const QConvRowArgs& a);
+};
+
+// Defined by the instruction-set translation units (qconv2d_isa_*.cpp).
+const QConvKernelTable& qconv_kernels_default();
+#if defined(__x86_64__) || defined(_M_X64)
+const QConvKernelTable& qconv_kernels_avx512_vnni();
+#endif
+
+}  // namespace cpu
+}  // namespace oqfl

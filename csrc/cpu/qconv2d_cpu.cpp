@@ -1,0 +1,381 @@
+// CPU kernels of the integer inference ops oqfl::qconv2d and oqfl::qlinear (contract and weight
+// layout in qconv_args.h).
+//
+// 1. x (float32 in any memory format, or uint8 / int8 codes) is quantized into a padded NHWC
+//    uint8 buffer [H + 2 pad_h, W + 2 pad_w, G, ICB * 4] per image whose border pixels and
+//    padded channels hold the zero point, so the kernels never bounds-check a tap. Signed codes
+//    are shifted by +128 (and the zero point with them) so the VNNI kernel can treat them as
+//    unsigned bytes; acc - zp * wsum is unchanged by the shift.
+// 2. An implicit GEMM over that buffer by the kernels of the active instruction set
+//    (isa/qconv2d_table.h, chosen by cpu/cpu_capability.h): runs of output pixels of one output
+//    row x 32 output channels (two 16-channel weight slabs), the epilogue (zero-point
+//    correction, scale, bias, relu) fused, float32 stored in the output's memory format
+//    (non-temporal stores when the output is larger than the caches).
+// Two schedules (run_qconv): with many images each thread quantizes and convolves whole images
+// (the padded image stays in its L2); with few images one parallel pass quantizes the batch and
+// the threads split the output channels (then the rows), so batch 1 also uses every core.
+// int4 weights are unpacked to int8 once per slab (shared copy, or a thread-local one reused
+// for all the pixels of the slab) and then run the int8 kernel.
+// qlinear is the same 1x1 convolution over one row of M = prod(leading dims) pixels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/cpu_capability.h"
+#include "ops.h"
+#include "qconv_args.h"
+
+namespace oqfl {
+namespace {
+
+using cpu::QConvKernelTable;
+using cpu::QConvRowArgs;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Pixels per piece of an output row handed to the kernel at once (a multiple of the VNNI
+// kernel's 14-pixel tile).
+constexpr int64_t kRunPixels = 112;
+
+// Outputs of at least this many bytes are written with non-temporal stores where aligned.
+constexpr int64_t kStreamBytes = int64_t{2} << 20;
+
+struct Problem {
+  QConvGeometry g;
+  int32_t zp_u = 0;      // zero point in the unsigned (shifted) domain
+  int32_t offset = 0;    // 128 for signed codes, else 0
+  int64_t cg = 0;        // padded channels per group (ICB * 4)
+  int64_t ctot = 0;      // G * cg: bytes per padded pixel
+  int64_t hp = 0, wp = 0;
+};
+
+// Codes of one input row (n, h) in NHWC order [W, C] (uint8, shifted), written to `row`.
+// `tmp` holds C * W bytes of scratch for NCHW inputs.
+void row_codes(const QConvKernelTable& k, const Problem& p, const at::Tensor& x, float x_scale,
+               int64_t n, int64_t h, uint8_t* row, std::vector<uint8_t>& tmp) {
+  const QConvGeometry& g = p.g;
+  const int64_t C = g.in_channels, W = g.in_w, H = g.in_h;
+  const float z = static_cast<float>(p.zp_u - p.offset);
+  const float qmin = static_cast<float>(g.x_quant_min), qmax = static_cast<float>(g.x_quant_max);
+  if (g.channels_last) {
+    const int64_t base = (n * H + h) * W * C;
+    if (g.input_is_float) {
+      k.quantize(x.const_data_ptr<float>() + base, row, W * C, x_scale, z, qmin, qmax, p.offset);
+    } else {
+      const uint8_t* src = static_cast<const uint8_t*>(x.const_data_ptr()) + base;
+      if (p.offset == 0) {
+        std::memcpy(row, src, W * C);
+      } else {
+        for (int64_t i = 0; i < W * C; ++i) row[i] = src[i] ^ 0x80;
+      }
+    }
+    return;
+  }
+  // NCHW: channel rows, then a transpose.
+  tmp.resize(C * W);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t base = ((n * C + c) * H + h) * W;
+    uint8_t* t = tmp.data() + c * W;
+    if (g.input_is_float) {
+      k.quantize(x.const_data_ptr<float>() + base, t, W, x_scale, z, qmin, qmax, p.offset);
+    } else {
+      const uint8_t* src = static_cast<const uint8_t*>(x.const_data_ptr()) + base;
+      for (int64_t i = 0; i < W; ++i) t[i] = src[i] ^ static_cast<uint8_t>(p.offset);
+    }
+  }
+  for (int64_t w = 0; w < W; ++w)
+    for (int64_t c = 0; c < C; ++c) row[w * C + c] = tmp[c * W + w];
+}
+
+// Fills rows [begin, end) of the padded NHWC buffer (row r = n * Hp + hh), writing row r at
+// buf + (r - base_row) * row_bytes.
+void fill_rows(const QConvKernelTable& k, const Problem& p, const at::Tensor& x, float x_scale,
+               uint8_t* buf, int64_t base_row, int64_t begin, int64_t end,
+               std::vector<uint8_t>& tmp, std::vector<uint8_t>& line) {
+  const QConvGeometry& g = p.g;
+  const int64_t row_bytes = p.wp * p.ctot;
+  const uint8_t fill = static_cast<uint8_t>(p.zp_u);
+  const bool direct = p.cg == g.in_per_group;  // unpadded channels: codes land in place
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / p.hp, hh = r % p.hp, h = hh - g.pad_h;
+    uint8_t* dst = buf + (r - base_row) * row_bytes;
+    if (h < 0 || h >= g.in_h) {
+      std::memset(dst, fill, row_bytes);
+      continue;
+    }
+    const int64_t left = g.pad_w * p.ctot;
+    std::memset(dst, fill, left);
+    std::memset(dst + left + g.in_w * p.ctot, fill, g.pad_w * p.ctot);
+    if (direct) {
+      row_codes(k, p, x, x_scale, n, h, dst + left, tmp);
+      continue;
+    }
+    line.resize(g.in_w * g.in_channels);
+    row_codes(k, p, x, x_scale, n, h, line.data(), tmp);
+    uint8_t* d = dst + left;
+    const uint8_t* s = line.data();
+    const int64_t icg = g.in_per_group;
+    for (int64_t w = 0; w < g.in_w; ++w) {
+      for (int64_t grp = 0; grp < g.groups; ++grp, d += p.cg, s += icg) {
+        std::memcpy(d, s, icg);
+        std::memset(d + icg, fill, p.cg - icg);
+      }
+    }
+  }
+}
+
+// Everything the pixel loops need besides the input buffer and the weights.
+struct ConvPlan {
+  const Problem* p;
+  const QConvKernelTable* k;
+  float* out;
+  bool out_nhwc;
+  const float* scale;  // [G * OCB * 16]
+  const float* bias;   // [G * OCB * 16] or null
+  int64_t pieces, piece_w;
+  bool stream;  // output larger than the caches: non-temporal stores
+};
+
+// Runs [r0, r1) of one image's output rows (a run is a piece of a row: r = oh * pieces + piece)
+// for one slab pair, reading the padded image at `img`.
+void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, int64_t ob,
+               const int8_t* w0, const int8_t* w1, const int32_t* zws, int64_t r0, int64_t r1) {
+  const Problem& p = *c.p;
+  const QConvGeometry& g = p.g;
+  const int64_t OH = g.out_h, OW = g.out_w, OC = g.out_channels;
+  const int64_t OCg = g.out_per_group, OCB = g.oc_blocks;
+  const int64_t pad0 = (grp * OCB + ob) * 16;
+  QConvRowArgs a;
+  a.pix_step = g.stride_w * p.ctot;
+  a.tap_h = g.dil_h * p.wp * p.ctot;
+  a.tap_w = g.dil_w * p.ctot;
+  a.kh = g.kernel_h;
+  a.kw = g.kernel_w;
+  a.icb = g.ic_blocks;
+  a.w0 = w0;
+  a.w1 = w1;
+  a.zws = zws;
+  a.scale = c.scale + pad0;
+  a.bias = c.bias ? c.bias + pad0 : nullptr;
+  a.noc = std::min<int64_t>(OCg - ob * 16, w1 ? 32 : 16);
+  a.relu = g.relu;
+  a.stream = c.stream;
+  a.out_pix_stride = c.out_nhwc ? OC : 1;
+  a.out_oc_stride = c.out_nhwc ? 1 : OH * OW;
+  const int64_t oc0 = grp * OCg + ob * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t piece = r % c.pieces, oh = r / c.pieces;
+    const int64_t ow0 = piece * c.piece_w, ow1 = std::min(OW, ow0 + c.piece_w);
+    if (ow0 >= ow1) continue;
+    a.in = img + (oh * g.stride_h * p.wp + ow0 * g.stride_w) * p.ctot + grp * p.cg;
+    a.npix = ow1 - ow0;
+    a.out = c.out_nhwc ? c.out + ((n * OH + oh) * OW + ow0) * OC + oc0
+                       : c.out + ((n * OC + oc0) * OH + oh) * OW + ow0;
+    c.k->conv_row(a);
+  }
+}
+
+void make_zws(int32_t zp_u, const int32_t* wsum, int32_t* zws, int n) {
+  for (int j = 0; j < n; ++j)
+    zws[j] = static_cast<int32_t>(static_cast<uint32_t>(zp_u) * static_cast<uint32_t>(wsum[j]));
+}
+
+// The convolution of the geometry on x (dense, NHWC when g.channels_last else NCHW), writing
+// float32 to out (NHWC when out_nhwc else NCHW, dense).
+//
+// Two schedules:
+//  - many images (N >= 4 threads): each thread takes whole images; per image it quantizes into
+//    a thread-local padded buffer (which stays in its L2) and runs every slab pair over it.
+//    The slabs are prepared once up front (int4: unpacked to one shared int8 copy).
+//  - few images: one parallel pass quantizes the whole batch, then tasks (slab pair, range of
+//    output rows) are split slab-major, so each thread prepares (int4: unpacks into a
+//    thread-local buffer) each of its slab pairs once and both cores share one image.
+void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor& x,
+               const at::Tensor& w_packed, const at::Tensor& w_scale,
+               const std::optional<at::Tensor>& bias, float* out, bool out_nhwc) {
+  if (g.batch == 0) return;
+  const QConvKernelTable& k = cpu::active_qconv_kernels();
+  Problem p;
+  p.g = g;
+  p.offset = g.signed_domain ? 128 : 0;
+  p.zp_u = sc.x_zero_point + p.offset;
+  p.cg = g.ic_blocks * 4;
+  p.ctot = g.groups * p.cg;
+  p.hp = g.in_h + 2 * g.pad_h;
+  p.wp = g.in_w + 2 * g.pad_w;
+
+  // Per padded output channel (G * OCB * 16): the scale product and the bias.
+  const int64_t G = g.groups, OCB = g.oc_blocks, OCg = g.out_per_group;
+  const int64_t npad = G * OCB * 16;
+  std::vector<float> scale(npad, 0.f), bias_pad;
+  const at::Tensor ws = w_scale.contiguous();
+  const float* wsp = ws.const_data_ptr<float>();
+  at::Tensor bc;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    bp = bc.const_data_ptr<float>();
+    bias_pad.assign(npad, 0.f);
+  }
+  for (int64_t grp = 0; grp < G; ++grp)
+    for (int64_t o = 0; o < OCg; ++o) {
+      scale[grp * OCB * 16 + o] = sc.x_scale * wsp[grp * OCg + o];
+      if (bp) bias_pad[grp * OCB * 16 + o] = bp[grp * OCg + o];
+    }
+
+  const at::Tensor wc = w_packed.contiguous();
+  const uint8_t* wbytes = static_cast<const uint8_t*>(wc.const_data_ptr());
+  const int64_t slab_rows = g.kernel_h * g.kernel_w * g.ic_blocks;
+  const int64_t slab_bytes = slab_rows * (g.w_bits == 8 ? 64 : 32);
+  const int64_t slab_len = slab_rows * 64;  // int8 codes per slab
+  const bool unpack = g.w_bits != 8;
+
+  ConvPlan c;
+  c.p = &p;
+  c.k = &k;
+  c.out = out;
+  c.out_nhwc = out_nhwc;
+  c.scale = scale.data();
+  c.bias = bp ? bias_pad.data() : nullptr;
+  c.stream = g.batch * g.out_channels * g.out_h * g.out_w * 4 >= kStreamBytes;
+  c.pieces = ceil_div(g.out_w, kRunPixels);
+  c.piece_w = ceil_div(ceil_div(g.out_w, c.pieces), 14) * 14;
+  const int64_t runs = g.out_h * c.pieces;  // per image
+  const int64_t pairs = ceil_div(OCB, 2);
+  const int64_t slab_tasks = G * pairs;
+  const int64_t threads = at::get_num_threads();
+  const int64_t img_bytes = p.hp * p.wp * p.ctot;
+
+  if (g.batch >= 4 * threads) {
+    // Slabs once: wsum (and int4: the unpacked codes) of every slab.
+    std::vector<int32_t> wsum(npad);
+    std::vector<int8_t> wun(unpack ? G * OCB * slab_len : 0);
+    at::parallel_for(0, G * OCB, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t s = b0; s < b1; ++s)
+        k.prepare_slab(wbytes + s * slab_bytes, static_cast<int>(g.w_bits), slab_rows,
+                       unpack ? wun.data() + s * slab_len : nullptr, wsum.data() + s * 16);
+    });
+    std::vector<int32_t> zws(npad);
+    make_zws(p.zp_u, wsum.data(), zws.data(), static_cast<int>(npad));
+    const int8_t* wbase = unpack ? wun.data() : reinterpret_cast<const int8_t*>(wbytes);
+    const int64_t slab_stride = unpack ? slab_len : slab_bytes;
+    at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<uint8_t> img(img_bytes), tmp, line;
+      for (int64_t n = n0; n < n1; ++n) {
+        fill_rows(k, p, x, sc.x_scale, img.data(), n * p.hp, n * p.hp, (n + 1) * p.hp, tmp,
+                  line);
+        for (int64_t st = 0; st < slab_tasks; ++st) {
+          const int64_t grp = st / pairs, ob = (st % pairs) * 2;
+          const int64_t s0 = grp * OCB + ob;
+          const int8_t* w0 = wbase + s0 * slab_stride;
+          const int8_t* w1 = ob + 1 < OCB ? w0 + slab_stride : nullptr;
+          conv_runs(c, img.data(), n, grp, ob, w0, w1, zws.data() + s0 * 16, 0, runs);
+        }
+      }
+    });
+    return;
+  }
+
+  at::Tensor buf = at::empty({g.batch * img_bytes}, x.options().dtype(at::kByte));
+  uint8_t* xb = buf.data_ptr<uint8_t>();
+  at::parallel_for(0, g.batch * p.hp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> tmp, line;
+    fill_rows(k, p, x, sc.x_scale, xb, 0, begin, end, tmp, line);
+  });
+
+  // Work: per slab pair, the batch's runs (n, run) in chunks.
+  const int64_t all_runs = g.batch * runs;
+  const int64_t chunks =
+      std::min(all_runs, std::max<int64_t>(1, ceil_div(8 * threads, slab_tasks)));
+  const int64_t runs_per_chunk = ceil_div(all_runs, chunks);
+  const int64_t tasks = slab_tasks * chunks;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> wbuf(unpack ? 2 * slab_len : 0);
+    int64_t cached = -1;
+    int32_t zws[32];
+    const int8_t* w0 = nullptr;
+    const int8_t* w1 = nullptr;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t st = t / chunks, chunk = t % chunks;
+      const int64_t grp = st / pairs, ob = (st % pairs) * 2;
+      const bool two = ob + 1 < OCB;
+      if (st != cached) {
+        int32_t wsum[32] = {0};
+        for (int64_t b = 0; b < (two ? 2 : 1); ++b) {
+          const uint8_t* src = wbytes + (grp * OCB + ob + b) * slab_bytes;
+          int8_t* dst = unpack ? wbuf.data() + b * slab_len : nullptr;
+          k.prepare_slab(src, static_cast<int>(g.w_bits), slab_rows, dst, wsum + 16 * b);
+          const int8_t* ptr = unpack ? dst : reinterpret_cast<const int8_t*>(src);
+          (b == 0 ? w0 : w1) = ptr;
+        }
+        if (!two) w1 = nullptr;
+        make_zws(p.zp_u, wsum, zws, 32);
+        cached = st;
+      }
+      // Split the chunk's runs at image boundaries.
+      int64_t r = chunk * runs_per_chunk;
+      const int64_t r_end = std::min(all_runs, r + runs_per_chunk);
+      while (r < r_end) {
+        const int64_t n = r / runs, rr = r % runs;
+        const int64_t stop = std::min(r_end - n * runs, runs);
+        conv_runs(c, xb + n * img_bytes, n, grp, ob, w0, w1, zws, rr, stop);
+        r = n * runs + stop;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
+                       const at::Tensor& x_zero_point, const at::Tensor& w_packed,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
+                       int64_t x_quant_max) {
+  const char* op = "qconv2d";
+  const QConvGeometry g =
+      check_qconv2d_args(op, x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits, stride,
+                         padding, dilation, groups, relu, x_quant_min, x_quant_max);
+  const QConvScalars sc = check_qconv_scalars_cpu(op, g, x_scale, x_zero_point, w_scale);
+  at::Tensor out = qconv_empty_output(g, x);
+  if (out.numel() == 0) return out;
+  const at::Tensor xd = x.contiguous(g.channels_last ? at::MemoryFormat::ChannelsLast
+                                                     : at::MemoryFormat::Contiguous);
+  run_qconv(g, sc, xd, w_packed, w_scale, bias, out.data_ptr<float>(), g.channels_last);
+  return out;
+}
+
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& x_scale,
+                       const at::Tensor& x_zero_point, const at::Tensor& w_packed,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max) {
+  const char* op = "qlinear";
+  QConvGeometry g = check_qlinear_args(op, x, x_scale, x_zero_point, w_packed, w_scale, bias,
+                                       w_bits, relu, x_quant_min, x_quant_max);
+  const QConvScalars sc = check_qconv_scalars_cpu(op, g, x_scale, x_zero_point, w_scale);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = g.out_channels;
+  at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  // The M rows as one image row of M pixels (NHWC [1, 1, M, IC]): the same memory as
+  // [M, IC, 1, 1] channels_last, but runs of pixels for the kernel.
+  const int64_t m = g.batch;
+  g.batch = 1;
+  g.in_w = g.out_w = m;
+  const at::Tensor xd = x.contiguous();
+  run_qconv(g, sc, xd, w_packed, w_scale, bias, out.data_ptr<float>(), true);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(oqfl, CPU, m) {
+  m.impl("qconv2d", &qconv2d_cpu);
+  m.impl("qlinear", &qlinear_cpu);
+}
+
+}  // namespace oqfl

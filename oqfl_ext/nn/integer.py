@@ -1,0 +1,840 @@
+"""Conversion of a quantization-aware-trained model to integer inference, and its packed file.
+
+* :class:`QConv2dInt`, :class:`QLinearInt`: inference layers holding packed integer weights
+  (the blocked layout of ``csrc/qconv_args.h``) whose forward is ``oqfl_ext.ops.qconv2d`` /
+  ``oqfl_ext.ops.qlinear``.
+* :func:`convert`: replace every :class:`QuantConv2d` / :class:`QuantLinear` of a model by its
+  integer twin.
+* :func:`save_packed` / :func:`load_packed`: one safetensors file (no pickle) holding the
+  compact weight codes, the scales, zero points, biases and every other tensor of the model,
+  with a JSON description of the architecture in its metadata.
+
+What :func:`convert` computes, per quantized layer (nothing else is folded; BatchNorm, pooling,
+activations and float layers stay as they are):
+
+* weight codes ``q_w = clamp(round_half_even(w / s_w), qmin, qmax)`` with the layer's weight
+  quantizer (per output channel step ``s_w``, the value its forward uses), ``w_scale = s_w``.
+  The codes are exactly the ones the fake-quant layer uses, so ``q_w * s_w`` is its weight.
+  Weight codes of 2..4 bits are stored in the int4 layout (``w_bits = 4``), 5..8 bits in the
+  int8 layout (``w_bits = 8``): a 2- or 3-bit layer is exact, it merely takes 4 bits per weight.
+* input codes: the op quantizes the float input itself,
+  ``u = clamp(round_half_even(x / x_scale + x_zero_point), x_quant_min, x_quant_max)`` with
+  ``x_scale`` the input quantizer's step size and ``[x_quant_min, x_quant_max]`` its code range
+  (signed codes in the -128..127 domain, unsigned in 0..255; any width 2..8 works).
+* zero point: the op's zero point is an integer (so that a padding tap, a real 0, is exactly a
+  code), while an LSQ+ input quantizer (signed inputs) learns a float offset ``z``. ``convert``
+  uses ``x_zero_point = round_half_even(z)``. **Consequence**: when ``z`` is not an integer, the
+  converted layer quantizes its input on the grid ``(k - round(z)) * s`` instead of the
+  fake-quant grid ``(k - z) * s``: the two grids are shifted by ``(z - round(z)) * s`` (at most
+  half a step), each input element may land on a code one step away from the fake-quant one
+  (an input difference of at most ``s``) and the clamping range moves by the same shift. The
+  outputs then differ slightly from the fake-quant model's (predictions almost always agree).
+  Unsigned inputs (e.g. after a ReLU) have no offset and are exact; with integer offsets (e.g.
+  fresh from initialization, or rounded with ``offset.data.round_()`` before the last epochs
+  of training) the converted model computes the same codes as the fake-quant model, and its
+  outputs differ only by float rounding (the integer accumulation is exact).
+
+Layers that cannot be converted stay fake-quant layers (their forward is unchanged) and
+:func:`convert` emits one :class:`ConversionWarning` naming them and why: a float side
+(``weight_bits`` or ``act_bits`` None), a disabled quantizer (``enabled = False``), or an offset
+that rounds outside the op's code domain. A layer whose input quantizer has never seen data
+(so its code range and step size are undefined) is an error: calibrate first
+(:func:`oqfl_ext.nn.calibrate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import ops
+from .layers import QuantConv2d, QuantLinear
+from .quantizer import LSQQuantizer, bit_range
+
+__all__ = ["QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed",
+           "ConversionWarning", "PACKED_FORMAT", "PACKED_VERSION"]
+
+PACKED_FORMAT = "oqfl_ext.packed_model"
+PACKED_VERSION = 1
+
+
+class ConversionWarning(UserWarning):
+    """Some layers of the model stay fake-quant layers after :func:`convert`."""
+
+
+def _storage_bits(weight_bits: int) -> int:
+    """The packed container of a ``weight_bits``-bit code: int4 for 2..4, int8 for 5..8."""
+    bit_range(weight_bits, True, "weight_bits")
+    return 4 if weight_bits <= 4 else 8
+
+
+def _code_domain(signed: bool) -> Tuple[int, int]:
+    return (-128, 127) if signed else (0, 255)
+
+
+class _QIntBase(nn.Module):
+    """Buffers and the quantization configuration shared by the integer layers.
+
+    Buffers: ``w_packed`` (blocked weight layout, int8 for ``w_bits`` 8 / uint8 for 4),
+    ``w_scale`` (float32 [OC]), ``bias`` (float32 [OC] or None), ``x_scale`` (float32 [1]),
+    ``x_zero_point`` (int32 [1]). Configuration (plain attributes, so that forward never reads a
+    tensor on the host): ``weight_bits`` (the trained code width), ``w_bits`` (its container,
+    4 or 8), ``act_bits``, ``act_signed``, ``x_quant_min``, ``x_quant_max``.
+    """
+
+    def _init_quant(self, out_channels: int, packed_shape, weight_bits: int, act_bits: int,
+                    act_signed: bool, bias: bool, device) -> None:
+        if not isinstance(act_signed, bool):
+            raise ValueError(f"act_signed expected True or False, got {act_signed!r}")
+        self.weight_bits = int(weight_bits)
+        self.w_bits = _storage_bits(weight_bits)
+        self.act_bits = int(act_bits)
+        self.act_signed = act_signed
+        self.x_quant_min, self.x_quant_max = bit_range(act_bits, act_signed, "act_bits")
+        dtype = torch.uint8 if self.w_bits == 4 else torch.int8
+        self.register_buffer("w_packed", torch.zeros(packed_shape, dtype=dtype, device=device))
+        self.register_buffer("w_scale", torch.ones(out_channels, dtype=torch.float32,
+                                                   device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32,
+                                                     device=device))
+        else:
+            self.register_buffer("bias", None)
+        self.register_buffer("x_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("x_zero_point", torch.zeros(1, dtype=torch.int32, device=device))
+
+    def _quant_repr(self) -> str:
+        bits = f"weight_bits={self.weight_bits}"
+        if self.w_bits != self.weight_bits:
+            bits += f" (stored as int{self.w_bits})"
+        return (f"{bits}, act_bits={self.act_bits}, "
+                f"act={'signed' if self.act_signed else 'unsigned'} "
+                f"[{self.x_quant_min}, {self.x_quant_max}]")
+
+    def _set_quant_values(self, w_scale: Tensor, bias: Optional[Tensor],
+                          x_scale: Tensor, x_zero_point: int, packed: Tensor) -> None:
+        if tuple(packed.shape) != tuple(self.w_packed.shape) or packed.dtype != \
+                self.w_packed.dtype:
+            raise RuntimeError(f"{type(self).__name__}: the packed weight has shape "
+                               f"{list(packed.shape)} {packed.dtype}, expected "
+                               f"{list(self.w_packed.shape)} {self.w_packed.dtype}")
+        dev = self.w_packed.device
+        self.w_packed = packed.to(dev)
+        self.w_scale = w_scale.detach().to(dev, torch.float32).reshape(-1).clone()
+        if bias is not None:
+            self.bias = bias.detach().to(dev, torch.float32).reshape(-1).clone()
+        self.x_scale = x_scale.detach().to(dev, torch.float32).reshape(1).clone()
+        self.x_zero_point = torch.tensor([x_zero_point], dtype=torch.int32, device=dev)
+
+    @staticmethod
+    def _as_float32(x: Tensor) -> Tuple[Tensor, Optional[torch.dtype]]:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("input expected a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        if x.dtype == torch.float32:
+            return x, None
+        return x.float(), x.dtype
+
+
+class QConv2dInt(_QIntBase):
+    """Integer inference twin of :class:`QuantConv2d`: ``forward(x)`` is
+    ``oqfl_ext.ops.qconv2d`` with the layer's packed weight codes, per-output-channel weight
+    scales, input scale / integer zero point / code range, and float bias.
+
+    Build one with :meth:`from_quant` (or :func:`convert`); the constructor makes an empty
+    layer of the given configuration (zero weights) to load a state into.
+
+    The input is float (float32; other float dtypes are computed in float32 and the result is
+    cast back), quantized inside the op exactly like the fake-quant layer's input quantizer with
+    its zero point rounded to an integer (module docstring of ``oqfl_ext.nn.integer``). The
+    output is float32 ``[N, OC, OH, OW]``. ``padding_mode`` other than ``"zeros"`` and string
+    paddings that need asymmetric padding pad the float input first (as ``nn.Conv2d`` does),
+    then run the op without padding. Not differentiable: inference only.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 *, weight_bits: int, act_bits: int, act_signed: bool, device=None):
+        super().__init__()
+        # an nn.Conv2d validates the geometry and computes the string paddings for us
+        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                        groups, bias, padding_mode, device="meta")
+        self.in_channels, self.out_channels = ref.in_channels, ref.out_channels
+        self.kernel_size, self.stride = ref.kernel_size, ref.stride
+        self.padding, self.dilation, self.groups = ref.padding, ref.dilation, ref.groups
+        self.padding_mode = ref.padding_mode
+        self._reversed_padding_repeated_twice = list(ref._reversed_padding_repeated_twice)
+        g = self.groups
+        ocg, icg = self.out_channels // g, self.in_channels // g
+        kh, kw = self.kernel_size
+        w_bits = _storage_bits(weight_bits)
+        shape = (g, -(-ocg // 16), kh, kw, -(-icg // 4), 16, 4 if w_bits == 8 else 2)
+        self._init_quant(self.out_channels, shape, weight_bits, act_bits, act_signed, bias,
+                         device)
+        # how forward pads: by the op (ints) or beforehand in float (any other case)
+        padding = (0, 0) if self.padding == "valid" else self.padding
+        self._prepad = self.padding_mode != "zeros" or isinstance(padding, str)
+        self._op_padding = (0, 0) if self._prepad else tuple(padding)
+
+    @classmethod
+    def from_float_layout(cls, module: nn.Conv2d, *, weight_bits: int, act_bits: int,
+                          act_signed: bool) -> "QConv2dInt":
+        """An empty layer with ``module``'s geometry (used to rebuild a saved model)."""
+        return cls(module.in_channels, module.out_channels, module.kernel_size,
+                   stride=module.stride, padding=module.padding, dilation=module.dilation,
+                   groups=module.groups, bias=module.bias is not None,
+                   padding_mode=module.padding_mode, weight_bits=weight_bits,
+                   act_bits=act_bits, act_signed=act_signed, device=module.weight.device)
+
+    @classmethod
+    def from_quant(cls, module: QuantConv2d) -> "QConv2dInt":
+        """The integer twin of a :class:`QuantConv2d` (see :func:`convert` for what it takes
+        from the layer and what it requires)."""
+        if not isinstance(module, QuantConv2d):
+            raise TypeError(f"QConv2dInt.from_quant: module expected a QuantConv2d, got "
+                            f"{type(module).__name__}")
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"QConv2dInt.from_quant: cannot convert this layer: {reason}")
+        codes, w_scale, x_scale, zp = _quant_values(module)
+        q = cls.from_float_layout(module, weight_bits=module.weight_bits,
+                                  act_bits=module.act_bits,
+                                  act_signed=bool(module.act_quantizer.is_signed))
+        packed = ops.pack_conv_weight(codes, q.w_bits, q.groups)
+        q._set_quant_values(w_scale, module.bias, x_scale, zp, packed)
+        return q
+
+    def weight_codes(self) -> Tensor:
+        """The int8 weight codes ``[OC, IC / groups, KH, KW]`` (unpacked from ``w_packed``)."""
+        return ops.unpack_conv_weight(self.w_packed, self.w_bits, self.out_channels,
+                                      self.in_channels // self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, dtype = self._as_float32(x)
+        if self._prepad:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        y = ops.qconv2d(x, self.x_scale, self.x_zero_point, self.w_packed, self.w_scale,
+                        self.bias, w_bits=self.w_bits, stride=self.stride,
+                        padding=self._op_padding, dilation=self.dilation, groups=self.groups,
+                        relu=False, x_quant_min=self.x_quant_min,
+                        x_quant_max=self.x_quant_max)
+        return y if dtype is None else y.to(dtype)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + ", " + self._quant_repr()
+
+
+class QLinearInt(_QIntBase):
+    """Integer inference twin of :class:`QuantLinear`: ``forward(x)`` is
+    ``oqfl_ext.ops.qlinear`` on ``x [..., in_features]`` (float, quantized inside the op as in
+    :class:`QConv2dInt`), output float32 ``[..., out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight_bits: int, act_bits: int, act_signed: bool, device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} expected a positive integer, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        w_bits = _storage_bits(weight_bits)
+        shape = (-(-out_features // 16), -(-in_features // 4), 16, 4 if w_bits == 8 else 2)
+        self._init_quant(out_features, shape, weight_bits, act_bits, act_signed, bias, device)
+
+    @classmethod
+    def from_float_layout(cls, module: nn.Linear, *, weight_bits: int, act_bits: int,
+                          act_signed: bool) -> "QLinearInt":
+        """An empty layer with ``module``'s shape (used to rebuild a saved model)."""
+        return cls(module.in_features, module.out_features, bias=module.bias is not None,
+                   weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed,
+                   device=module.weight.device)
+
+    @classmethod
+    def from_quant(cls, module: QuantLinear) -> "QLinearInt":
+        """The integer twin of a :class:`QuantLinear` (see :func:`convert`)."""
+        if not isinstance(module, QuantLinear):
+            raise TypeError(f"QLinearInt.from_quant: module expected a QuantLinear, got "
+                            f"{type(module).__name__}")
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"QLinearInt.from_quant: cannot convert this layer: {reason}")
+        codes, w_scale, x_scale, zp = _quant_values(module)
+        q = cls.from_float_layout(module, weight_bits=module.weight_bits,
+                                  act_bits=module.act_bits,
+                                  act_signed=bool(module.act_quantizer.is_signed))
+        packed = ops.pack_linear_weight(codes, q.w_bits)
+        q._set_quant_values(w_scale, module.bias, x_scale, zp, packed)
+        return q
+
+    def weight_codes(self) -> Tensor:
+        """The int8 weight codes ``[out_features, in_features]``."""
+        return ops.unpack_linear_weight(self.w_packed, self.w_bits, self.out_features,
+                                        self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, dtype = self._as_float32(x)
+        y = ops.qlinear(x, self.x_scale, self.x_zero_point, self.w_packed, self.w_scale,
+                        self.bias, w_bits=self.w_bits, relu=False,
+                        x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
+        return y if dtype is None else y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, " + self._quant_repr())
+
+
+# ----------------------------------------------------------------------------------------------
+# convert
+
+def _unsupported_reason(m) -> Optional[str]:
+    """Why the fake-quant layer ``m`` cannot become an integer layer (None: it can)."""
+    if m.weight_quantizer is None:
+        return "float weights (weight_bits=None)"
+    if m.act_quantizer is None:
+        return "float inputs (act_bits=None)"
+    if not m.weight_quantizer.enabled or not m.act_quantizer.enabled:
+        return "a disabled quantizer (enabled=False): the layer computes in float"
+    aq = m.act_quantizer
+    if aq.is_initialized() and aq.uses_offset:
+        zp = torch.round(aq.quant_params()[1].detach()).item()
+        lo, hi = _code_domain(bool(aq.is_signed))
+        if not lo <= zp <= hi:
+            return (f"its input offset {aq.offset.item():.4g} rounds to {zp:.0f}, outside the "
+                    f"op's code domain [{lo}, {hi}]")
+    return None
+
+
+@torch.no_grad()
+def _quant_values(m) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """(int8 weight codes, weight scales [OC], input scale [1], integer zero point)."""
+    wq, aq = m.weight_quantizer, m.act_quantizer
+    if not aq.is_initialized():
+        raise ValueError("its input quantizer has not seen data, so its step size and code "
+                         "range are undefined: run a batch through the model first "
+                         "(oqfl_ext.nn.calibrate(model, x)) or load a trained state_dict")
+    weight = m.weight.detach()
+    if not wq.is_initialized():  # what the layer's own first forward would do
+        wq.initialize(weight)
+    w_scale, _ = wq.quant_params()
+    w_scale = w_scale.detach().float()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    # the op's arithmetic (quant_math.h quantize_code): float32 x / s, round half to even
+    codes = torch.clamp(torch.round(weight.float() / w_scale.reshape(shape)),
+                        wq.quant_min, wq.quant_max).to(torch.int8)
+    x_scale, z = aq.quant_params()
+    zp = 0 if z is None else int(torch.round(z.detach()).item())
+    return codes, w_scale, x_scale.detach().float(), zp
+
+
+_INT_TWINS = ((QuantConv2d, QConv2dInt), (QuantLinear, QLinearInt))
+
+
+def _int_twin(m) -> Optional[type]:
+    for quant, twin in _INT_TWINS:
+        if isinstance(m, quant):
+            return twin
+    return None
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn a model trained with :class:`QuantConv2d` / :class:`QuantLinear` (e.g. by
+    :func:`oqfl_ext.quantize_model` and QAT) into an integer inference model.
+
+    Every ``QuantConv2d`` / ``QuantLinear`` (any ``weight_bits`` and ``act_bits`` in 2..8)
+    becomes a :class:`QConv2dInt` / :class:`QLinearInt` holding its packed weight codes,
+    weight scales, bias, input scale and integer zero point (computed as described in the
+    docstring of this module: the codes the fake-quant layer uses; the LSQ+ input offset
+    rounded to an integer). Nothing else changes: BatchNorm, activations, pooling, float
+    layers and the model's own ``forward`` stay as they are.
+
+    Layers with a float side (``weight_bits=None`` or ``act_bits=None``), a disabled quantizer,
+    or an input offset outside the op's code domain stay fake-quant layers; one
+    :class:`ConversionWarning` lists them with the reason.
+
+    Args:
+        model: the trained model (a module tree, or a single QuantConv2d/QuantLinear, whose
+            converted twin is then returned).
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model, in eval mode (conversion is for inference; batch norm uses its
+        running statistics).
+
+    Raises:
+        ValueError: a layer's input quantizer has not been initialized (calibrate first).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if _int_twin(model) is not None:
+        reason = _unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"convert: the layer cannot be converted: {reason}")
+        return _int_twin(model).from_quant(model).eval()
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if name and _int_twin(m) is not None]
+    replaced: Dict[int, nn.Module] = {}
+    kept: List[str] = []
+    for name, m in targets:
+        if id(m) not in replaced:
+            reason = _unsupported_reason(m)
+            if reason is not None:
+                kept.append(f"{name} ({type(m).__name__}: {reason})")
+                replaced[id(m)] = m
+                continue
+            try:
+                replaced[id(m)] = _int_twin(m).from_quant(m)
+            except ValueError as e:
+                raise ValueError(f"convert: layer {name!r}: {e}") from None
+        new = replaced[id(m)]
+        if new is not m:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    if kept:
+        warnings.warn("convert: these layers stay fake-quant (float) layers: "
+                      + "; ".join(kept), ConversionWarning, stacklevel=2)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# the packed file
+
+_ZOO_KWARGS = {
+    # model name -> function(model) -> the constructor keywords beyond in/num_classes/image_size
+    "small_cnn": lambda m: {"width": m.features[0][0].out_channels},
+    "vgg": lambda m: {"width": m.features[0][0].out_channels,
+                      "hidden": m.classifier[0].out_features},
+    "resnet20": lambda m: {"blocks_per_stage": len(m.layer1)},
+    "mobilenet_v2": lambda m: {"last_channels": m.features[-1][0].out_channels},
+}
+
+
+def _zoo_constructor(model: nn.Module) -> Tuple[str, dict]:
+    """(name, kwargs) of ``oqfl_ext.models.create`` that builds ``model``'s float skeleton."""
+    from .. import models
+    names = {cls: name for name, cls in models.MODELS.items()}
+    name = names.get(type(model))
+    if name is None or name not in _ZOO_KWARGS:
+        raise ValueError(
+            f"save_packed: cannot describe a {type(model).__name__} without pickle: only models "
+            f"of oqfl_ext.models ({', '.join(sorted(_ZOO_KWARGS))}, built with "
+            "oqfl_ext.models.create or their classes; quantized with quantize_model and/or "
+            "converted with convert) can be saved")
+    kwargs = dict(in_channels=model.in_channels, num_classes=model.num_classes,
+                  image_size=model.image_size)
+    try:
+        kwargs.update(_ZOO_KWARGS[name](model))
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ValueError(f"save_packed: the {type(model).__name__} does not have the structure "
+                         f"of oqfl_ext.models.{type(model).__name__} ({e})") from None
+    return name, kwargs
+
+
+def _layer_record(m) -> Optional[dict]:
+    if isinstance(m, _QIntBase):
+        return {"kind": "int", "weight_bits": m.weight_bits, "act_bits": m.act_bits,
+                "act_signed": m.act_signed}
+    if isinstance(m, (QuantConv2d, QuantLinear)):
+        return {"kind": "fake_quant", "weight_bits": m.weight_bits, "act_bits": m.act_bits,
+                "act_signed": m.act_signed,
+                "enabled": [q is None or q.enabled
+                            for q in (m.weight_quantizer, m.act_quantizer)]}
+    return None
+
+
+def _build(arch: dict, device="cpu") -> nn.Module:
+    """The model described by ``arch`` with every state tensor allocated on ``device`` (values
+    arbitrary; "meta" allocates nothing). Raises ValueError for any description it cannot
+    build."""
+    from .. import models
+    if not isinstance(arch, dict) or set(arch) != {"model", "kwargs", "layers"}:
+        raise ValueError("architecture expected keys ['kwargs', 'layers', 'model'], got "
+                         f"{sorted(arch) if isinstance(arch, dict) else type(arch).__name__}")
+    name, kwargs, layers = arch["model"], arch["kwargs"], arch["layers"]
+    if name not in _ZOO_KWARGS or name not in models.MODELS:
+        raise ValueError(f"architecture names model {name!r}, expected one of "
+                         f"{sorted(_ZOO_KWARGS)}")
+    if not isinstance(kwargs, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16
+            for v in kwargs.values()):
+        raise ValueError(f"architecture kwargs expected positive integers, got {kwargs!r:.300}")
+    try:
+        with torch.device(device):
+            model = models.create(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"architecture: models.create({name!r}, **{kwargs}) failed: {e}") \
+            from None
+    if not isinstance(layers, dict):
+        raise ValueError("architecture layers expected an object")
+    base = dict(model.named_modules())
+    for lname, rec in layers.items():
+        m = base.get(lname) if isinstance(lname, str) else None
+        if type(m) not in (nn.Conv2d, nn.Linear):
+            raise ValueError(f"architecture layer {lname!r}: {name} has no Conv2d/Linear of "
+                             "that name")
+        if not isinstance(rec, dict):
+            raise ValueError(f"architecture layer {lname!r}: expected an object")
+        kind = rec.get("kind")
+        keys = {"kind", "weight_bits", "act_bits", "act_signed"}
+        if kind == "fake_quant":
+            keys.add("enabled")
+        if set(rec) != keys:
+            raise ValueError(f"architecture layer {lname!r}: expected keys {sorted(keys)}, got "
+                             f"{sorted(rec)}")
+        wb, ab, sg = rec["weight_bits"], rec["act_bits"], rec["act_signed"]
+        for key, v in (("weight_bits", wb), ("act_bits", ab)):
+            if not (v is None and kind == "fake_quant") and (
+                    not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
+                raise ValueError(f"architecture layer {lname!r}: {key} {v!r} is not a bit "
+                                 "width 2..8")
+        try:
+            if kind == "int":
+                if not isinstance(sg, bool):
+                    raise ValueError(f"act_signed {sg!r} is not a bool")
+                twin = QConv2dInt if type(m) is nn.Conv2d else QLinearInt
+                new = twin.from_float_layout(m, weight_bits=wb, act_bits=ab, act_signed=sg)
+            elif kind == "fake_quant":
+                en = rec["enabled"]
+                if sg is not None and not isinstance(sg, bool):
+                    raise ValueError(f"act_signed {sg!r} is not a bool or null")
+                if not (isinstance(en, list) and len(en) == 2
+                        and all(isinstance(e, bool) for e in en)):
+                    raise ValueError(f"enabled {en!r} is not two bools")
+                quant = QuantConv2d if type(m) is nn.Conv2d else QuantLinear
+                new = quant.from_float(m, weight_bits=wb, act_bits=ab, act_signed=sg)
+                for q, e in zip((new.weight_quantizer, new.act_quantizer), en):
+                    if q is not None:
+                        q.enabled = e
+            else:
+                raise ValueError(f"kind {kind!r} is not 'int' or 'fake_quant'")
+        except ValueError as e:
+            raise ValueError(f"architecture layer {lname!r}: {e}") from None
+        parent, _, child = lname.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model.eval()
+
+
+def _describe(model: nn.Module) -> dict:
+    name, kwargs = _zoo_constructor(model)
+    layers = {}
+    for lname, m in model.named_modules():
+        rec = _layer_record(m)
+        if rec is not None:
+            layers[lname] = rec
+    return {"model": name, "kwargs": kwargs, "layers": layers}
+
+
+def _int_layers(model: nn.Module) -> Dict[str, _QIntBase]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QIntBase)}
+
+
+def _codes_nbytes(m: _QIntBase) -> int:
+    if isinstance(m, QConv2dInt):
+        kh, kw = m.kernel_size
+        n = m.out_channels * (m.in_channels // m.groups) * kh * kw
+    else:
+        n = m.out_features * m.in_features
+    return -(-n * m.w_bits // 8)
+
+
+def _entries(model: nn.Module) -> List[Tuple[str, str, torch.dtype, int]]:
+    """The file's content in order: (state key, blob, dtype, numel). The blocked ``w_packed``
+    of an integer layer is replaced by its compact codes (key ``<layer>.w_codes``)."""
+    packed_keys = {f"{n}.w_packed": m for n, m in _int_layers(model).items()}
+    out = []
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key in packed_keys:
+            out.append((key[:-len("w_packed")] + "w_codes", "codes", torch.uint8,
+                        _codes_nbytes(packed_keys[key])))
+        else:
+            out.append((key, "state." + str(t.dtype).replace("torch.", ""), t.dtype, t.numel()))
+    return out
+
+
+def _raw(t: Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _digest(meta: Dict[str, str], blobs: Dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(b"oqfl-packed-model-digest\x00")
+    fields = {k: v for k, v in meta.items() if k != "digest"}
+    h.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    for key in sorted(blobs):
+        t = blobs[key]
+        k = key.encode("utf-8")
+        h.update(struct.pack("<Q", len(k)) + k)
+        h.update(str(t.dtype).encode("ascii") + b"\x00")
+        h.update(struct.pack("<Q", t.dim()) + struct.pack(f"<{t.dim()}Q", *t.shape))
+        data = _raw(t)
+        h.update(struct.pack("<Q", len(data)))
+        h.update(data)
+    return "sha256:" + h.hexdigest()
+
+
+def _blobs(model: nn.Module) -> Dict[str, Tensor]:
+    """The tensors of the file: one flat tensor per blob, the entries concatenated in order."""
+    ints = _int_layers(model)
+    state = model.state_dict()
+    parts: Dict[str, List[Tensor]] = {}
+    for key, blob, dtype, numel in _entries(model):
+        if blob == "codes":
+            m = ints[key[:-len(".w_codes")]]
+            t = ops.pack(m.weight_codes().cpu().contiguous(), m.w_bits)
+        else:
+            t = state[key].detach().cpu()
+        t = t.reshape(-1)
+        if t.numel() != numel or t.dtype != dtype:  # pragma: no cover - internal invariant
+            raise RuntimeError(f"save_packed: {key}: {t.numel()} x {t.dtype}, expected "
+                               f"{numel} x {dtype}")
+        parts.setdefault(blob, []).append(t)
+    return {blob: torch.cat(ts).contiguous() for blob, ts in parts.items()}
+
+
+def save_packed(model: nn.Module, path) -> None:
+    """Save an integer model of the zoo in one compact safetensors file (no pickle).
+
+    ``model`` is a model of :mod:`oqfl_ext.models` (built by ``oqfl_ext.models.create`` or its
+    class), quantized with :func:`oqfl_ext.quantize_model` and converted with :func:`convert`.
+    A model that still has convertible fake-quant layers is converted first (a copy; ``model``
+    is not modified), so a trained QAT model can be saved directly.
+
+    File format (``PACKED_FORMAT`` version ``PACKED_VERSION``), a safetensors file whose
+    metadata holds:
+
+    * ``format`` = ``"oqfl_ext.packed_model"``, ``version`` = ``"1"``;
+    * ``architecture``: JSON ``{"model": name, "kwargs": {...}, "layers": {layer: record}}``:
+      ``oqfl_ext.models.create(name, **kwargs)`` rebuilds the float skeleton, and each record
+      (``{"kind": "int" | "fake_quant", "weight_bits", "act_bits", "act_signed"[, "enabled"]}``)
+      replaces that Conv2d/Linear by its integer or fake-quant layer;
+    * ``digest``: ``"sha256:" + hex`` over the other metadata fields and every tensor's name,
+      dtype, shape and bytes.
+
+    The tensors are, to keep the file small (one header entry per blob, not per tensor):
+
+    * ``codes`` (uint8): the compact weight codes of every integer layer in model order, each
+      ``oqfl_ext.ops.pack(codes[OC, IC/groups, KH, KW], w_bits)`` (int4: two per byte; int8:
+      one) -- not the zero-padded blocked layout, which :func:`load_packed` rebuilds;
+    * ``state.<dtype>`` (e.g. ``state.float32``, ``state.int32``, ``state.int64``,
+      ``state.bool``): every other tensor of the model's ``state_dict`` of that dtype (weight
+      scales, biases, input scales and zero points, BatchNorm parameters and buffers, float and
+      fake-quant layers) flattened and concatenated in ``state_dict`` order.
+
+    The split of each blob follows from the architecture: the loader rebuilds the model and
+    takes each tensor's shape from it. Python attributes outside the state (train mode, hooks)
+    are not saved; the loaded model is in eval mode.
+
+    Raises:
+        ValueError: the model is not a zoo model (the message lists the ones that can be saved)
+            or its structure differs from what its description rebuilds.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
+    _zoo_constructor(model)  # fail early, before converting
+    if any(_int_twin(m) is not None and _unsupported_reason(m) is None
+           for m in model.modules()):
+        model = convert(model)
+    arch = _describe(model)
+    meta = {"format": PACKED_FORMAT, "version": str(PACKED_VERSION),
+            "architecture": json.dumps(arch, separators=(",", ":"), sort_keys=True)}
+    blobs = _blobs(model)
+    meta["digest"] = _digest(meta, blobs)
+    # the file must rebuild this very model: check it now rather than at load time
+    rebuilt = _restore(arch, blobs, "save_packed")
+    _same_structure(model, rebuilt)
+    from safetensors.torch import save
+    data = save(blobs, metadata=meta)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".oqfl-packed-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _same_structure(model: nn.Module, rebuilt: nn.Module) -> None:
+    a = dict(model.named_modules())
+    b = dict(rebuilt.named_modules())
+    if list(a) != list(b):
+        extra, missing = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise ValueError("save_packed: the model's modules differ from those of its rebuilt "
+                         f"description (only in the model: {extra[:5]}, only rebuilt: "
+                         f"{missing[:5]})")
+    for name in a:
+        ma, mb = a[name], b[name]
+        # (an LSQQuantizer's repr shows its init method, which inference never uses; its state
+        # and its enabled flag are checked below and by the layer record)
+        if type(ma) is not type(mb) or (ma.extra_repr() != mb.extra_repr()
+                                        and not isinstance(ma, LSQQuantizer)):
+            raise ValueError(f"save_packed: module {name or '(model)'!r} is "
+                             f"{type(ma).__name__}({ma.extra_repr()}), but its description "
+                             f"rebuilds {type(mb).__name__}({mb.extra_repr()}): only unmodified "
+                             "oqfl_ext.models architectures can be saved")
+    sa, sb = model.state_dict(), rebuilt.state_dict()
+    for key in sa:
+        if not torch.equal(sa[key].cpu(), sb[key]):
+            raise ValueError(f"save_packed: tensor {key!r} does not survive the round trip")
+
+
+def _restore(arch: dict, blobs: Dict[str, Tensor], where: str) -> nn.Module:
+    """Rebuild the model of ``arch`` and load ``blobs`` into it, validating every size and
+    value range. Raises ValueError naming the problem."""
+    # sizes first, on the meta device: a description of a huge model allocates nothing
+    entries = _entries(_build(arch, "meta"))
+    expected: Dict[str, Tuple[torch.dtype, int]] = {}
+    for _, blob, dtype, numel in entries:
+        d, n = expected.get(blob, (dtype, 0))
+        expected[blob] = (dtype, n + numel)
+    if set(blobs) != set(expected):
+        raise ValueError(f"{where}: the file holds tensors {sorted(blobs)}, the architecture "
+                         f"needs {sorted(expected)}")
+    for blob, (dtype, n) in expected.items():
+        t = blobs[blob]
+        if t.dtype != dtype or t.dim() != 1 or t.numel() != n:
+            raise ValueError(f"{where}: tensor {blob!r} is {t.dtype} {list(t.shape)}, the "
+                             f"architecture needs {dtype} [{n}]")
+    model = _build(arch)
+    ints = _int_layers(model)
+    target = model.state_dict()
+    state: Dict[str, Tensor] = {}
+    offsets = dict.fromkeys(expected, 0)
+    for key, blob, dtype, numel in entries:
+        flat = blobs[blob][offsets[blob]:offsets[blob] + numel]
+        offsets[blob] += numel
+        if blob == "codes":
+            lname = key[:-len(".w_codes")]
+            m = ints[lname]
+            if isinstance(m, QConv2dInt):
+                kh, kw = m.kernel_size
+                shape = (m.out_channels, m.in_channels // m.groups, kh, kw)
+            else:
+                shape = (m.out_features, m.in_features)
+            codes = ops.unpack(flat.contiguous(), m.w_bits, math.prod(shape), True)
+            lo, hi = bit_range(m.weight_bits, True)
+            if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+                raise ValueError(f"{where}: layer {lname!r}: weight codes outside the "
+                                 f"{m.weight_bits}-bit range [{lo}, {hi}]")
+            codes = codes.reshape(shape)
+            if isinstance(m, QConv2dInt):
+                packed = ops.pack_conv_weight(codes, m.w_bits, m.groups)
+            else:
+                packed = ops.pack_linear_weight(codes, m.w_bits)
+            state[lname + ".w_packed"] = packed
+        else:
+            state[key] = flat.reshape(target[key].shape).clone()
+    for lname, m in ints.items():
+        for sname in ("w_scale", "x_scale"):
+            s = state[f"{lname}.{sname}"]
+            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                raise ValueError(f"{where}: layer {lname!r}: {sname} is not positive and finite")
+        zp = int(state[f"{lname}.x_zero_point"].item())
+        lo, hi = _code_domain(m.act_signed)
+        if not lo <= zp <= hi:
+            raise ValueError(f"{where}: layer {lname!r}: zero point {zp} outside the "
+                             f"{'signed' if m.act_signed else 'unsigned'} code domain "
+                             f"[{lo}, {hi}]")
+        if m.bias is not None and not bool(torch.isfinite(state[f"{lname}.bias"]).all()):
+            raise ValueError(f"{where}: layer {lname!r}: bias is not finite")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{where}: the tensors do not fit the architecture: {e}") from None
+    return model.eval()
+
+
+def _read_metadata(data: bytes, path: str) -> Dict[str, str]:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{path}: not an oqfl_ext packed model: the safetensors file has no "
+                         "string metadata")
+    return meta
+
+
+def load_packed(path, map_location=None) -> nn.Module:
+    """Load a model saved by :func:`save_packed` (format in its docstring), without pickle.
+
+    Rebuilds the architecture from the file's metadata (``oqfl_ext.models.create`` plus the
+    recorded integer and fake-quant layers), checks every tensor of the file against it
+    (format name and version, digest, the blobs' dtypes and sizes against the rebuilt model,
+    the packed code bytes and their range, positive finite scales, zero points inside the code
+    domain), re-blocks the weight codes for the kernels and returns the model in eval mode,
+    on ``map_location`` (default CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a valid, complete packed model (corrupt, truncated, another
+            format or version, tensors that do not match the architecture); the message names
+            the path and the problem.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    from safetensors.torch import load
+    try:
+        blobs = load(data)
+    except Exception as e:  # safetensors raises SafetensorError and friends
+        raise ValueError(f"{path}: not a valid safetensors file (corrupt or truncated): "
+                         f"{type(e).__name__}: {e}") from None
+    try:
+        meta = _read_metadata(data, path)
+    except (UnicodeDecodeError, ValueError, struct.error) as e:
+        if isinstance(e, ValueError) and str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: unreadable safetensors header: {e}") from None
+    fmt, version = meta.get("format"), meta.get("version")
+    if fmt != PACKED_FORMAT:
+        raise ValueError(f"{path}: format {fmt!r}, expected {PACKED_FORMAT!r} (a file "
+                         "written by oqfl_ext.save_packed)")
+    if version != str(PACKED_VERSION):
+        raise ValueError(f"{path}: {PACKED_FORMAT} version {version!r}, this oqfl_ext reads "
+                         f"version {PACKED_VERSION}")
+    unknown = set(meta) - {"format", "version", "architecture", "digest"}
+    if unknown or "architecture" not in meta or "digest" not in meta:
+        raise ValueError(f"{path}: metadata keys {sorted(meta)}, expected ['architecture', "
+                         "'digest', 'format', 'version']")
+    if _digest(meta, blobs) != meta["digest"]:
+        raise ValueError(f"{path}: digest mismatch: the file was corrupted or altered")
+    try:
+        arch = json.loads(meta["architecture"])
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: metadata 'architecture' is not valid JSON ({e})") from None
+    try:
+        model = _restore(arch, blobs, path)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(path) else f"{path}: {msg}") from None
+    if map_location is not None:
+        model = model.to(map_location)
+    return model
