@@ -24,22 +24,22 @@ def small_update(dtype=torch.float32):
     u = {
         "conv.weight": torch.randn(6, 3, 3, 3),    # 4-D: per-channel
         "fc.weight": torch.randn(5, 7) * 0.01,     # 2-D: per-channel
-        "bn.bias": torch.randn(6),                 # 1-D: per-tensor
-        "temp": torch.tensor(0.75),                # 0-D: per-tensor
-        "odd": torch.randn(7),                     # odd count: int4 padding nibble
+        "bn.bias": torch.randn(6),                 # 1-D: bfloat16 values
+        "temp": torch.tensor(0.75),                # 0-D: bfloat16 values
+        "odd": torch.randn(3, 7),                  # odd count: int4 padding nibble
     }
     u["conv.weight"][2].zero_()                    # a zero channel gets a tiny positive scale
     return {k: v.to(dtype) for k, v in u.items()}
 
 
 def expected_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """The step size each element of x was quantized with (broadcast to x's shape)."""
+    """The step size each element of x (2 or more dimensions) was quantized with (broadcast to
+    x's shape)."""
     x = x.float()
-    if x.dim() >= 2:
-        s = x.abs().reshape(x.shape[0], -1).amax(1) / QMAX[bits]
-        s = s.clamp_min(torch.finfo(torch.float32).tiny)
-        return s.reshape([-1] + [1] * (x.dim() - 1)).expand_as(x)
-    return (x.abs().amax() / QMAX[bits]).clamp_min(torch.finfo(torch.float32).tiny).expand_as(x)
+    assert x.dim() >= 2, "0-D and 1-D entries travel as bfloat16 values"
+    s = x.abs().reshape(x.shape[0], -1).amax(1) / QMAX[bits]
+    s = s.clamp_min(torch.finfo(torch.float32).tiny)
+    return s.reshape([-1] + [1] * (x.dim() - 1)).expand_as(x)
 
 
 def template_of(update):
@@ -61,6 +61,9 @@ def test_round_trip_within_quantization_bound(bits, stochastic, dtype):
     for name, x in u.items():
         y = out[name]
         assert y.dtype == torch.float32 and y.shape == x.shape
+        if x.dim() <= 1:  # bfloat16 values, rounded to nearest once
+            assert torch.equal(y, x.to(torch.bfloat16).float()), name
+            continue
         s = expected_scale(x, bits)
         err = (y - x.float()).abs()
         # |error| <= s/2 when rounding to nearest, < s with stochastic rounding (a hair of
@@ -72,11 +75,17 @@ def test_round_trip_within_quantization_bound(bits, stochastic, dtype):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_values_near_float32_max_round_trip(bits):
-    u = {"w": torch.tensor([3.4e38, -3.4e38, 1e38, 0.0]), "c": torch.full((2, 2), -3e38)}
+    u = {"w": torch.tensor([[3.4e38, -3.4e38], [1e38, 0.0]]), "c": torch.full((2, 2), -3e38)}
     out = decode_update(encode_update(u, bits=bits, stochastic=False), template_of(u))
     for k in u:
         assert bool(torch.isfinite(out[k]).all())
         assert bool(((out[k] - u[k]).abs() <= expected_scale(u[k], bits) * 0.5001).all())
+
+
+def test_vector_beyond_bfloat16_range_is_an_error():
+    # finite in float32, infinite in bfloat16: refused at the sender, never sent as inf
+    with pytest.raises(ValueError, match=r"update\['b'\] has values beyond bfloat16's range"):
+        encode_update({"b": torch.tensor([3.4e38, 1.0])}, bits=4)
 
 
 def test_round_trip_float32_exact_and_info():
@@ -132,17 +141,18 @@ def test_stochastic_rounding_is_unbiased():
     N, R, s = 1024, 1024, 0.25
     k = torch.arange(N) % 14 - 7                       # v in [-6.7, 6.3]
     x = (k.float() + 0.3) * s
-    x[0] = 7 * s                                       # fixes the per-tensor scale: 1.75 / 7
-    template = {"w": torch.zeros(N)}
+    x[0] = 7 * s                                       # fixes the row's scale: 1.75 / 7
+    x = x.reshape(1, N)                                # one channel (1-D entries go as bfloat16)
+    template = {"w": torch.zeros(1, N)}
     errs = torch.stack([
         decode_update(encode_update({"w": x}, bits=4, generator=torch.Generator().manual_seed(i)),
-                      template)["w"] - x for i in range(R)])
+                      template)["w"][0] - x[0] for i in range(R)])
     log_term = math.log(2 / 1e-9)
     per_elem = s * math.sqrt(log_term / (2 * R))
     overall = s * math.sqrt(log_term / (2 * R * N))
     assert errs[:, 1:].mean(0).abs().max().item() <= per_elem
     assert abs(errs[:, 1:].mean().item()) <= overall
-    det = decode_update(encode_update({"w": x}, bits=4, stochastic=False), template)["w"] - x
+    det = decode_update(encode_update({"w": x}, bits=4, stochastic=False), template)["w"][0] - x[0]
     torch.testing.assert_close(det[1:], torch.full((N - 1,), -0.3 * s))  # the bias it detects
     assert 0.3 * s > 10 * overall and 0.3 * s > 2 * per_elem
 
@@ -332,10 +342,10 @@ FORGERIES_Q = {  # (tensor change, metadata change, message expected with a vali
                    "packed"),
     "codes_dtype": (lambda t: _set(t, "odd::codes", torch.zeros(4, dtype=torch.int8)), None,
                     None),
-    "missing_tensor": (lambda t: t.pop("temp::scale"), None, "tensors differ"),
+    "missing_tensor": (lambda t: t.pop("fc.weight::scale"), None, "tensors differ"),
     "extra_tensor": (lambda t: _set(t, "x::codes", torch.zeros(1, dtype=torch.uint8)), None,
                      "tensors differ"),
-    "shape_lie": (None, lambda m: _set_param_field(m, "odd", "shape", [9]), "shape"),
+    "shape_lie": (None, lambda m: _set_param_field(m, "odd", "shape", [3, 9]), "shape"),
     "numel_lie": (None, lambda m: _set_param_field(m, "fc.weight", "shape", [5, 9]), "shape"),
     "axis_lie": (None, lambda m: _set_param_field(m, "fc.weight", "axis", 1), "scale"),
     "axis_range": (None, lambda m: _set_param_field(m, "fc.weight", "axis", 5), "axis"),
@@ -456,3 +466,25 @@ def test_empty_tensors_round_trip():
         out = decode_update(encode_update(u, bits=bits), template_of(u))
         assert out["e2"].shape == (0, 3) and out["e1"].shape == (0,)
         torch.testing.assert_close(out["w"], u["w"])
+
+
+def test_same_update_gives_the_same_bytes():
+    # round half to even (or a seeded generator) makes the blob a pure function of the update
+    u = small_update()
+    assert encode_update(u, bits=4, stochastic=False) == encode_update(u, bits=4, stochastic=False)
+    assert encode_update(u, bits=8, generator=torch.Generator().manual_seed(5)) == \
+        encode_update(u, bits=8, generator=torch.Generator().manual_seed(5))
+    assert encode_update(u, bits=32, round=2) == encode_update(u, bits=32, round=2)
+
+
+def test_blob_is_a_plain_safetensors_file():
+    u = small_update()
+    for bits in (4, 32):
+        tensors, meta = read_blob(encode_update(u, bits=bits, round=4))
+        assert meta["format"] == "oqfl-update" and meta["round"] == "4"
+        if bits == 32:
+            for k, v in u.items():
+                assert torch.equal(tensors[k + "::values"], v)
+        else:
+            assert all(t.dtype in (torch.uint8, torch.float32, torch.bfloat16)
+                       for t in tensors.values())

@@ -1,9 +1,16 @@
-"""Federated learning: the client-update wire format (DESIGN.md section 4), clients and the
-FedAvg/FedAvgM server."""
+"""Federated learning: the client-update wire format (DESIGN.md section 4), clients, the
+FedAvg/FedAvgM server, checkpoints, run metrics and the ``oqfl-fl`` command line
+(:mod:`oqfl_ext.fl.cli`)."""
 
-from .codec import UpdateRejected, decode_update, encode_update
-from .client import Client, ClientConfig
-from .server import RoundResult, Server
+from .codec import UpdateRejected, decode_model, decode_update, encode_model, encode_update
+from .client import Client, ClientConfig, ClientTimeout, derive_seed
+from .server import DOWNLINK_CODECS, RoundResult, Server, downlink_codec
+from .checkpoint import (CheckpointError, CheckpointMismatch, load_checkpoint, resume,
+                         save_checkpoint)
+from .metrics import load_run, plot_runs, save_run
 
-__all__ = ["encode_update", "decode_update", "UpdateRejected", "Client", "ClientConfig",
-           "Server", "RoundResult"]
+__all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
+           "Client", "ClientConfig",
+           "ClientTimeout", "derive_seed", "Server", "RoundResult", "DOWNLINK_CODECS",
+           "downlink_codec", "save_checkpoint", "load_checkpoint", "resume", "CheckpointError",
+           "CheckpointMismatch", "save_run", "load_run", "plot_runs"]

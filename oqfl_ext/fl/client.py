@@ -13,6 +13,7 @@ the server has initialized them, see :class:`oqfl_ext.fl.server.Server`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -22,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from .codec import decode_update, encode_update
 
-__all__ = ["ClientConfig", "Client", "float_state", "derive_seed"]
+__all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed"]
 
 _MASK63 = (1 << 63) - 1
 
@@ -37,6 +38,10 @@ def derive_seed(*parts: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x & _MASK63
+
+
+class ClientTimeout(TimeoutError):
+    """A client stopped its local training because it ran past its deadline."""
 
 
 def float_state(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -129,6 +134,25 @@ class Client:
         self.residual: Optional[Dict[str, Tensor]] = None  # error feedback memory
         self.last_loss: Optional[float] = None  # mean training loss of the last round
 
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        """The client state that carries over between rounds, as flat named tensors (for
+        checkpoints): ``"residual.<name>"`` for each entry of the error-feedback residual (none
+        before the first error-feedback round). Everything else a round uses is a function of
+        ``(seed, round)`` and the global state."""
+        if self.residual is None:
+            return {}
+        return {f"residual.{k}": v.detach().clone() for k, v in self.residual.items()}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        """Restores :meth:`state_dict` (an empty dict: no residual)."""
+        bad = [k for k in state if not k.startswith("residual.")]
+        if bad:
+            raise ValueError(f"client {self.client_id}: unexpected state entries {bad[:5]}")
+        self.residual = ({k[len("residual."):]: v.detach().clone().cpu() for k, v in state.items()}
+                         or None)
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
@@ -137,13 +161,20 @@ class Client:
         return len(self)
 
     def train(self, global_state: Dict[str, Tensor], model_fn: Callable[[], nn.Module], *,
-              round_idx: int = 0) -> bytes:
+              round_idx: int = 0, deadline: Optional[float] = None) -> bytes:
         """Trains a fresh ``model_fn()`` loaded with ``global_state`` for ``local_epochs``
         epochs and returns the encoded update ``local - global`` (floating-point entries only,
         see the module docstring), with ``round=round_idx``, this client's id and
-        ``num_samples=len(dataset)``."""
+        ``num_samples=len(dataset)``.
+
+        ``deadline``: a :func:`time.monotonic` time; the client checks it before every
+        mini-batch and once more before it commits its error-feedback residual, and raises
+        :class:`ClientTimeout` past it, leaving its state (the residual) unchanged."""
         if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
             raise ValueError(f"round_idx expected a non-negative integer, got {round_idx!r}")
+        if deadline is not None and not isinstance(deadline, (int, float)):
+            raise ValueError(f"deadline expected None or a time.monotonic() value, "
+                             f"got {deadline!r}")
         cfg = self.config
         base_seed = derive_seed(self.seed, round_idx)
         with torch.random.fork_rng(devices=[]):
@@ -151,7 +182,7 @@ class Client:
             model = model_fn()
             model.load_state_dict(global_state)
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            self._fit(model, device, derive_seed(base_seed, 1))
+            self._fit(model, device, derive_seed(base_seed, 1), deadline)
         local = float_state(model.state_dict())
         reference = float_state(global_state)
         if list(local) != list(reference):
@@ -167,12 +198,14 @@ class Client:
         blob = encode_update(delta, bits=cfg.uplink_bits, round=round_idx,
                              client_id=self.client_id, num_samples=len(self),
                              stochastic=cfg.stochastic, generator=gen)
+        _check_deadline(deadline, "after encoding its update")
         if ef:
             sent = decode_update(blob, delta)
             self.residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
         return blob
 
-    def _fit(self, model: nn.Module, device: torch.device, seed: int) -> None:
+    def _fit(self, model: nn.Module, device: torch.device, seed: int,
+             deadline: Optional[float] = None) -> None:
         cfg = self.config
         model.train()
         n = len(self)
@@ -186,6 +219,7 @@ class Client:
         for _ in range(cfg.local_epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, cfg.batch_size):
+                _check_deadline(deadline, f"after {count} of {n * cfg.local_epochs} samples")
                 idx = order[start:start + cfg.batch_size]
                 x = self.inputs[idx].to(device)
                 y = self.labels[idx].to(device)
@@ -196,3 +230,8 @@ class Client:
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         self.last_loss = total / max(count, 1)
+
+
+def _check_deadline(deadline: Optional[float], where: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise ClientTimeout(f"past its deadline, stopped {where}")

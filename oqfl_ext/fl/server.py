@@ -4,8 +4,17 @@ Round ``t`` (:meth:`Server.run_round`):
 
 1. sample ``max(1, round(fraction * K))`` of the ``K`` clients without replacement (a generator
    seeded from ``seed`` and ``t``), taken in the order of the ``clients`` list;
-2. each sampled client trains from a copy of the global ``state_dict()`` and returns a blob; a
-   client that raises, or returns something other than bytes, is dropped (reason logged);
+2. the global state goes down to the sampled clients through the downlink codec (``downlink``:
+   ``"float32"``, exact, or ``"int8"``; see :func:`downlink_codec`), encoded once per round and
+   counted once per sampled client in ``downlink_bytes``; each sampled client trains from a copy
+   of the decoded state and returns a blob; a client that raises, or returns something other
+   than bytes, is dropped (reason logged). With ``client_time_limit_s``, each client's
+   ``train`` gets ``deadline=`` (a :func:`time.monotonic` time) when its signature accepts one,
+   so an in-process :class:`~oqfl_ext.fl.Client` stops between mini-batches once past it (it
+   raises :class:`~oqfl_ext.fl.ClientTimeout`); a client whose result arrives after its limit
+   anyway is dropped too and the late blob is discarded (not counted in ``uplink_bytes``).
+   The clients run one after the other, each with its own full budget. Time limits make a run
+   depend on the machine's speed: a run where no client hits its limit is deterministic;
 3. each blob is decoded with :func:`oqfl_ext.fl.codec.decode_update` against the global model's
    floating-point entries; a rejected blob (:class:`UpdateRejected`, or metadata naming another
    round or client) is dropped with its reason and never touches the global model;
@@ -14,7 +23,10 @@ Round ``t`` (:meth:`Server.run_round`):
 5. FedAvg: the average of the accepted updates weighted by their ``num_samples``; with
    ``server_momentum`` ``b > 0`` (FedAvgM) ``m <- b * m + avg`` and the step is ``m``;
    ``global <- global + server_lr * step`` on the floating-point entries. Entries that are not
-   floating point (``num_batches_tracked``, quantizer flags) are kept as the server has them;
+   floating point (``num_batches_tracked``, quantizer flags) are kept as the server has them.
+   Batch-norm running variances are then clamped to ``>= bn_var_floor`` (attribute, 0.0): a
+   quantized uplink can push a small variance below 0 (1-D entries share one int4/int8 scale
+   per tensor), and evaluation would take its square root;
 6. the global model is evaluated (eval mode) on the test set: accuracy and mean cross-entropy.
 
 Quantized models: ``model_fn`` may build a model with :class:`oqfl_ext.nn.LSQQuantizer` s. The
@@ -27,15 +39,22 @@ own data.
 
 Uplink bytes count every blob the server received in the round, rejected ones included (they
 were transmitted).
+
+Everything random is a function of ``seed``, the round and the client (client sampling here,
+batch order and stochastic rounding in :class:`~oqfl_ext.fl.Client` via ``derive_seed``), so
+:meth:`Server.state_dict` (global model, FedAvgM buffer, round, the clients' error-feedback
+residuals) is the whole state a run needs to continue bit-identically; :meth:`Server.fit` and
+:mod:`oqfl_ext.fl.checkpoint` save it after every round and resume from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +62,10 @@ from torch.nn import functional as F
 
 from ..nn import LSQQuantizer, calibrate
 from .client import _tensors, derive_seed, float_state
-from .codec import UpdateRejected, decode_update
+from . import codec as _codec
+from .codec import UpdateRejected, decode_update, encode_update
 
-__all__ = ["Server", "RoundResult"]
+__all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec"]
 
 logger = logging.getLogger("oqfl_ext.fl")
 
@@ -64,6 +84,8 @@ class RoundResult:
         num_samples: sum of the accepted updates' ``num_samples``.
         accuracy, loss: of the global model on the test set after the round.
         wall_time_s: seconds the round took (training, aggregation and evaluation).
+        downlink_bytes: bytes of the global state sent to the sampled clients (one encoded
+            blob per sampled client).
     """
 
     round: int
@@ -76,6 +98,72 @@ class RoundResult:
     accuracy: float
     loss: float
     wall_time_s: float
+    downlink_bytes: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# downlink codecs
+
+DOWNLINK_CODECS = ("float32", "int8")
+
+
+class _Downlink:
+    """encode(state, round) -> bytes; decode(blob, state) -> the state a client receives."""
+
+    def __init__(self, name: str, encode, decode):
+        self.name, self._encode, self._decode = name, encode, decode
+
+    def encode(self, state: Dict[str, Tensor], round_idx: int) -> bytes:
+        return self._encode(state, round_idx)
+
+    def decode(self, blob: bytes, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        got = self._decode(blob, state)
+        out = {}
+        for k, v in state.items():  # entries the codec does not carry keep the server's value
+            g = got.get(k, v)
+            out[k] = g.to(v.device, v.dtype) if isinstance(g, Tensor) else g
+        return out
+
+
+def downlink_codec(name: str) -> _Downlink:
+    """The downlink codec ``name`` (one of :data:`DOWNLINK_CODECS`): the whole global
+    ``state_dict()`` as one :func:`oqfl_ext.fl.codec.encode_model` blob, ``"float32"``
+    (``bits=None``: exact for float32 models) or ``"int8"`` (``bits=8``: conv/linear weights as
+    int8 codes per output channel, the rest float32 or exact), decoded by
+    :func:`~oqfl_ext.fl.codec.decode_model` on the client's side. (Without ``encode_model``, an
+    older codec module, ``"float32"`` falls back to a float32 update blob of the
+    floating-point entries.)"""
+    if name not in DOWNLINK_CODECS:
+        raise ValueError(f"downlink expected one of {DOWNLINK_CODECS}, got {name!r}")
+    enc = getattr(_codec, "encode_model", None)
+    dec = getattr(_codec, "decode_model", None)
+    bits = None if name == "float32" else 8
+    if enc is not None and dec is not None:
+        return _Downlink(name, lambda state, r: enc(state, bits=bits, round=r),
+                         lambda blob, state: dec(blob, state))
+    if name == "int8":
+        raise ValueError("downlink 'int8' needs oqfl_ext.fl.codec.encode_model and "
+                         "decode_model, which this version of oqfl_ext does not have; "
+                         "use downlink 'float32'")
+    return _Downlink(name, _float32_encode, _float32_decode)
+
+
+def _float32_encode(state, round_idx):
+    return encode_update(float_state(state), bits=32, round=round_idx, client_id="server",
+                         num_samples=0, stochastic=False)
+
+
+def _float32_decode(blob, state):
+    return decode_update(blob, float_state(state))
+
+
+def _accepts_deadline(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "deadline" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                       for p in params.values())
 
 
 def _has_uninitialized_quantizers(model: nn.Module) -> bool:
@@ -100,13 +188,17 @@ class Server:
         calibration_data: inputs initializing the quantizers of a quantized model (default: the
             first ``calibration_size`` examples of the first client).
         eval_batch_size: evaluation batch size.
+        client_time_limit_s: seconds each sampled client may take per round (> 0); None: no
+            limit. See step 2 of the module docstring.
+        downlink: the downlink codec, ``"float32"`` or ``"int8"`` (:func:`downlink_codec`).
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module], test_set, *, clients: Sequence,
                  fraction: float = 1.0, server_lr: float = 1.0, server_momentum: float = 0.0,
                  seed: int = 0, norm_bound: Optional[float] = None,
                  calibration_data: Optional[Tensor] = None, calibration_size: int = 256,
-                 eval_batch_size: int = 512):
+                 eval_batch_size: int = 512, client_time_limit_s: Optional[float] = None,
+                 downlink: str = "float32"):
         if not callable(model_fn):
             raise TypeError("model_fn expected a callable returning an nn.Module")
         clients = list(clients)
@@ -127,6 +219,16 @@ class Server:
             raise ValueError(f"norm_bound expected None or a positive number, got {norm_bound!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed expected an integer, got {seed!r}")
+        if client_time_limit_s is not None and not (
+                isinstance(client_time_limit_s, (int, float))
+                and not isinstance(client_time_limit_s, bool) and client_time_limit_s > 0):
+            raise ValueError(f"client_time_limit_s expected None or a positive number, got "
+                             f"{client_time_limit_s!r}")
+        self.downlink = downlink_codec(downlink)
+        self.downlink_name = downlink
+        self.bn_var_floor = 0.0
+        self.client_time_limit_s = (None if client_time_limit_s is None
+                                    else float(client_time_limit_s))
         self.model_fn = model_fn
         self.test_x, self.test_y = _tensors(test_set)
         self.clients = clients
@@ -166,18 +268,37 @@ class Server:
         return {k: v.detach().clone() for k, v in float_state(self.model.state_dict()).items()}
 
     def state_dict(self) -> dict:
-        """``{"model", "momentum", "round"}``: copies of the global model's state, the FedAvgM
-        buffer (None before the first momentum step) and the number of rounds run."""
+        """``{"model", "momentum", "round", "clients"}``: copies of the global model's state,
+        the FedAvgM buffer (None before the first momentum step), the number of rounds run and
+        ``{client_id: client.state_dict()}`` for the clients that have a ``state_dict`` method
+        (a :class:`~oqfl_ext.fl.Client`: its error-feedback residual). With the constructor's
+        arguments this is everything later rounds depend on."""
+        clients = {}
+        for c in self.clients:
+            if callable(getattr(c, "state_dict", None)):
+                clients[c.client_id] = {k: v.detach().clone() for k, v in c.state_dict().items()}
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "momentum": None if self.momentum is None
                 else {k: v.clone() for k, v in self.momentum.items()},
-                "round": self.round}
+                "round": self.round, "clients": clients}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` (a state without ``"clients"`` leaves the clients
+        alone)."""
+        clients = state.get("clients")
+        if clients is not None:
+            ids = {c.client_id for c in self.clients}
+            unknown = sorted(set(clients) - ids)
+            if unknown:
+                raise ValueError(f"state names clients this server does not have: {unknown[:5]}")
         self.model.load_state_dict(state["model"])
         mom = state.get("momentum")
         self.momentum = None if mom is None else {k: v.detach().clone() for k, v in mom.items()}
         self.round = int(state.get("round", 0))
+        if clients is not None:
+            for c in self.clients:
+                if callable(getattr(c, "load_state_dict", None)):
+                    c.load_state_dict(clients.get(c.client_id, {}))
 
     # ------------------------------------------------------------------ a round
 
@@ -190,7 +311,11 @@ class Server:
         chosen = sorted(torch.randperm(k, generator=gen)[:m].tolist())
         return [self.clients[i] for i in chosen]
 
-    def run_round(self, round_idx: int) -> RoundResult:
+    def run_round(self, round_idx: int, *,
+                  on_client: Optional[Callable[[int, int, str], None]] = None) -> RoundResult:
+        """Runs round ``round_idx`` (steps 1-6 of the module docstring). ``on_client(i, m,
+        client_id)`` is called before the i-th (0-based) of the m sampled clients trains and
+        once more with ``i == m`` before the aggregation (progress display)."""
         if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
             raise ValueError(f"round_idx expected a non-negative integer, got {round_idx!r}")
         t0 = time.perf_counter()
@@ -200,13 +325,34 @@ class Server:
         dropped: List[Tuple[str, str]] = []
         clipped: List[str] = []
         uplink = 0
-        for client in sampled:
+        server_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        down_blob = self.downlink.encode(server_state, round_idx)
+        received = self.downlink.decode(down_blob, server_state)
+        downlink = len(down_blob) * len(sampled)
+        limit = self.client_time_limit_s
+        for i, client in enumerate(sampled):
             cid = client.client_id
-            global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if on_client is not None:
+                on_client(i, len(sampled), cid)
+            global_state = {k: v.detach().clone() for k, v in received.items()}
+            kwargs: Dict[str, Any] = {"round_idx": round_idx}
+            start = time.monotonic()
+            if limit is not None and _accepts_deadline(client.train):
+                kwargs["deadline"] = start + limit
             try:
-                blob = client.train(global_state, self.model_fn, round_idx=round_idx)
+                blob = client.train(global_state, self.model_fn, **kwargs)
             except Exception as e:  # a failing client never stops the round
-                self._drop(dropped, cid, f"client failed: {type(e).__name__}: {e}")
+                elapsed = time.monotonic() - start
+                if limit is not None and (isinstance(e, TimeoutError) or elapsed > limit):
+                    self._drop(dropped, cid, f"client exceeded its time limit of {limit:g} s "
+                                             f"({type(e).__name__}: {e}; {elapsed:.2f} s)")
+                else:
+                    self._drop(dropped, cid, f"client failed: {type(e).__name__}: {e}")
+                continue
+            elapsed = time.monotonic() - start
+            if limit is not None and elapsed > limit:
+                self._drop(dropped, cid, f"client exceeded its time limit of {limit:g} s "
+                                         f"(took {elapsed:.2f} s); late update discarded")
                 continue
             if not isinstance(blob, (bytes, bytearray, memoryview)):
                 self._drop(dropped, cid, f"client returned {type(blob).__name__}, not bytes")
@@ -235,6 +381,8 @@ class Server:
                                 round_idx, cid, norm, self.norm_bound)
             accepted.append((cid, update, info["num_samples"]))
 
+        if on_client is not None:
+            on_client(len(sampled), len(sampled), "")
         total = sum(n for _, _, n in accepted)
         if accepted and total > 0:
             avg = self.aggregate([(u, n) for _, u, n in accepted])
@@ -250,7 +398,61 @@ class Server:
                            accepted=[cid for cid, _, _ in accepted], dropped=dropped,
                            clipped=clipped, uplink_bytes=uplink, num_samples=total,
                            accuracy=accuracy, loss=loss,
-                           wall_time_s=time.perf_counter() - t0)
+                           wall_time_s=time.perf_counter() - t0, downlink_bytes=downlink)
+
+    def fit(self, rounds: int, *, checkpoint_dir=None, config: Optional[Mapping[str, Any]] = None,
+            resume: bool = False, keep: int = 1,
+            on_round: Optional[Callable[[dict, RoundResult], None]] = None,
+            on_client: Optional[Callable[[int, int, str], None]] = None) -> List[dict]:
+        """Runs rounds ``self.round .. rounds - 1`` and returns one metrics record per round
+        run so far (:func:`oqfl_ext.fl.metrics.round_record` plus ``train_loss``, the
+        sample-weighted mean training loss of the accepted clients).
+
+        With ``checkpoint_dir``, a checkpoint (:mod:`oqfl_ext.fl.checkpoint`) is written there
+        after every round, with ``config`` (the caller's options, JSON-able) and the records.
+        ``resume``: continue from the checkpoint in ``checkpoint_dir`` (its records come
+        first in the result); the configuration must match (``CheckpointMismatch`` otherwise);
+        with no checkpoint there yet the run starts at round 0. Without ``resume`` a folder
+        that already holds a checkpoint is refused. ``on_round(record, result)`` is called
+        after each round's checkpoint, ``on_client`` is passed to :meth:`run_round`.
+        """
+        from . import checkpoint as ckpt
+        from .metrics import round_record
+
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds expected a non-negative integer, got {rounds!r}")
+        records: List[dict] = []
+        if checkpoint_dir is not None:
+            if resume and ckpt.has_checkpoint(checkpoint_dir):
+                records = ckpt.resume(checkpoint_dir, self, config=config)
+                logger.info("resumed from %s after round %d", checkpoint_dir, self.round)
+            elif resume:
+                logger.warning("no checkpoint in %s: starting at round 0", checkpoint_dir)
+            elif ckpt.has_checkpoint(checkpoint_dir):
+                raise ckpt.CheckpointError(
+                    f"{checkpoint_dir} already holds a checkpoint (after round "
+                    f"{ckpt.load_checkpoint(checkpoint_dir).round}); resume it or choose "
+                    "another folder")
+        elif resume:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        for r in range(self.round, rounds):
+            result = self.run_round(r, on_client=on_client)
+            by_id = {c.client_id: c for c in self.clients}
+            losses = [(getattr(by_id[cid], "last_loss", None), getattr(by_id[cid], "num_samples",
+                                                                      1))
+                      for cid in result.accepted]
+            losses = [(l, n) for l, n in losses if isinstance(l, float) and n]
+            train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)
+                          if losses else None)
+            record = round_record(result, downlink_bytes=result.downlink_bytes,
+                                  train_loss=train_loss)
+            records.append(record)
+            if checkpoint_dir is not None:
+                ckpt.save_checkpoint(checkpoint_dir, self, config=config, rounds=records,
+                                     keep=keep)
+            if on_round is not None:
+                on_round(record, result)
+        return records
 
     @staticmethod
     def _drop(dropped: list, cid: str, reason: str) -> None:
@@ -286,6 +488,13 @@ class Server:
         for k, v in step.items():
             t = state[k]
             t.add_((self.server_lr * v).to(t.device, t.dtype))
+        # A quantized uplink can push a batch-norm running variance below 0 (the codes of a
+        # small variance share their step size with the layer's largest one): project back
+        # onto the feasible set, else evaluation takes the square root of a negative number.
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and \
+                    isinstance(getattr(m, "running_var", None), Tensor):
+                m.running_var.clamp_(min=self.bn_var_floor)
 
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:

@@ -1,0 +1,352 @@
+"""Per-run metrics of a federated run: ``metrics.json`` and an accuracy plot.
+
+Stable API (reused by the command line and the Flower app):
+
+* :func:`save_run` ``(folder, config, rounds)`` writes ``folder/metrics.json`` and
+  ``folder/accuracy.png``;
+* :func:`load_run` ``(folder)`` reads ``metrics.json`` back as ``(config, rounds)``;
+* :func:`plot_runs` ``(runs, path)`` draws several runs in one figure (``--compare``);
+* :func:`summarize` / :func:`format_table` make the comparison table;
+* :func:`cumulative_uplink_mb` and :func:`round_record` are helpers.
+
+``metrics.json``::
+
+    {"format": "oqfl-metrics", "version": 1,
+     "config": {...},                       # whatever the caller passed (JSON-able)
+     "rounds": [{"round": 0, "accuracy": 0.71, "loss": 0.83,
+                 "uplink_bytes": 123456, "downlink_bytes": 234567,
+                 "wall_time_s": 1.25, ...}, ...]}
+
+Each round record must hold at least the keys of :data:`REQUIRED_KEYS`; any other JSON-able
+keys are kept as given (e.g. ``"accepted"``, ``"dropped"``). Non-finite floats (a NaN loss)
+are written as ``null`` so the file is strict JSON. ``MB`` is 10**6 bytes everywhere.
+Files are written atomically (a temporary file in the same folder, fsync, rename), so a reader
+never sees half a file and a killed run leaves the previous version in place.
+
+``accuracy.png`` has two panels: test accuracy against the round, and test accuracy against the
+cumulative uplink MB (after each round). Plots use matplotlib's Agg backend and never open a
+window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = ["REQUIRED_KEYS", "METRICS_FILE", "PLOT_FILE", "MB", "save_run", "load_run",
+           "write_metrics", "plot_run", "plot_runs", "cumulative_uplink_mb", "round_record",
+           "summarize", "format_table", "atomic_write_bytes"]
+
+REQUIRED_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "wall_time_s")
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "accuracy.png"
+MB = 1e6
+_FORMAT = "oqfl-metrics"
+_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+Runs = Union[Mapping[str, Sequence[Mapping[str, Any]]],
+             Sequence[Tuple[str, Sequence[Mapping[str, Any]]]]]
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed and
+    fsynced, then renamed over ``path`` (and the folder fsynced where the OS allows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> a normal file's mode
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _jsonable(value):
+    """Plain JSON types: non-finite floats -> None, tuples -> lists, numbers from numpy/torch
+    scalars -> Python numbers; anything else raises TypeError naming its type."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return _jsonable(item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"metrics: value of type {type(value).__name__} is not JSON-serializable")
+
+
+def _check_rounds(rounds: Sequence[Mapping[str, Any]]) -> List[dict]:
+    if isinstance(rounds, (str, bytes)) or not isinstance(rounds, Sequence):
+        raise TypeError(f"rounds expected a list of dicts, got {type(rounds).__name__}")
+    out = []
+    for i, r in enumerate(rounds):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"rounds[{i}] expected a dict, got {type(r).__name__}")
+        missing = [k for k in REQUIRED_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"rounds[{i}] is missing the key(s) {', '.join(missing)} "
+                             f"(required: {', '.join(REQUIRED_KEYS)})")
+        out.append(_jsonable(dict(r)))
+    return out
+
+
+def write_metrics(path: PathLike, config: Mapping[str, Any],
+                  rounds: Sequence[Mapping[str, Any]]) -> Path:
+    """Writes the metrics JSON file (format in the module docstring) atomically; returns the
+    path."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config expected a dict, got {type(config).__name__}")
+    doc = {"format": _FORMAT, "version": _VERSION, "config": _jsonable(dict(config)),
+           "rounds": _check_rounds(rounds)}
+    data = json.dumps(doc, indent=1, allow_nan=False).encode() + b"\n"
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
+def save_run(folder: PathLike, config: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]],
+             *, title: Optional[str] = None, plot: bool = True) -> Dict[str, Path]:
+    """Writes ``folder/metrics.json`` and (with ``plot``) ``folder/accuracy.png`` for one run.
+
+    Args:
+        folder: created if missing.
+        config: the run's configuration (JSON-able values).
+        rounds: one dict per round with at least :data:`REQUIRED_KEYS`.
+        title: the plot's title (default: ``config["name"]`` if present, else none).
+        plot: False skips the PNG.
+
+    Returns ``{"metrics": path, "plot": path}`` (``"plot"`` only when drawn).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": write_metrics(folder / METRICS_FILE, config, rounds)}
+    if plot:
+        if title is None and isinstance(config.get("name"), str):
+            title = config["name"]
+        paths["plot"] = plot_run(folder / PLOT_FILE, rounds, title=title)
+    return paths
+
+
+def load_run(folder_or_file: PathLike) -> Tuple[dict, List[dict]]:
+    """``(config, rounds)`` read from a ``metrics.json`` (or the folder holding one)."""
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no metrics file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a metrics JSON file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not an {_FORMAT} file")
+    if doc.get("version") != _VERSION:
+        raise ValueError(f"{path}: metrics version {doc.get('version')!r}, expected {_VERSION}")
+    config, rounds = doc.get("config"), doc.get("rounds")
+    if not isinstance(config, dict) or not isinstance(rounds, list):
+        raise ValueError(f"{path}: expected a 'config' object and a 'rounds' list")
+    return config, rounds
+
+
+# ----------------------------------------------------------------------------------------------
+# numbers
+
+def round_record(result, *, downlink_bytes: int, **extra) -> dict:
+    """The metrics dict of a :class:`oqfl_ext.fl.RoundResult` (or any object with its
+    attributes): the required keys plus ``accepted``, ``dropped`` (list of ``[id, reason]``),
+    ``clipped`` and ``num_samples``, and ``extra`` keys."""
+    rec = {"round": int(result.round), "accuracy": float(result.accuracy),
+           "loss": float(result.loss), "uplink_bytes": int(result.uplink_bytes),
+           "downlink_bytes": int(downlink_bytes), "wall_time_s": float(result.wall_time_s)}
+    for key in ("sampled", "accepted", "clipped"):
+        if hasattr(result, key):
+            rec[key] = list(getattr(result, key))
+    if hasattr(result, "dropped"):
+        rec["dropped"] = [[str(c), str(r)] for c, r in result.dropped]
+    if hasattr(result, "num_samples"):
+        rec["num_samples"] = int(result.num_samples)
+    rec.update(extra)
+    return rec
+
+
+def cumulative_uplink_mb(rounds: Sequence[Mapping[str, Any]]) -> List[float]:
+    """The uplink MB (10**6 bytes) sent up to and including each round."""
+    out, total = [], 0
+    for r in rounds:
+        total += int(r["uplink_bytes"])
+        out.append(total / MB)
+    return out
+
+
+def _acc(r: Mapping[str, Any]) -> float:
+    a = r.get("accuracy")
+    return float("nan") if a is None else float(a)
+
+
+def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict:
+    """Totals of a run: ``rounds``, ``final_accuracy``, ``best_accuracy``, ``final_loss``,
+    ``uplink_mb`` (total), ``uplink_mb_per_round``, ``downlink_mb``, ``downlink_mb_per_round``,
+    ``time_per_round_s`` (mean wall time), ``total_time_s``. Empty runs give NaNs and zeros."""
+    n = len(rounds)
+    accs = [_acc(r) for r in rounds]
+    finite = [a for a in accs if math.isfinite(a)]
+    up = sum(int(r["uplink_bytes"]) for r in rounds) / MB
+    down = sum(int(r["downlink_bytes"]) for r in rounds) / MB
+    wall = sum(float(r["wall_time_s"]) for r in rounds)
+    last_loss = rounds[-1].get("loss") if rounds else None
+    return {"rounds": n,
+            "final_accuracy": accs[-1] if accs else float("nan"),
+            "best_accuracy": max(finite) if finite else float("nan"),
+            "final_loss": float("nan") if last_loss is None else float(last_loss),
+            "uplink_mb": up, "uplink_mb_per_round": up / n if n else 0.0,
+            "downlink_mb": down, "downlink_mb_per_round": down / n if n else 0.0,
+            "time_per_round_s": wall / n if n else 0.0, "total_time_s": wall}
+
+
+def _runs_list(runs: Runs) -> List[Tuple[str, Sequence[Mapping[str, Any]]]]:
+    items = list(runs.items()) if isinstance(runs, Mapping) else list(runs)
+    out = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError("runs expected a {label: rounds} dict or a list of (label, rounds)")
+        out.append((item[0], item[1]))
+    if not out:
+        raise ValueError("runs expected at least one run")
+    return out
+
+
+def format_table(runs: Runs, *, baseline: Optional[str] = None) -> str:
+    """A plain-text comparison table, one row per run: final and best accuracy, uplink MB in
+    total and per round, the uplink bytes ratio against ``baseline`` (default: the first run),
+    downlink MB per round and mean seconds per round."""
+    items = _runs_list(runs)
+    sums = [(label, summarize(rounds)) for label, rounds in items]
+    base_label = baseline if baseline is not None else sums[0][0]
+    base = dict(sums).get(base_label)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is not one of the runs")
+    header = ["run", "final acc", "best acc", "uplink MB", "MB/round", "uplink ratio",
+              "down MB/round", "s/round"]
+    rows = []
+    for label, s in sums:
+        ratio = (f"{base['uplink_mb'] / s['uplink_mb']:.2f}x smaller" if label != base_label
+                 and s["uplink_mb"] > 0 else "1.00x")
+        if label != base_label and s["uplink_mb"] > 0 and s["uplink_mb"] > base["uplink_mb"]:
+            ratio = f"{s['uplink_mb'] / base['uplink_mb']:.2f}x larger"
+        rows.append([label, _pct(s["final_accuracy"]), _pct(s["best_accuracy"]),
+                     f"{s['uplink_mb']:.3f}", f"{s['uplink_mb_per_round']:.3f}", ratio,
+                     f"{s['downlink_mb_per_round']:.3f}", f"{s['time_per_round_s']:.2f}"])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def _pct(a: float) -> str:
+    return "n/a" if not math.isfinite(a) else f"{100 * a:.2f}%"
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_runs(runs: Runs, path: PathLike, *, title: Optional[str] = None) -> Path:
+    """Draws every run (``{label: rounds}`` or ``[(label, rounds), ...]``) into one PNG with two
+    panels -- accuracy against round, accuracy against cumulative uplink MB (log scale when the
+    runs' totals differ by more than 20x) -- written atomically to ``path``; returns it."""
+    items = _runs_list(runs)
+    plt = _pyplot()
+    fig, (ax_r, ax_mb) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    try:
+        totals = []
+        for label, rounds in items:
+            rounds = list(rounds)
+            xs = [int(r["round"]) + 1 for r in rounds]
+            accs = [100 * _acc(r) for r in rounds]
+            mb = cumulative_uplink_mb(rounds)
+            ax_r.plot(xs, accs, marker="o", markersize=3, label=label)
+            ax_mb.plot(mb, accs, marker="o", markersize=3, label=label)
+            if mb and mb[-1] > 0:
+                totals.append(mb[-1])
+        from matplotlib.ticker import MaxNLocator
+        ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_r.set_xlabel("round (1 = after the first round)")
+        ax_r.set_ylabel("test accuracy (%)")
+        ax_r.set_title("accuracy vs round")
+        ax_mb.set_xlabel("cumulative uplink (MB)")
+        ax_mb.set_ylabel("test accuracy (%)")
+        ax_mb.set_title("accuracy vs uplink traffic")
+        if len(totals) > 1 and max(totals) / min(totals) > 20:
+            ax_mb.set_xscale("log")
+        for ax in (ax_r, ax_mb):
+            ax.grid(True, alpha=0.3)
+            if len(items) > 1:
+                ax.legend()
+        if title:
+            fig.suptitle(title)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import io
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_run(path: PathLike, rounds: Sequence[Mapping[str, Any]], *,
+             title: Optional[str] = None, label: str = "run") -> Path:
+    """:func:`plot_runs` for a single run."""
+    return plot_runs([(label, rounds)], path, title=title)

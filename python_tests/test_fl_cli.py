@@ -1,0 +1,173 @@
+"""The ``oqfl-fl`` command line, run in-process through ``main([...])`` on a small Fashion-MNIST
+subset (14x14 images, a narrow SmallCNN): files written, a sane accuracy, the --compare table,
+argument errors naming the option, and the metrics module. A few seconds on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from oqfl_ext.data import fashion_mnist_dir
+from oqfl_ext.fl import metrics
+from oqfl_ext.fl.cli import main
+
+needs_fmnist = pytest.mark.skipif(
+    fashion_mnist_dir() is None,
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+SMALL = ["--train-subset", "900", "--test-subset", "300", "--image-size", "14", "--width", "8",
+         "--clients", "3", "--fraction", "1", "--batch-size", "32", "--lr", "0.05",
+         "--quiet", "--seed", "0", "--threads", "1"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
+def test_end_to_end_fp32_run_writes_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(SMALL + ["--rounds", "2", "--weight-bits", "float", "--act-bits", "float",
+                       "--uplink", "float32", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "fp32: 2 rounds, final accuracy" in printed
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["config"]["weight_bits"] is None and doc["config"]["uplink"] == "float32"
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    for r in rounds:
+        for key in metrics.REQUIRED_KEYS:
+            assert key in r
+        assert r["uplink_bytes"] > 3 * 4 * 3000  # three float32 updates of a ~3.4k-float model
+        assert r["downlink_bytes"] > 0 and r["wall_time_s"] > 0 and not r["dropped"]
+    assert rounds[-1]["accuracy"] > 0.6, [r["accuracy"] for r in rounds]
+    assert math.isfinite(rounds[-1]["loss"])
+    assert (out / "accuracy.png").read_bytes()[:8] == PNG
+    assert (out / "checkpoints" / "checkpoint.json").is_file()
+    from safetensors.torch import load_file
+    model = load_file(str(out / "model.safetensors"))
+    assert "classifier.weight" in model
+
+
+@needs_fmnist
+def test_compare_prints_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(SMALL + ["--rounds", "2", "--compare", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "FP32 FedAvg" in printed and "OQFL W4A4" in printed and "uplink ratio" in printed
+    assert "x smaller" in printed
+    for sub in ("fp32", "oqfl-w4a4"):
+        assert (out / sub / "metrics.json").is_file() and (out / sub / "accuracy.png").is_file()
+    assert (out / "compare.png").read_bytes()[:8] == PNG
+    assert "OQFL W4A4" in (out / "compare.txt").read_text()
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    fp32, q = summary["FP32 FedAvg"], summary["OQFL W4A4"]
+    # int4 codes + scales vs float32; with a 3k-parameter model the blobs' per-tensor metadata
+    # weighs as much as the codes (the default model gives about 7x)
+    assert fp32["uplink_mb"] / q["uplink_mb"] > 1.3
+    assert fp32["final_accuracy"] > 0.6 and q["final_accuracy"] > 0.45, summary
+    cfg = json.loads((out / "oqfl-w4a4" / "metrics.json").read_text())["config"]
+    assert (cfg["weight_bits"], cfg["act_bits"], cfg["uplink"]) == (4, 4, "int4")
+    cfg32 = json.loads((out / "fp32" / "metrics.json").read_text())["config"]
+    same = ("seed", "clients", "partition", "rounds", "lr", "train_subset")
+    assert all(cfg[k] == cfg32[k] for k in same)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--fraction", "0"], "--fraction"),
+    (["--fraction", "1.5"], "--fraction"),
+    (["--clients", "0"], "--clients"),
+    (["--rounds", "two"], "--rounds"),
+    (["--weight-bits", "9"], "--weight-bits"),
+    (["--act-bits", "x"], "--act-bits"),
+    (["--uplink", "int3"], "--uplink"),
+    (["--downlink", "int2"], "--downlink"),
+    (["--partition", "random"], "--partition"),
+    (["--model", "resnet50"], "--model"),
+    (["--lr", "-1"], "--lr"),
+    (["--server-momentum", "1"], "--server-momentum"),
+    (["--client-time-limit", "0"], "--client-time-limit"),
+    (["--resume"], "--resume"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nope"],
+     "--device"),
+])
+def test_bad_arguments_name_the_option(args, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err, err
+
+
+def test_digits_with_int8_downlink(tmp_path, capsys):
+    """scikit-learn's bundled 8x8 digits (no files needed) and the int8 model broadcast."""
+    common = ["--dataset", "digits", "--width", "8", "--clients", "4", "--fraction", "0.5",
+              "--rounds", "3", "--weight-bits", "float", "--act-bits", "float",
+              "--uplink", "int8", "--quiet", "--threads", "1"]
+    assert main(common + ["--downlink", "int8", "--out", str(tmp_path / "i8")]) == 0
+    assert main(common + ["--downlink", "float32", "--out", str(tmp_path / "f32")]) == 0
+    r8 = metrics.load_run(tmp_path / "i8")[1]
+    r32 = metrics.load_run(tmp_path / "f32")[1]
+    assert r8[-1]["accuracy"] > 0.6 and r32[-1]["accuracy"] > 0.6, (r8, r32)
+    assert r8[0]["downlink_bytes"] < 0.6 * r32[0]["downlink_bytes"]
+    assert metrics.load_run(tmp_path / "i8")[0]["image_size"] is None  # native 8x8
+
+
+def test_cifar10_without_files_says_how_to_get_it(tmp_path, capsys):
+    rc = main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--rounds", "1",
+               "--quiet", "--out", str(tmp_path / "o")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "--dataset cifar10" in err and "cifar" in err.lower()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
+    rc = main(["--data-dir", str(tmp_path / "nothing"), "--rounds", "1", "--quiet",
+               "--out", str(tmp_path / "o")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err
+
+
+@needs_fmnist
+def test_existing_output_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    assert main(SMALL + ["--rounds", "1", "--out", str(tmp_path / "o")]) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# the metrics module (API shared with the Flower app)
+
+
+def _records(n, up):
+    return [{"round": i, "accuracy": 0.5 + 0.1 * i, "loss": float("nan") if i == 0 else 1.0,
+             "uplink_bytes": up, "downlink_bytes": 2 * up, "wall_time_s": 0.5,
+             "dropped": [("c1", "late")]} for i in range(n)]
+
+
+def test_save_run_and_load_run(tmp_path):
+    paths = metrics.save_run(tmp_path / "r", {"name": "x", "lr": 0.1}, _records(3, 1_000_000))
+    assert paths["metrics"].name == "metrics.json" and paths["plot"].name == "accuracy.png"
+    assert paths["plot"].read_bytes()[:8] == PNG
+    config, rounds = metrics.load_run(tmp_path / "r")
+    assert config == {"name": "x", "lr": 0.1}
+    assert rounds[0]["loss"] is None  # NaN -> null: strict JSON
+    assert rounds[2]["dropped"] == [["c1", "late"]]
+    assert metrics.cumulative_uplink_mb(rounds) == [1.0, 2.0, 3.0]
+    s = metrics.summarize(rounds)
+    assert s["best_accuracy"] == pytest.approx(0.7) and s["uplink_mb_per_round"] == 1.0
+    with pytest.raises(ValueError, match="uplink_bytes"):
+        metrics.save_run(tmp_path / "bad", {}, [{"round": 0, "accuracy": 0.1}])
+    assert not list((tmp_path / "r").glob(".*.tmp"))
+
+
+def test_plot_runs_and_table(tmp_path):
+    runs = {"FP32": _records(3, 800_000), "OQFL": _records(3, 100_000)}
+    path = metrics.plot_runs(runs, tmp_path / "c.png", title="t")
+    assert path.read_bytes()[:8] == PNG
+    table = metrics.format_table(runs)
+    assert "8.00x smaller" in table and "FP32" in table.splitlines()[2]
