@@ -1,0 +1,96 @@
+"""The Flower ClientApp: trains one OQFL client (:class:`oqfl_ext.fl.Client`) per SuperNode.
+
+The SuperNode's node config names its partition: ``--node-config "partition-id=I
+num-partitions=N"`` (N must equal the run's ``num-clients``). On a ``train`` message the app
+loads the run's data (the local files), builds client ``c<I>`` on partition I exactly as
+:func:`oqfl_ext.fl.flower.task.run_in_process` does, decodes the global state from the message,
+trains, and replies with the encoded update blob (message layout: :mod:`.wire`). The client's
+state between rounds (``Client.state_dict()``: the error-feedback residual) lives in the node's
+``context.state`` (it never leaves the node). On ``query`` it replies with its partition, so
+that the ServerApp can map partitions to node ids.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .task import Experiment, load_data, make_client, make_partitions
+from .wire import array_bytes, blob_array, decode_state, encode_state, split_state
+
+__all__ = ["app"]
+
+logger = logging.getLogger("oqfl_ext.fl.flower")
+
+app = ClientApp()
+
+
+def _partition(context: Context, exp: Experiment) -> int:
+    cfg = context.node_config
+    if "partition-id" not in cfg or "num-partitions" not in cfg:
+        raise ValueError("the SuperNode needs --node-config \"partition-id=I num-partitions=N\"")
+    pid, n = cfg["partition-id"], cfg["num-partitions"]
+    if isinstance(pid, bool) or not isinstance(pid, int) or isinstance(n, bool) \
+            or not isinstance(n, int):
+        raise ValueError(f"node config partition-id / num-partitions expected integers, got "
+                         f"{pid!r} / {n!r}")
+    if n != exp.num_clients or not 0 <= pid < n:
+        raise ValueError(f"node config partition-id={pid} num-partitions={n} does not fit the "
+                         f"run's num-clients={exp.num_clients}")
+    return pid
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    exp = Experiment.from_run_config(context.run_config)
+    pid = _partition(context, exp)
+    return Message(RecordDict({"node": ConfigRecord({"partition-id": pid,
+                                                     "num-partitions": exp.num_clients})}),
+                   reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    import torch
+    from safetensors.torch import load
+
+    from ..server import downlink_codec
+
+    exp = Experiment.from_run_config(context.run_config)
+    exp.apply_threads()
+    pid = _partition(context, exp)
+    cfg = msg.content["config"]
+    round_idx = int(cfg["round"])
+    train_data, _ = load_data(exp)
+    parts = make_partitions(exp, train_data[1])
+    client = make_client(exp, pid, train_data, parts)
+    if cfg["client-id"] != client.client_id:
+        raise ValueError(f"message for client {cfg['client-id']!r} reached {client.client_id!r}")
+    model_fn = exp.model_fn()
+    with torch.random.fork_rng(devices=[]):
+        template = model_fn().state_dict()
+    # what an in-process client gets: the downlink codec's state, the other entries as the
+    # server has them (see .wire)
+    floats, others = split_state(template)
+    extras = decode_state(array_bytes(msg.content["global"]["extras"]), others)
+    base = {k: extras.get(k, v) for k, v in template.items()}
+    state = downlink_codec(str(cfg["downlink"])).decode(
+        array_bytes(msg.content["global"]["model"]), base)
+
+    if "oqfl" in context.state:  # the error-feedback residual of the previous round
+        client.load_state_dict(load(array_bytes(context.state["oqfl"]["client"])))
+
+    logger.warning("oqfl client %s (partition %d): round %d: training on %d examples",
+                   client.client_id, pid, round_idx, len(client))
+    blob = client.train(state, model_fn, round_idx=round_idx)
+
+    client_state = client.state_dict()
+    if client_state:
+        context.state["oqfl"] = ArrayRecord({"client": blob_array(encode_state(client_state))})
+    metrics = {"num-examples": len(client), "blob-bytes": len(blob)}
+    if client.last_loss is not None:
+        metrics["train-loss"] = float(client.last_loss)
+    return Message(RecordDict({"update": ArrayRecord({"blob": blob_array(blob)}),
+                              "metrics": MetricRecord(metrics)}), reply_to=msg)
