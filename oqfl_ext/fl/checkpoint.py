@@ -63,7 +63,7 @@ CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "oqfl-checkpoint"
 VERSION = 1
 RESUME_IGNORE = frozenset({"rounds", "out", "resume", "quiet", "progress", "data_dir",
-                           "device_note", "threads"})
+                           "device_note", "threads", "eval_integer"})
 _TENSORS_RE = re.compile(r"^checkpoint-r(\d{6,})\.safetensors$")
 _SEP = "::"
 

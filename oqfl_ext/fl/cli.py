@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clients keep their uplink quantization error for the next round")
     g.add_argument("--downlink", choices=DOWNLINKS, default="float32",
                    help="codec of the global model sent to the clients")
+    g.add_argument("--eval-integer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the quantized global model converted to integer "
+                        "inference (oqfl_ext.convert) every round")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seeds the model, the partition, the sampling and the clients")
@@ -247,6 +250,7 @@ def build_config(args: argparse.Namespace, *, weight_bits=..., act_bits=..., upl
         "uplink": up, "stochastic": args.stochastic if up != "float32" else None,
         "error_feedback": args.error_feedback if up != "float32" else None,
         "downlink": args.downlink, "seed": args.seed, "device": args.device,
+        "eval_integer": args.eval_integer and quantized,
     }
 
 
@@ -398,7 +402,8 @@ def run_experiment(cfg: dict, out, *, resume: bool = False, progress: bool = Tru
                     fraction=cfg["fraction"], server_lr=cfg["server_lr"],
                     server_momentum=cfg["server_momentum"], seed=cfg["seed"],
                     norm_bound=cfg["norm_bound"],
-                    client_time_limit_s=cfg["client_time_limit_s"], downlink=cfg["downlink"])
+                    client_time_limit_s=cfg["client_time_limit_s"], downlink=cfg["downlink"],
+                    evaluate_integer=bool(cfg.get("eval_integer")))
     out.mkdir(parents=True, exist_ok=True)
     rounds_total = cfg["rounds"]
     bar = tqdm(total=rounds_total, desc=cfg["name"], unit="round", disable=not progress,

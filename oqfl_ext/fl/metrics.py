@@ -227,7 +227,8 @@ def _acc(r: Mapping[str, Any]) -> float:
 def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict:
     """Totals of a run: ``rounds``, ``final_accuracy``, ``best_accuracy``, ``final_loss``,
     ``uplink_mb`` (total), ``uplink_mb_per_round``, ``downlink_mb``, ``downlink_mb_per_round``,
-    ``time_per_round_s`` (mean wall time), ``total_time_s``. Empty runs give NaNs and zeros."""
+    ``time_per_round_s`` (mean wall time), ``total_time_s``, ``final_integer_accuracy`` (the
+    converted integer model's, NaN when not evaluated). Empty runs give NaNs and zeros."""
     n = len(rounds)
     accs = [_acc(r) for r in rounds]
     finite = [a for a in accs if math.isfinite(a)]
@@ -235,13 +236,15 @@ def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict:
     down = sum(int(r["downlink_bytes"]) for r in rounds) / MB
     wall = sum(float(r["wall_time_s"]) for r in rounds)
     last_loss = rounds[-1].get("loss") if rounds else None
+    last_int = rounds[-1].get("integer_accuracy") if rounds else None
     return {"rounds": n,
             "final_accuracy": accs[-1] if accs else float("nan"),
             "best_accuracy": max(finite) if finite else float("nan"),
             "final_loss": float("nan") if last_loss is None else float(last_loss),
             "uplink_mb": up, "uplink_mb_per_round": up / n if n else 0.0,
             "downlink_mb": down, "downlink_mb_per_round": down / n if n else 0.0,
-            "time_per_round_s": wall / n if n else 0.0, "total_time_s": wall}
+            "time_per_round_s": wall / n if n else 0.0, "total_time_s": wall,
+            "final_integer_accuracy": float("nan") if last_int is None else float(last_int)}
 
 
 def _runs_list(runs: Runs) -> List[Tuple[str, Sequence[Mapping[str, Any]]]]:
@@ -257,24 +260,27 @@ def _runs_list(runs: Runs) -> List[Tuple[str, Sequence[Mapping[str, Any]]]]:
 
 
 def format_table(runs: Runs, *, baseline: Optional[str] = None) -> str:
-    """A plain-text comparison table, one row per run: final and best accuracy, uplink MB in
-    total and per round, the uplink bytes ratio against ``baseline`` (default: the first run),
-    downlink MB per round and mean seconds per round."""
+    """A plain-text comparison table, one row per run: final and best accuracy, the final
+    accuracy of the converted integer model ("-" when not evaluated), uplink MB in total and per
+    round, the uplink bytes ratio against ``baseline`` (default: the first run), downlink MB per
+    round and mean seconds per round."""
     items = _runs_list(runs)
     sums = [(label, summarize(rounds)) for label, rounds in items]
     base_label = baseline if baseline is not None else sums[0][0]
     base = dict(sums).get(base_label)
     if base is None:
         raise ValueError(f"baseline {baseline!r} is not one of the runs")
-    header = ["run", "final acc", "best acc", "uplink MB", "MB/round", "uplink ratio",
-              "down MB/round", "s/round"]
+    header = ["run", "final acc", "best acc", "integer acc", "uplink MB", "MB/round",
+              "uplink ratio", "down MB/round", "s/round"]
     rows = []
     for label, s in sums:
         ratio = (f"{base['uplink_mb'] / s['uplink_mb']:.2f}x smaller" if label != base_label
                  and s["uplink_mb"] > 0 else "1.00x")
         if label != base_label and s["uplink_mb"] > 0 and s["uplink_mb"] > base["uplink_mb"]:
             ratio = f"{s['uplink_mb'] / base['uplink_mb']:.2f}x larger"
+        integer = s["final_integer_accuracy"]
         rows.append([label, _pct(s["final_accuracy"]), _pct(s["best_accuracy"]),
+                     _pct(integer) if math.isfinite(integer) else "-",
                      f"{s['uplink_mb']:.3f}", f"{s['uplink_mb_per_round']:.3f}", ratio,
                      f"{s['downlink_mb_per_round']:.3f}", f"{s['time_per_round_s']:.2f}"])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]

@@ -54,13 +54,15 @@ import inspect
 import logging
 import math
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..nn import LSQQuantizer, calibrate
+from ..nn import LSQQuantizer, QuantConv2d, QuantLinear, calibrate, convert
+from ..nn.integer import ConversionWarning
 from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
 from .codec import UpdateRejected, decode_update, encode_update
@@ -86,6 +88,8 @@ class RoundResult:
         wall_time_s: seconds the round took (training, aggregation and evaluation).
         downlink_bytes: bytes of the global state sent to the sampled clients (one encoded
             blob per sampled client).
+        integer_accuracy: with ``evaluate_integer``, the test accuracy of the global model
+            converted to integer inference (:func:`oqfl_ext.convert`); None otherwise.
     """
 
     round: int
@@ -99,6 +103,7 @@ class RoundResult:
     loss: float
     wall_time_s: float
     downlink_bytes: int = 0
+    integer_accuracy: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +196,8 @@ class Server:
         client_time_limit_s: seconds each sampled client may take per round (> 0); None: no
             limit. See step 2 of the module docstring.
         downlink: the downlink codec, ``"float32"`` or ``"int8"`` (:func:`downlink_codec`).
+        evaluate_integer: also evaluate, every round, the global model converted to integer
+            inference (:func:`oqfl_ext.convert`; layers it cannot convert stay fake-quant).
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module], test_set, *, clients: Sequence,
@@ -198,7 +205,7 @@ class Server:
                  seed: int = 0, norm_bound: Optional[float] = None,
                  calibration_data: Optional[Tensor] = None, calibration_size: int = 256,
                  eval_batch_size: int = 512, client_time_limit_s: Optional[float] = None,
-                 downlink: str = "float32"):
+                 downlink: str = "float32", evaluate_integer: bool = False):
         if not callable(model_fn):
             raise TypeError("model_fn expected a callable returning an nn.Module")
         clients = list(clients)
@@ -238,6 +245,7 @@ class Server:
         self.seed = seed
         self.norm_bound = None if norm_bound is None else float(norm_bound)
         self.eval_batch_size = int(eval_batch_size)
+        self.evaluate_integer = bool(evaluate_integer)
         self.momentum: Optional[Dict[str, Tensor]] = None
         self.round = 0  # rounds completed (the last round index + 1)
 
@@ -393,12 +401,14 @@ class Server:
         else:
             logger.warning("round %d: no update accepted; global model unchanged", round_idx)
         accuracy, loss = self.evaluate()
+        integer_accuracy = self.evaluate_integer_model() if self.evaluate_integer else None
         self.round = max(self.round, round_idx + 1)
         return RoundResult(round=round_idx, sampled=[c.client_id for c in sampled],
                            accepted=[cid for cid, _, _ in accepted], dropped=dropped,
                            clipped=clipped, uplink_bytes=uplink, num_samples=total,
                            accuracy=accuracy, loss=loss,
-                           wall_time_s=time.perf_counter() - t0, downlink_bytes=downlink)
+                           wall_time_s=time.perf_counter() - t0, downlink_bytes=downlink,
+                           integer_accuracy=integer_accuracy)
 
     def fit(self, rounds: int, *, checkpoint_dir=None, config: Optional[Mapping[str, Any]] = None,
             resume: bool = False, keep: int = 1,
@@ -444,8 +454,10 @@ class Server:
             losses = [(l, n) for l, n in losses if isinstance(l, float) and n]
             train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)
                           if losses else None)
+            extra = ({} if result.integer_accuracy is None
+                     else {"integer_accuracy": result.integer_accuracy})
             record = round_record(result, downlink_bytes=result.downlink_bytes,
-                                  train_loss=train_loss)
+                                  train_loss=train_loss, **extra)
             records.append(record)
             if checkpoint_dir is not None:
                 ckpt.save_checkpoint(checkpoint_dir, self, config=config, rounds=records,
@@ -499,7 +511,20 @@ class Server:
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:
         """(accuracy, mean cross-entropy) of the global model on the test set (eval mode)."""
-        model = self.model
+        return self._evaluate(self.model)
+
+    def evaluate_integer_model(self) -> Optional[float]:
+        """Test accuracy of the global model converted to integer inference (a converted copy;
+        the global model is untouched), or None when it has no quantized layer."""
+        if not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in self.model.modules()):
+            return None
+        with warnings.catch_warnings():  # which layers stay fake-quant: said once, not per round
+            warnings.simplefilter("ignore", ConversionWarning)
+            integer_model = convert(self.model)
+        return self._evaluate(integer_model)[0]
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module) -> Tuple[float, float]:
         was_training = model.training
         model.eval()
         device = self._device()
