@@ -14,7 +14,7 @@ import torch
 
 import helpers as h
 import reference as ref
-from conftest import requires_cuda
+from conftest import requires_cuda, supported_capabilities
 from oqfl_ext import ops as oq
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -453,3 +453,81 @@ def test_cuda_bad_scale_gives_code_zero():
     y = oq.unpack_dequantize(oq.pack(torch.ones(12, dtype=torch.int8, device="cuda"), 4), s,
                              bits=4, shape=(4, 3), axis=1)
     assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, [0, 2]]).any()
+
+
+# ------------------------------------------------------------------ SIMD paths vs the portable one
+
+def _awkward_x(shape, dtype):
+    """Values of every magnitude (v = x / s from 1e-9 to 1e4, so clamped, tiny negatives just
+    below an integer whose fraction is not on u's 2^-24 grid, huge), signed zeros, NaN and inf."""
+    n = math.prod(shape)
+    x = torch.randn(n) * torch.pow(10.0, torch.empty(n).uniform_(-9, 3))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0,
+                            -0.125 + 2.0 ** -26, -2.0 ** -30, 0.5, -0.5, 1.5, 2.5, -2.5,
+                            3.0e38, -3.0e38, 1.0e-45, -1.0e-45, 7.5, -8.5, 127.5, -128.5])
+    idx = torch.randperm(n)[: min(n, 3 * len(special))]
+    x[idx] = special.repeat(3)[: len(idx)]
+    return x.view(shape).to(dtype)
+
+
+def _pack_paths(capability, x, s, z, bits, axis, stochastic, threads):
+    """(packed, dequantized) under `capability` with `threads` threads."""
+    prev_cap = torch.ops.oqfl._cpu_capability()
+    prev_threads = torch.get_num_threads()
+    try:
+        torch.ops.oqfl._set_cpu_capability(capability)
+        torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(2024) if stochastic else None
+        packed = oq.quantize_pack(x, s, z, bits=bits, axis=axis, stochastic=stochastic,
+                                  generator=g)
+        y = oq.unpack_dequantize(packed, s, z, bits=bits, shape=x.shape, axis=axis)
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.ops.oqfl._set_cpu_capability(prev_cap)
+    return packed, y
+
+
+def _same_bits(a, b):
+    """float32 tensors equal bit for bit (a signed zero included)."""
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.int32),
+                                              b.reshape(-1).view(torch.int32))
+
+
+def _simd_cases():
+    # (shape, axis): rows of 1..33 elements (per-channel along axis 0: a row of `length`
+    # elements shares one step size, and odd lengths make int4 bytes straddle rows), the
+    # channel axis last or in the middle, per-tensor, and tensors spanning many chunks.
+    for length in range(1, 34):
+        yield (5, length), 0
+        yield (3, length), -1
+        yield (length,), None
+    yield (2, 7, 3), 1
+    yield (4, 1, 9), 0
+    yield (3, 33, 17), 2
+    yield (37, 70001 // 37), 0
+    yield (1001, 67), 0
+    yield (67, 1001), -1
+    yield (70001,), None
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_simd_paths_equal_portable_bit_for_bit(bits, stochastic):
+    caps = [c for c in supported_capabilities() if c != "default"]
+    if not caps:
+        pytest.skip("no SIMD path on this CPU")
+    for (shape, axis) in _simd_cases():
+        for with_zp in (False, True):
+            s, z = _params(shape, axis, with_zp, bits, "cpu", pow2=False)
+            if with_zp:  # offsets need not be integers
+                z = z + torch.rand(z.shape) - 0.5
+            dtypes = FLOAT_DTYPES if math.prod(shape) < 4096 else [torch.float32]
+            for dtype in dtypes:
+                x = _awkward_x(shape, dtype)
+                want = _pack_paths("default", x, s, z, bits, axis, stochastic, 1)
+                for cap in caps:
+                    for threads in (1, 2):
+                        got = _pack_paths(cap, x, s, z, bits, axis, stochastic, threads)
+                        where = f"{cap} {threads} threads {shape} axis={axis} {dtype} zp={with_zp}"
+                        assert torch.equal(got[0], want[0]), where
+                        assert _same_bits(got[1], want[1]), where

@@ -81,6 +81,17 @@ const QConvKernelTable& active_qconv_kernels() {
   return qconv_kernels_default();
 }
 
+const PackingKernelTable& active_packing_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  switch (active().load(std::memory_order_relaxed)) {
+    case kAvx512: return packing_kernels_avx512();
+    case kAvx2: return packing_kernels_avx2();
+    default: break;
+  }
+#endif
+  return packing_kernels_default();
+}
+
 std::string cpu_capability() { return kNames[active().load()]; }
 
 std::string set_cpu_capability(const std::string& name) {

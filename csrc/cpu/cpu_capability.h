@@ -4,6 +4,7 @@
 #include <string>
 
 #include "isa/fake_quant_table.h"
+#include "isa/packing_table.h"
 #include "isa/qconv2d_table.h"
 
 namespace oqfl {
@@ -15,6 +16,10 @@ const FakeQuantKernelTable& active_fake_quant_kernels();
 // The qconv2d kernel table of the active instruction set: under "avx512" the AVX-512 VNNI
 // kernels when the CPU has AVX-512 VNNI, else (and under "avx2" / "default") the portable ones.
 const QConvKernelTable& active_qconv_kernels();
+
+// The packing kernel table (quantize_pack / unpack_dequantize) of the active instruction set:
+// AVX-512 under "avx512", AVX2 under "avx2", else the portable scalar ones.
+const PackingKernelTable& active_packing_kernels();
 
 // "avx512", "avx2" or "default".
 std::string cpu_capability();

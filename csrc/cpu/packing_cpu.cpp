@@ -1,6 +1,9 @@
 // CPU kernels of the packing ops (oqfl::pack, unpack, quantize_pack, unpack_dequantize). The
-// byte layout is in common/bitpack.h. Plain loops over fixed chunks of output bytes (which the
-// compiler vectorizes); chunks never depend on the thread count, and neither do the results.
+// byte layout is in common/bitpack.h. The work is cut into fixed chunks of output bytes; chunks
+// never depend on the thread count, and neither do the results. pack / unpack are plain loops
+// (which the compiler vectorizes); quantize_pack / unpack_dequantize call the kernels of the
+// active instruction set (cpu/isa/packing_*: AVX-512, or the portable scalar path), which give
+// the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +17,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/quant_math.h"
+#include "cpu/cpu_capability.h"
 #include "fake_quant_args.h"
 #include "ops.h"
 #include "packing_args.h"
@@ -25,21 +29,6 @@ namespace {
 constexpr int64_t kChunkBytes = 16384;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Channel of each element, walked incrementally over a run of consecutive elements of a
-// row-major tensor seen as [outer, channels, inner] (no division per element).
-struct ChannelWalk {
-  int64_t channels, inner, c, k;
-  ChannelWalk(const FakeQuantLayout& l, int64_t first)
-      : channels(l.channels), inner(l.inner), c((first / l.inner) % l.channels),
-        k(first % l.inner) {}
-  void next() {
-    if (++k == inner) {
-      k = 0;
-      if (++c == channels) c = 0;
-    }
-  }
-};
 
 // Runs body(first_byte, end_byte, first_element, end_element) on fixed chunks of the output.
 template <typename F>
@@ -53,23 +42,43 @@ void for_byte_chunks(int64_t bytes, int64_t numel, int bits, const F& body) {
   });
 }
 
+cpu::PackingSteps packing_steps(const FakeQuantLayout& l, const Steps& st) {
+  return {l.channels, l.inner, st.s(),
+          st.zero_point.defined() ? st.zero_point.const_data_ptr<float>() : nullptr};
+}
+
+template <typename T>
+const cpu::QuantizePackKernel<T>& kernel_of(const cpu::PackingKernelTable& t);
+template <>
+const cpu::QuantizePackKernel<float>& kernel_of(const cpu::PackingKernelTable& t) { return t.f32; }
+template <>
+const cpu::QuantizePackKernel<cpu::BF16>& kernel_of(const cpu::PackingKernelTable& t) {
+  return t.bf16;
+}
+template <>
+const cpu::QuantizePackKernel<cpu::F16>& kernel_of(const cpu::PackingKernelTable& t) {
+  return t.f16;
+}
+
+// The storage type the kernels see for a torch scalar type (same layout).
+template <typename T> struct KernelType { using type = T; };
+template <> struct KernelType<at::BFloat16> { using type = cpu::BF16; };
+template <> struct KernelType<at::Half> { using type = cpu::F16; };
+
 template <typename T>
 void quantize_pack_impl(const T* x, uint8_t* out, int64_t numel, int bits,
                         const FakeQuantLayout& l, const Steps& st, const int64_t* seed) {
+  using K = typename KernelType<T>::type;
+  static_assert(sizeof(K) == sizeof(T), "storage types must match");
+  const auto& kernel = kernel_of<K>(cpu::active_packing_kernels());
+  const K* xk = reinterpret_cast<const K*>(x);
+  const cpu::PackingSteps ps = packing_steps(l, st);
   const float qmin = static_cast<float>(code_min(bits, true));
   const float qmax = static_cast<float>(code_max(bits, true));
-  const uint64_t key = seed ? static_cast<uint64_t>(*seed) : 0;
+  const uint64_t s = seed ? static_cast<uint64_t>(*seed) : 0;
   for_byte_chunks(packed_bytes(numel, bits), numel, bits,
-                  [&](int64_t j0, int64_t j1, int64_t i0, int64_t i1) {
-    // Codes of the chunk first (a walk over channels), then the bytes.
-    std::vector<int32_t> codes(i1 - i0 + 1, 0);  // + 1: the padding of an odd int4 tail
-    ChannelWalk w(l, i0);
-    for (int64_t i = i0; i < i1; ++i, w.next())
-      codes[i - i0] = quantize_code(static_cast<float>(x[i]), st.s()[w.c], st.z(w.c), qmin, qmax,
-                                    seed != nullptr, key, static_cast<uint64_t>(i));
-    const int32_t* c = codes.data();
-    for (int64_t j = j0; j < j1; ++j)
-      out[j] = pack_byte(j - j0, i1 - i0, bits, [c](int64_t i) { return c[i]; });
+                  [&](int64_t j0, int64_t, int64_t i0, int64_t i1) {
+    kernel.run(xk, out + j0, i0, i1, bits, ps, qmin, qmax, seed != nullptr, s);
   });
 }
 
@@ -165,10 +174,10 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& sca
   const uint8_t* in = p.const_data_ptr<uint8_t>();
   float* o = y.mutable_data_ptr<float>();
   const int b = static_cast<int>(bits);
+  const cpu::PackingSteps ps = packing_steps(layout, st);
+  const auto kernel = cpu::active_packing_kernels().unpack_dequantize;
   for_byte_chunks(p.numel(), y.numel(), b, [&](int64_t, int64_t, int64_t i0, int64_t i1) {
-    ChannelWalk w(layout, i0);
-    for (int64_t i = i0; i < i1; ++i, w.next())
-      o[i] = dequantize_code(unpack_code(in, i, b, true), st.s()[w.c], st.z(w.c));
+    kernel(in, o, i0, i1, b, ps);
   });
   return y;
 }
