@@ -81,7 +81,7 @@ def offsets(model):
 def accuracy_section(args) -> list:
     x_test, y_test = load_fashion_mnist("test", normalize=True)
     model, train_s, n = train(args.epochs, args.train_limit, args.batch, args.lr, args.seed)
-    lines = [f"## Fashion-MNIST: SmallCNN W4A4 (first/last 8 bits), fake-quant vs integer",
+    lines = ["## Fashion-MNIST: SmallCNN W4A4 (first/last 8 bits), fake-quant vs integer",
              "", f"Trained {args.epochs} epoch(s) on {n} images (batch {args.batch}, SGD "
              f"momentum 0.9, lr {args.lr} cosine, seed {args.seed}) in {train_s:.0f} s; "
              f"evaluated on the {len(x_test)} test images.", "",

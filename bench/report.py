@@ -38,9 +38,11 @@ DEFAULT_MIN_ROUNDS = 5
 DEFAULT_MAX_TIME = 0.5
 
 
-def run_suite(json_path: Path, min_rounds: int, max_time: float, keyword: str | None) -> int:
+def run_suite(json_path: Path, min_rounds: int, max_time: float, keyword: str | None,
+              suite: Path = SUITE) -> int:
+    """Runs one benchmark file under pytest-benchmark, writing its JSON to json_path."""
     cmd = [
-        sys.executable, "-m", "pytest", str(SUITE),
+        sys.executable, "-m", "pytest", str(suite),
         "-q", "-rs", "-p", "no:cacheprovider",
         f"--benchmark-json={json_path}",
         f"--benchmark-min-rounds={min_rounds}",
@@ -56,6 +58,16 @@ def run_suite(json_path: Path, min_rounds: int, max_time: float, keyword: str | 
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     # pytest's own output goes to stderr so stdout carries only the report.
     return subprocess.call(cmd, cwd=ROOT, stdout=sys.stderr)
+
+
+def skipped_lines(data: dict) -> list[str]:
+    """The report's "Skipped:" block (one line per distinct reason), or nothing."""
+    reasons: dict = {}
+    for s in data.get("skipped") or []:
+        reasons.setdefault(s.get("reason", ""), []).append(s.get("nodeid", ""))
+    if not reasons:
+        return []
+    return ["", "Skipped:"] + [f"- {len(ids)} × {reason}" for reason, ids in reasons.items()]
 
 
 def _fmt_ms(seconds):
@@ -172,15 +184,7 @@ def render(data: dict) -> str:
         out.append("| " + " | ".join(cells) + " |")
     if not rows:
         out.append("| (no benchmarks in the JSON) |" + " |" * 11)
-    skipped = data.get("skipped") or []
-    # CUDA-not-available skips are summarized once; other reasons listed per reason.
-    reasons: dict[str, list[str]] = {}
-    for s in skipped:
-        reasons.setdefault(s.get("reason", ""), []).append(s.get("nodeid", ""))
-    if reasons:
-        out += ["", "Skipped:"]
-        for reason, ids in reasons.items():
-            out.append(f"- {len(ids)} × {reason}")
+    out += skipped_lines(data)
     return "\n".join(out) + "\n"
 
 
@@ -233,29 +237,39 @@ def publish(text: str, data: dict, rc: int, save, stem: str, json_path: Path) ->
     print(f"saved {md.relative_to(ROOT)} and {js.relative_to(ROOT)}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def report_main(argv, *, doc: str, suite: Path, render, default_stem, min_rounds: int,
+                max_time: float, keyword: str | None = None) -> int:
+    """The command line every report shares: run `suite` (or read a JSON given as argument),
+    print `render(data)` and, with --save, publish it as bench/results/NAME.md (+ .json), NAME
+    defaulting to `default_stem(data)`. `keyword` is the default pytest -k expression."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("json", nargs="?", help="existing pytest-benchmark JSON to summarize "
                    "(default: run the suite)")
     p.add_argument("--save", nargs="?", const="", default=None, metavar="NAME",
-                   help="also write bench/results/NAME.md and NAME.json "
-                        "(default NAME: fake_quant-<cpu|cuda>-<timestamp>)")
+                   help="also write bench/results/NAME.md and NAME.json (default NAME: "
+                        "the report's own, see its docstring)")
     p.add_argument("--json-out", help="where the suite's JSON goes (default: a temp file)")
-    p.add_argument("-k", dest="keyword", help="pytest -k expression to run a subset")
-    p.add_argument("--min-rounds", type=int, default=DEFAULT_MIN_ROUNDS)
-    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME)
+    p.add_argument("-k", dest="keyword", default=keyword,
+                   help="pytest -k expression to run a subset")
+    p.add_argument("--min-rounds", type=int, default=min_rounds)
+    p.add_argument("--max-time", type=float, default=max_time)
     args = p.parse_args(argv)
 
     rc, data, json_path, tmpdir = suite_results(
-        args.json, args.json_out, "fake_quant.json",
-        lambda path: run_suite(path, args.min_rounds, args.max_time, args.keyword),
+        args.json, args.json_out, suite.stem + ".json",
+        lambda path: run_suite(path, args.min_rounds, args.max_time, args.keyword, suite),
         {"min_rounds": args.min_rounds, "max_time": args.max_time})
     if data is None:
         return rc
-    publish(render(data), data, rc, args.save, args.save or _default_stem(data), json_path)
+    publish(render(data), data, rc, args.save, args.save or default_stem(data), json_path)
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return rc
+
+
+def main(argv=None) -> int:
+    return report_main(argv, doc=__doc__, suite=SUITE, render=render, default_stem=_default_stem,
+                       min_rounds=DEFAULT_MIN_ROUNDS, max_time=DEFAULT_MAX_TIME)
 
 
 if __name__ == "__main__":

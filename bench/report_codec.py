@@ -16,17 +16,14 @@ Targets are printed with the measured ratios, never asserted.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from report import machine_lines, publish, suite_results  # noqa: E402  (shared run/publish path)
+from report import machine_lines, report_main, skipped_lines  # noqa: E402  (shared)
 
-ROOT = BENCH_DIR.parent
 SUITE = BENCH_DIR / "test_bench_codec.py"
 DEFAULT_MIN_ROUNDS = 5
 DEFAULT_MAX_TIME = 1.0
@@ -39,18 +36,6 @@ STAGE_WHAT = {"scales": "per-channel absmax step sizes",
               "seal": "digest + safetensors framing",
               "open": "framing + digest check (receiver)",
               "unpack_dequantize": "oqfl::unpack_dequantize op"}
-
-
-def run_suite(json_path: Path, min_rounds: int, max_time: float, keyword) -> int:
-    cmd = [sys.executable, "-m", "pytest", str(SUITE), "-q", "-rs", "-p", "no:cacheprovider",
-           f"--benchmark-json={json_path}", f"--benchmark-min-rounds={min_rounds}",
-           f"--benchmark-max-time={max_time}", "--benchmark-warmup=on",
-           "--benchmark-warmup-iterations=2", "--benchmark-disable-gc",
-           "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name"]
-    if keyword:
-        cmd += ["-k", keyword]
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, cwd=ROOT, stdout=sys.stderr)
 
 
 def _verdict(ok: bool) -> str:
@@ -177,12 +162,7 @@ def render(data: dict) -> str:
                                 f"{ROUND_TARGET}: {_verdict(ratio <= ROUND_TARGET)})")
     if verdicts:
         out += ["", "### Targets", ""] + verdicts
-    skipped = data.get("skipped") or []
-    reasons: dict = {}
-    for s in skipped:
-        reasons.setdefault(s.get("reason", ""), []).append(s.get("nodeid", ""))
-    if reasons:
-        out += ["", "Skipped:"] + [f"- {len(ids)} x {r}" for r, ids in reasons.items()]
+    out += skipped_lines(data)
     return "\n".join(out) + "\n"
 
 
@@ -207,27 +187,9 @@ def _int(v) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", nargs="?", help="existing pytest-benchmark JSON to summarize")
-    p.add_argument("--save", nargs="?", const="codec", default=None, metavar="NAME",
-                   help="also write bench/results/NAME.md and NAME.json (default NAME: codec)")
-    p.add_argument("-k", dest="keyword", help="pytest -k expression to run a subset")
-    p.add_argument("--min-rounds", type=int, default=DEFAULT_MIN_ROUNDS)
-    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME)
-    args = p.parse_args(argv)
-
-    rc, data, json_path, tmpdir = suite_results(
-        args.json, None, "codec.json",
-        lambda path: run_suite(path, args.min_rounds, args.max_time, args.keyword),
-        {"min_rounds": args.min_rounds, "max_time": args.max_time})
-    if data is None:
-        return rc
-    publish(render(data), data, rc, args.save, args.save or "codec", json_path)
-    if tmpdir:
-        import shutil
-
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return rc
+    return report_main(argv, doc=__doc__, suite=SUITE, render=render,
+                       default_stem=lambda data: "codec", min_rounds=DEFAULT_MIN_ROUNDS,
+                       max_time=DEFAULT_MAX_TIME)
 
 
 if __name__ == "__main__":

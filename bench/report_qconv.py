@@ -16,18 +16,14 @@ our int8. Targets are printed, never asserted.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from report import machine_lines, publish, suite_results  # noqa: E402  (shared with the op report)
+from report import machine_lines, report_main, skipped_lines  # noqa: E402  (shared)
 
-ROOT = BENCH_DIR.parent
 SUITE = BENCH_DIR / "test_bench_qconv.py"
 RESULTS_DIR = BENCH_DIR / "results"
 IMPLS = ("float_conv2d", "torch_ao_int8", "oqfl_int8", "oqfl_int4")
@@ -43,18 +39,6 @@ TARGETS = (
     ("oqfl int8 vs torch.ao int8", "torch_ao_int8", "oqfl_int8", (1,), 1.2),
     ("oqfl int4 vs oqfl int8", "oqfl_int8", "oqfl_int4", (32, 1), 0.95),
 )
-
-
-def run_suite(json_path: Path, min_rounds: int, max_time: float, keyword: str | None) -> int:
-    cmd = [sys.executable, "-m", "pytest", str(SUITE), "-q", "-rs", "-p", "no:cacheprovider",
-           f"--benchmark-json={json_path}", f"--benchmark-min-rounds={min_rounds}",
-           f"--benchmark-max-time={max_time}", "--benchmark-warmup=on",
-           "--benchmark-warmup-iterations=2", "--benchmark-disable-gc",
-           "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name"]
-    if keyword:
-        cmd += ["-k", keyword]
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, cwd=ROOT, stdout=sys.stderr)
 
 
 def _group_key(name: str):
@@ -173,36 +157,14 @@ def render(data: dict) -> str:
         out += ["", "Agreement checks passed before timing (first images vs the exact float64 "
                 "result of the codes; `int8~ao` over the whole batch, in torch.ao output steps):"]
         out += [f"- {n}: {checks[n]}" for n in sorted(checks, key=_group_key) if checks[n]]
-    skipped = data.get("skipped") or []
-    reasons: dict = {}
-    for s in skipped:
-        reasons.setdefault(s.get("reason", ""), []).append(s.get("nodeid", ""))
-    if reasons:
-        out += ["", "Skipped:"] + [f"- {len(ids)} x {r}" for r, ids in reasons.items()]
+    out += skipped_lines(data)
     return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", nargs="?", help="existing pytest-benchmark JSON to summarize")
-    p.add_argument("--save", nargs="?", const="", default=None, metavar="NAME",
-                   help=f"also write bench/results/NAME.md and NAME.json (default NAME: "
-                        f"{DEFAULT_NAME})")
-    p.add_argument("-k", dest="keyword", help="pytest -k expression to run a subset")
-    p.add_argument("--min-rounds", type=int, default=DEFAULT_MIN_ROUNDS)
-    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME)
-    args = p.parse_args(argv)
-
-    rc, data, json_path, tmpdir = suite_results(
-        args.json, None, "qconv.json",
-        lambda path: run_suite(path, args.min_rounds, args.max_time, args.keyword),
-        {"min_rounds": args.min_rounds, "max_time": args.max_time})
-    if data is None:
-        return rc
-    publish(render(data), data, rc, args.save, args.save or DEFAULT_NAME, json_path)
-    if tmpdir:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return rc
+    return report_main(argv, doc=__doc__, suite=SUITE, render=render,
+                       default_stem=lambda data: DEFAULT_NAME, min_rounds=DEFAULT_MIN_ROUNDS,
+                       max_time=DEFAULT_MAX_TIME)
 
 
 if __name__ == "__main__":

@@ -12,35 +12,20 @@ Targets (README): oqfl <= 1.35x float, and oqfl >= 2x faster than torch_ao.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from report import machine_lines, publish, suite_results  # noqa: E402  (shared with the op report)
+from report import machine_lines, report_main, skipped_lines  # noqa: E402  (shared)
 
-ROOT = BENCH_DIR.parent
 SUITE = BENCH_DIR / "test_bench_train_step.py"
 RESULTS_DIR = BENCH_DIR / "results"
 VARIANTS = ("float", "oqfl", "torch_ao", "eager_lsq")
 DEFAULT_MIN_ROUNDS = 10
 DEFAULT_MAX_TIME = 3.0
-
-
-def run_suite(json_path: Path, min_rounds: int, max_time: float) -> int:
-    cmd = [sys.executable, "-m", "pytest", str(SUITE), "-q", "-rs", "-p", "no:cacheprovider",
-           "-k", "test_train_step",
-           f"--benchmark-json={json_path}", f"--benchmark-min-rounds={min_rounds}",
-           f"--benchmark-max-time={max_time}", "--benchmark-warmup=on",
-           "--benchmark-warmup-iterations=2", "--benchmark-disable-gc",
-           "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name"]
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, cwd=ROOT, stdout=sys.stderr)
 
 
 def render(data: dict) -> str:
@@ -84,36 +69,19 @@ def render(data: dict) -> str:
                             f"- {device}: torch_ao / oqfl = {ao / ours:.2f}")
     if verdicts:
         out += ["", "Targets:"] + verdicts
-    skipped = data.get("skipped") or []
-    reasons: dict = {}
-    for s in skipped:
-        reasons.setdefault(s.get("reason", ""), []).append(s.get("nodeid", ""))
-    if reasons:
-        out += ["", "Skipped:"] + [f"- {len(ids)} x {r}" for r, ids in reasons.items()]
+    out += skipped_lines(data)
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", nargs="?", help="existing pytest-benchmark JSON to summarize")
-    p.add_argument("--save", nargs="?", const="", default=None, metavar="NAME",
-                   help="also write bench/results/NAME.md and NAME.json")
-    p.add_argument("--min-rounds", type=int, default=DEFAULT_MIN_ROUNDS)
-    p.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME)
-    args = p.parse_args(argv)
-
-    rc, data, json_path, tmpdir = suite_results(
-        args.json, None, "train_step.json",
-        lambda path: run_suite(path, args.min_rounds, args.max_time),
-        {"min_rounds": args.min_rounds, "max_time": args.max_time})
-    if data is None:
-        return rc
+def _default_stem(data: dict) -> str:
     dev = "cuda" if data.get("machine_info", {}).get("cuda_available") else "cpu"
-    publish(render(data), data, rc, args.save,
-            args.save or f"train_step-{dev}-{_dt.datetime.now():%Y%m%d-%H%M%S}", json_path)
-    if tmpdir:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return rc
+    return f"train_step-{dev}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def main(argv=None) -> int:
+    return report_main(argv, doc=__doc__, suite=SUITE, render=render,
+                       default_stem=_default_stem, min_rounds=DEFAULT_MIN_ROUNDS,
+                       max_time=DEFAULT_MAX_TIME, keyword='test_train_step')
 
 
 if __name__ == "__main__":
