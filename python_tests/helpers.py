@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from typing import Optional
 
 import torch
+from safetensors.torch import load as st_load, save as st_save
 from torch import Tensor
 
 import reference as ref
@@ -230,3 +233,28 @@ def check_vs_peer(x, scale, zp, dy, y, dx, ds, dz, *, qmin, qmax, axis=None, gra
         _check_grad("grad_zero_point vs peer", dz, p.dz.to(torch.float64), r.dz_abs, 2 * rtol,
                     extra_z, like=zp)
     return p
+
+
+# ---------------------------------------------------------------------- codec blobs (fuzzing)
+
+def read_blob(blob):
+    """(tensors, metadata) of a safetensors blob, read without the codec."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    meta = json.loads(blob[8:8 + n])["__metadata__"]
+    return dict(st_load(blob)), dict(meta)
+
+
+def forge(blob, tensors_fn=None, meta_fn=None, valid_digest=True):
+    """Re-serializes a codec blob after changing its tensors and/or metadata, with a recomputed
+    (valid) digest or the old one."""
+    from oqfl_ext.fl import codec as codec_mod  # its private digest: a forged blob can pass it
+    tensors, meta = read_blob(blob)
+    if tensors_fn:
+        tensors_fn(tensors)
+    if meta_fn:
+        meta_fn(meta)
+    if valid_digest:
+        meta["digest"] = codec_mod._digest(meta, {
+            k: (codec_mod._ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape),
+                codec_mod._raw(t)) for k, t in tensors.items()})
+    return st_save(tensors, metadata=meta)

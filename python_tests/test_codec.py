@@ -10,11 +10,12 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import save as st_save
 
 import oqfl_ext  # noqa: F401
 from oqfl_ext.fl import UpdateRejected, decode_update, encode_update
-from oqfl_ext.fl import codec as codec_mod
+
+from helpers import forge, read_blob
 
 QMAX = {4: 7, 8: 127}
 
@@ -207,27 +208,6 @@ def test_blob_size_ratio_resnet18_sized():
 def reject(blob, template, match=None):
     with pytest.raises(UpdateRejected, match=match):
         decode_update(blob, template)
-
-
-def read_blob(blob):
-    (n,) = struct.unpack("<Q", blob[:8])
-    meta = json.loads(blob[8:8 + n])["__metadata__"]
-    return dict(st_load(blob)), dict(meta)
-
-
-def forge(blob, tensors_fn=None, meta_fn=None, valid_digest=True):
-    """Re-serializes a blob after changing its tensors and/or metadata, with a recomputed
-    (valid) digest or the old one."""
-    tensors, meta = read_blob(blob)
-    if tensors_fn:
-        tensors_fn(tensors)
-    if meta_fn:
-        meta_fn(meta)
-    if valid_digest:
-        meta["digest"] = codec_mod._digest(meta, {
-            k: (codec_mod._ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape),
-                codec_mod._raw(t)) for k, t in tensors.items()})
-    return st_save(tensors, metadata=meta)
 
 
 @pytest.fixture(scope="module")

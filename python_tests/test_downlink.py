@@ -10,12 +10,13 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import load as st_load
 
 import oqfl_ext  # noqa: F401
 from oqfl_ext import models, quantize_model
 from oqfl_ext.fl import UpdateRejected, decode_model, decode_update, encode_model, encode_update
-from oqfl_ext.fl import codec as codec_mod
+
+from helpers import forge
 from oqfl_ext.nn import calibrate
 
 
@@ -232,24 +233,6 @@ def test_template_disagreements_are_rejected(case):
            "floating-point")
     with pytest.raises(TypeError):
         decode_model(blob, [template])
-
-
-def read_blob(blob):
-    (n,) = struct.unpack("<Q", blob[:8])
-    return dict(st_load(blob)), dict(json.loads(blob[8:8 + n])["__metadata__"])
-
-
-def forge(blob, tensors_fn=None, meta_fn=None, valid_digest=True):
-    tensors, meta = read_blob(blob)
-    if tensors_fn:
-        tensors_fn(tensors)
-    if meta_fn:
-        meta_fn(meta)
-    if valid_digest:
-        meta["digest"] = codec_mod._digest(meta, {
-            k: (codec_mod._ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape),
-                codec_mod._raw(t)) for k, t in tensors.items()})
-    return st_save(tensors, metadata=meta)
 
 
 def _set(d, k, v):
