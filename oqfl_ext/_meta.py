@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .ops import _IC_BLOCK, _OC_BLOCK, _ceil_div
+
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -150,14 +152,6 @@ def _unpack_dequantize_fake(packed, scale, zero_point=None, *, bits, shape, axis
 # The value checks (positive finite scales, a zero point inside the code domain) read data
 # and exist only in the CPU kernel.
 
-_QCONV_OC_BLOCK = 16  # kQConvOcBlock
-_QCONV_IC_BLOCK = 4   # kQConvIcBlock
-
-
-def _ceil_div(a, b):
-    return (a + b - 1) // b
-
-
 def _dims(sizes) -> str:
     return "[" + ", ".join(str(d) for d in sizes) + "]"
 
@@ -251,8 +245,8 @@ def _qconv2d_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_b
     _qconv_arg(oc >= groups and oc % groups == 0, op, "w_scale",
                f"a length (OC) that is a positive multiple of groups ({groups})",
                f"shape {_dims(w_scale.shape)}")
-    ocb = _ceil_div(oc // groups, _QCONV_OC_BLOCK)
-    icb = _ceil_div(c // groups, _QCONV_IC_BLOCK)
+    ocb = _ceil_div(oc // groups, _OC_BLOCK)
+    icb = _ceil_div(c // groups, _IC_BLOCK)
     row = 4 if w_bits == 8 else 2
     _qconv_arg(w_packed.dim() == 7, op, "w_packed",
                f"a 7-d blocked weight [G, OCB, KH, KW, ICB, 16, {row}]",
@@ -295,7 +289,7 @@ def _qlinear_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_b
     _qconv_arg(ic >= 1, op, "x", "a last dimension (IC) of at least 1",
                f"shape {_dims(x.shape)}")
     row = 4 if w_bits == 8 else 2
-    expected = [_ceil_div(oc, _QCONV_OC_BLOCK), _ceil_div(ic, _QCONV_IC_BLOCK), 16, row]
+    expected = [_ceil_div(oc, _OC_BLOCK), _ceil_div(ic, _IC_BLOCK), 16, row]
     _qconv_arg(list(w_packed.shape) == expected, op, "w_packed",
                f"shape {_dims(expected)} for OC={oc} (w_scale), IC={ic} (x.shape[-1]) and "
                f"w_bits={w_bits}", f"shape {_dims(w_packed.shape)}")

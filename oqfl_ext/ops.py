@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["fake_quant", "fake_quant_backward", "lsq_grad_factor", "pack", "unpack",
-           "quantize_pack", "unpack_dequantize", "cpu_capability"]
+           "quantize_pack", "unpack_dequantize", "cpu_capability", "qconv2d", "qlinear",
+           "pack_conv_weight", "unpack_conv_weight", "pack_linear_weight", "unpack_linear_weight",
+           "conv_weight_layout_shape", "linear_weight_layout_shape"]
 
 
 def fake_quant(
@@ -229,9 +231,6 @@ def cpu_capability() -> str:
 
 # ------------------------------------------------------------------ integer inference
 
-__all__ += ["qconv2d", "qlinear", "pack_conv_weight", "unpack_conv_weight",
-            "pack_linear_weight", "unpack_linear_weight"]
-
 _OC_BLOCK = 16  # output channels per weight block (kQConvOcBlock in csrc/qconv_args.h)
 _IC_BLOCK = 4   # input channels per weight block (kQConvIcBlock)
 
@@ -386,6 +385,24 @@ def _ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def conv_weight_layout_shape(out_channels: int, in_channels_per_group: int, kernel_size,
+                             bits: int, groups: int = 1) -> Tuple[int, ...]:
+    """Shape of :func:`pack_conv_weight`'s result: ``[G, ceil(OC/G/16), KH, KW, ceil(ICg/4),
+    16, 4]`` for 8 bits, last dimension 2 for 4 bits."""
+    kh, kw = kernel_size
+    return (groups, _ceil_div(out_channels // groups, _OC_BLOCK), kh, kw,
+            _ceil_div(in_channels_per_group, _IC_BLOCK), _OC_BLOCK,
+            _IC_BLOCK if bits == 8 else _IC_BLOCK // 2)
+
+
+def linear_weight_layout_shape(out_features: int, in_features: int,
+                               bits: int) -> Tuple[int, ...]:
+    """Shape of :func:`pack_linear_weight`'s result: ``[ceil(OC/16), ceil(IC/4), 16, 4]`` for
+    8 bits, last dimension 2 for 4 bits."""
+    shape = conv_weight_layout_shape(out_features, in_features, (1, 1), bits)
+    return shape[1:2] + shape[4:]
+
+
 def pack_conv_weight(codes: Tensor, bits: int, groups: int = 1) -> Tensor:
     """Signed weight codes ``[OC, IC / groups, KH, KW]`` in the blocked layout of
     :func:`qconv2d` (``csrc/qconv_args.h``).
@@ -453,10 +470,8 @@ def _pack_blocked(op: str, codes: Tensor, bits: int, groups: int, dims: int) -> 
     w = w.contiguous()
     if bits == 8:
         return w
-    flat = w.reshape(g, ocb, kh, kw, icb, _OC_BLOCK * _IC_BLOCK).to(torch.int16)
-    low, high = flat[..., 0::2] & 0xF, flat[..., 1::2] & 0xF
-    packed = (low | (high << 4)).to(torch.uint8)
-    return packed.reshape(g, ocb, kh, kw, icb, _OC_BLOCK, _IC_BLOCK // 2).contiguous()
+    # every block row has an even number of codes, so packing the flat tensor packs each row
+    return pack(w.reshape(-1), 4).reshape(g, ocb, kh, kw, icb, _OC_BLOCK, _IC_BLOCK // 2)
 
 
 def unpack_conv_weight(w_packed: Tensor, bits: int, out_channels: int,
@@ -506,10 +521,8 @@ def _unpack_blocked(op: str, w_packed: Tensor, bits: int, oc: int, icg: int,
     if bits == 8:
         w = w_packed
     else:
-        b = w_packed.to(torch.int16)
-        low, high = b & 0xF, (b >> 4) & 0xF
-        nib = torch.stack((low, high), dim=-1)              # [..., 16, 2, 2]
-        w = ((nib ^ 8) - 8).to(torch.int8).reshape(g, ocb, kh, kw, icb, _OC_BLOCK, _IC_BLOCK)
+        w = unpack(w_packed.contiguous().reshape(-1), 4, w_packed.numel() * 2).reshape(
+            g, ocb, kh, kw, icb, _OC_BLOCK, _IC_BLOCK)
     # [G, OCB, KH, KW, ICB, 16, 4] -> [G, OCB, 16, ICB, 4, KH, KW]
     w = w.permute(0, 1, 5, 4, 6, 2, 3).reshape(g, ocb * _OC_BLOCK, icb * _IC_BLOCK, kh, kw)
     ocg = oc // g

@@ -247,6 +247,7 @@ def read_blob(blob):
 def forge(blob, tensors_fn=None, meta_fn=None, valid_digest=True):
     """Re-serializes a codec blob after changing its tensors and/or metadata, with a recomputed
     (valid) digest or the old one."""
+    from oqfl_ext._io import tensor_bytes
     from oqfl_ext.fl import codec as codec_mod  # its private digest: a forged blob can pass it
     tensors, meta = read_blob(blob)
     if tensors_fn:
@@ -256,5 +257,5 @@ def forge(blob, tensors_fn=None, meta_fn=None, valid_digest=True):
     if valid_digest:
         meta["digest"] = codec_mod._digest(meta, {
             k: (codec_mod._ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape),
-                codec_mod._raw(t)) for k, t in tensors.items()})
+                tensor_bytes(t)) for k, t in tensors.items()})
     return st_save(tensors, metadata=meta)

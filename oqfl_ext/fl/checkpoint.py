@@ -161,7 +161,8 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any], *,
 # saving
 
 def _cpu(t: Tensor) -> Tensor:
-    return t.detach().to("cpu").contiguous().clone()
+    # the tensors of Server.state_dict() are copies already
+    return t.detach().to("cpu").contiguous()
 
 
 def save_checkpoint(folder, server, *, config: Optional[Mapping[str, Any]] = None,

@@ -78,7 +78,6 @@ factor 8/7 (int4) or 128/127 (int8) of float32's maximum).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -88,6 +87,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._io import tensor_bytes, tensor_digest
 
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
            "FORMAT_NAME", "FORMAT_VERSION", "MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION"]
@@ -176,25 +176,25 @@ def _check_finite(what: str, name: str, x: Tensor) -> None:
         raise ValueError(f"{what}[{name!r}] has non-finite values")
 
 
-def _scales(x: Tensor, bits: int) -> Tuple[Tensor, Optional[int]]:
-    """(float32 step sizes, axis) of a float32 tensor: per channel along axis 0 for dim >= 2.
-    A NaN or infinite element makes its slice's step size non-finite (amax propagates NaN)."""
-    qmax = _QMAX[bits]
-    axis: Optional[int] = 0 if x.dim() >= 2 else None
-    n = x.shape[0] if axis == 0 else 1
+def _scales(x: Tensor, bits: int) -> Tensor:
+    """float32 step sizes of a float32 tensor with 2 or more dimensions, one per slice along
+    axis 0. A NaN or infinite element makes its slice's step size non-finite (amax propagates
+    NaN)."""
+    n = x.shape[0]
     if x.numel() == 0:
         amax = torch.zeros(n, dtype=torch.float32, device=x.device)
     else:  # max |x| as max(max x, -min x): two reductions, no |x| temporary
         rows = x.reshape(n, -1)
         amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
-    return (amax / qmax).clamp_min(_TINY).to(torch.float32).contiguous(), axis
+    return (amax / _QMAX[bits]).clamp_min(_TINY).to(torch.float32).contiguous()
 
 
 def _quantize(what: str, name: str, x: Tensor, bits: int, stochastic: bool,
               generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor, Optional[int]]:
-    """(packed codes, step sizes, axis) of a float32 tensor, both on the CPU; ValueError for
+    """(packed codes, step sizes, axis 0) of a float32 tensor with 2 or more dimensions, on the
+    CPU; ValueError for
     non-finite values (found through the scales: one pass over x fewer)."""
-    scale, axis = _scales(x, bits)
+    scale, axis = _scales(x, bits), 0
     if scale.numel() and not bool(torch.isfinite(scale).all()):
         raise ValueError(f"{what}[{name!r}] has non-finite values")
     codes = ops.quantize_pack(x, scale, bits=bits, axis=axis, stochastic=stochastic,
@@ -213,32 +213,10 @@ def _compact(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _raw(t: Tensor):
-    """The bytes of a tensor (row-major) as a bytes-like object, without a copy when the tensor
-    is a contiguous CPU tensor."""
-    t = t.detach().cpu().contiguous()
-    if t.numel() == 0:
-        return b""
-    # through uint8: numpy has no bfloat16
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
 def _digest(meta: Dict[str, str], tensors: Dict[str, Tuple[str, List[int], bytes]]) -> str:
-    """``"sha256:" + hex`` over the metadata (all but ``digest``) and, in key order, each
-    tensor's key, dtype, shape and data (any bytes-like object)."""
-    h = hashlib.sha256()
-    h.update(b"oqfl-update-digest\x00")
-    fields = {k: v for k, v in meta.items() if k != "digest"}
-    h.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8"))
-    for key in sorted(tensors):
-        dtype, shape, data = tensors[key]
-        k = key.encode("utf-8")
-        h.update(struct.pack("<Q", len(k)) + k)
-        h.update(dtype.encode("ascii") + b"\x00")
-        h.update(struct.pack("<Q", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
-        h.update(struct.pack("<Q", len(data)))
-        h.update(data)
-    return "sha256:" + h.hexdigest()
+    """The ``digest`` metadata field (:func:`oqfl_ext._io.tensor_digest` in the update/model
+    domain)."""
+    return tensor_digest(b"oqfl-update-digest", meta, tensors)
 
 
 def _seal(meta: Dict[str, str], tensors: Dict[str, Tensor]) -> bytes:
@@ -246,7 +224,7 @@ def _seal(meta: Dict[str, str], tensors: Dict[str, Tensor]) -> bytes:
     JSON form :func:`_parse_framing` requires, padded with spaces to a multiple of 8 bytes, then
     the tensors' data, widest dtype first (every tensor aligned to its item size), then by
     name. The same arguments always give the same bytes."""
-    views = {k: _raw(t) for k, t in tensors.items()}
+    views = {k: tensor_bytes(t) for k, t in tensors.items()}
     kinds = {k: _ST_DTYPES[t.dtype] for k, t in tensors.items()}
     meta["digest"] = _digest(meta, {k: (kinds[k], list(t.shape), views[k])
                                     for k, t in tensors.items()})
@@ -496,8 +474,7 @@ def _parse_params(meta: Dict[str, str], bits: int, model: bool = False):
                         else _ENC_INT8)
         if encoding != _ENC_INT8:
             if axis is not None:
-                _reject(f"parameter {name!r}: axis {axis!r} with "
-                        f"{'bits=32' if not model else encoding + ' values'}")
+                _reject(f"parameter {name!r}: axis {axis!r} with {encoding} values")
         elif axis is not None and not (type(axis) is int and 0 <= axis < len(shape)):
             _reject(f"parameter {name!r}: axis {axis!r} out of range for shape {shape}")
         out.append((name, shape, axis, dtype, encoding))
@@ -509,7 +486,7 @@ def _parse_params(meta: Dict[str, str], bits: int, model: bool = False):
 
 def _open(blob, template, fmt: str, version: str, keys: frozenset, allowed):
     """Checks a received blob's framing, format, version, metadata keys and digest: (metadata,
-    {key: (dtype, shape, data offset, memoryview of the data)}, private copy of the blob)."""
+    {key: (dtype, shape, data offset, memoryview of the data in a private copy of the blob)})."""
     if not isinstance(template, dict) or not all(isinstance(v, Tensor) for v in template.values()):
         raise TypeError("template expected a dict of name -> Tensor")
     if not isinstance(blob, (bytes, bytearray, memoryview)):

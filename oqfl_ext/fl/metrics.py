@@ -33,9 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .._io import atomic_write_bytes
 
 __all__ = ["REQUIRED_KEYS", "METRICS_FILE", "PLOT_FILE", "MB", "save_run", "load_run",
            "write_metrics", "plot_run", "plot_runs", "cumulative_uplink_mb", "round_record",
@@ -55,43 +56,6 @@ Runs = Union[Mapping[str, Sequence[Mapping[str, Any]]],
 
 # ----------------------------------------------------------------------------------------------
 # files
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed and
-    fsynced, then renamed over ``path`` (and the folder fsynced where the OS allows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> a normal file's mode
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
 
 def _jsonable(value):
     """Plain JSON types: non-finite floats -> None, tuples -> lists, numbers from numpy/torch

@@ -24,9 +24,8 @@ Round ``t`` (:meth:`Server.run_round`):
    ``server_momentum`` ``b > 0`` (FedAvgM) ``m <- b * m + avg`` and the step is ``m``;
    ``global <- global + server_lr * step`` on the floating-point entries. Entries that are not
    floating point (``num_batches_tracked``, quantizer flags) are kept as the server has them.
-   Batch-norm running variances are then clamped to ``>= bn_var_floor`` (attribute, 0.0): a
-   quantized uplink can push a small variance below 0 (1-D entries share one int4/int8 scale
-   per tensor), and evaluation would take its square root;
+   Batch-norm running variances are then clamped to ``>= 0``: a server step (``server_lr > 1``,
+   momentum) can overshoot a small variance below 0, and evaluation takes its square root;
 6. the global model is evaluated (eval mode) on the test set: accuracy and mean cross-entropy.
 
 Quantized models: ``model_fn`` may build a model with :class:`oqfl_ext.nn.LSQQuantizer` s. The
@@ -65,7 +64,7 @@ from ..nn import LSQQuantizer, QuantConv2d, QuantLinear, calibrate, convert
 from ..nn.integer import ConversionWarning
 from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
-from .codec import UpdateRejected, decode_update, encode_update
+from .codec import UpdateRejected, decode_update
 
 __all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec"]
 
@@ -115,19 +114,14 @@ DOWNLINK_CODECS = ("float32", "int8")
 class _Downlink:
     """encode(state, round) -> bytes; decode(blob, state) -> the state a client receives."""
 
-    def __init__(self, name: str, encode, decode):
-        self.name, self._encode, self._decode = name, encode, decode
+    def __init__(self, name: str, bits: Optional[int]):
+        self.name, self.bits = name, bits
 
     def encode(self, state: Dict[str, Tensor], round_idx: int) -> bytes:
-        return self._encode(state, round_idx)
+        return _codec.encode_model(state, bits=self.bits, round=round_idx)
 
     def decode(self, blob: bytes, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        got = self._decode(blob, state)
-        out = {}
-        for k, v in state.items():  # entries the codec does not carry keep the server's value
-            g = got.get(k, v)
-            out[k] = g.to(v.device, v.dtype) if isinstance(g, Tensor) else g
-        return out
+        return _codec.decode_model(blob, state)
 
 
 def downlink_codec(name: str) -> _Downlink:
@@ -135,31 +129,10 @@ def downlink_codec(name: str) -> _Downlink:
     ``state_dict()`` as one :func:`oqfl_ext.fl.codec.encode_model` blob, ``"float32"``
     (``bits=None``: exact for float32 models) or ``"int8"`` (``bits=8``: conv/linear weights as
     int8 codes per output channel, the rest float32 or exact), decoded by
-    :func:`~oqfl_ext.fl.codec.decode_model` on the client's side. (Without ``encode_model``, an
-    older codec module, ``"float32"`` falls back to a float32 update blob of the
-    floating-point entries.)"""
+    :func:`~oqfl_ext.fl.codec.decode_model` on the client's side."""
     if name not in DOWNLINK_CODECS:
         raise ValueError(f"downlink expected one of {DOWNLINK_CODECS}, got {name!r}")
-    enc = getattr(_codec, "encode_model", None)
-    dec = getattr(_codec, "decode_model", None)
-    bits = None if name == "float32" else 8
-    if enc is not None and dec is not None:
-        return _Downlink(name, lambda state, r: enc(state, bits=bits, round=r),
-                         lambda blob, state: dec(blob, state))
-    if name == "int8":
-        raise ValueError("downlink 'int8' needs oqfl_ext.fl.codec.encode_model and "
-                         "decode_model, which this version of oqfl_ext does not have; "
-                         "use downlink 'float32'")
-    return _Downlink(name, _float32_encode, _float32_decode)
-
-
-def _float32_encode(state, round_idx):
-    return encode_update(float_state(state), bits=32, round=round_idx, client_id="server",
-                         num_samples=0, stochastic=False)
-
-
-def _float32_decode(blob, state):
-    return decode_update(blob, float_state(state))
+    return _Downlink(name, None if name == "float32" else 8)
 
 
 def _accepts_deadline(fn) -> bool:
@@ -233,7 +206,6 @@ class Server:
                              f"{client_time_limit_s!r}")
         self.downlink = downlink_codec(downlink)
         self.downlink_name = downlink
-        self.bn_var_floor = 0.0
         self.client_time_limit_s = (None if client_time_limit_s is None
                                     else float(client_time_limit_s))
         self.model_fn = model_fn
@@ -284,7 +256,7 @@ class Server:
         clients = {}
         for c in self.clients:
             if callable(getattr(c, "state_dict", None)):
-                clients[c.client_id] = {k: v.detach().clone() for k, v in c.state_dict().items()}
+                clients[c.client_id] = c.state_dict()  # copies already
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "momentum": None if self.momentum is None
                 else {k: v.clone() for k, v in self.momentum.items()},
@@ -500,13 +472,13 @@ class Server:
         for k, v in step.items():
             t = state[k]
             t.add_((self.server_lr * v).to(t.device, t.dtype))
-        # A quantized uplink can push a batch-norm running variance below 0 (the codes of a
-        # small variance share their step size with the layer's largest one): project back
-        # onto the feasible set, else evaluation takes the square root of a negative number.
+        # A server step (server_lr > 1, momentum) can overshoot a small batch-norm running
+        # variance below 0: project back onto the feasible set, else evaluation takes the
+        # square root of a negative number.
         for m in self.model.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and \
                     isinstance(getattr(m, "running_var", None), Tensor):
-                m.running_var.clamp_(min=self.bn_var_floor)
+                m.running_var.clamp_(min=0.0)
 
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:

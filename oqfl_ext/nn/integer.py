@@ -45,12 +45,10 @@ that rounds outside the op's code domain. A layer whose input quantizer has neve
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -59,6 +57,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import ops
+from .._io import atomic_write_bytes, tensor_bytes, tensor_digest
 from .layers import QuantConv2d, QuantLinear
 from .quantizer import LSQQuantizer, bit_range
 
@@ -176,10 +175,10 @@ class QConv2dInt(_QIntBase):
         self.padding_mode = ref.padding_mode
         self._reversed_padding_repeated_twice = list(ref._reversed_padding_repeated_twice)
         g = self.groups
-        ocg, icg = self.out_channels // g, self.in_channels // g
+        icg = self.in_channels // g
         kh, kw = self.kernel_size
         w_bits = _storage_bits(weight_bits)
-        shape = (g, -(-ocg // 16), kh, kw, -(-icg // 4), 16, 4 if w_bits == 8 else 2)
+        shape = ops.conv_weight_layout_shape(self.out_channels, icg, (kh, kw), w_bits, g)
         self._init_quant(self.out_channels, shape, weight_bits, act_bits, act_signed, bias,
                          device)
         # how forward pads: by the op (ints) or beforehand in float (any other case)
@@ -261,7 +260,7 @@ class QLinearInt(_QIntBase):
                 raise ValueError(f"{name} expected a positive integer, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         w_bits = _storage_bits(weight_bits)
-        shape = (-(-out_features // 16), -(-in_features // 4), 16, 4 if w_bits == 8 else 2)
+        shape = ops.linear_weight_layout_shape(out_features, in_features, w_bits)
         self._init_quant(out_features, shape, weight_bits, act_bits, act_signed, bias, device)
 
     @classmethod
@@ -575,26 +574,10 @@ def _entries(model: nn.Module) -> List[Tuple[str, str, torch.dtype, int]]:
     return out
 
 
-def _raw(t: Tensor) -> bytes:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def _digest(meta: Dict[str, str], blobs: Dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    h.update(b"oqfl-packed-model-digest\x00")
-    fields = {k: v for k, v in meta.items() if k != "digest"}
-    h.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8"))
-    for key in sorted(blobs):
-        t = blobs[key]
-        k = key.encode("utf-8")
-        h.update(struct.pack("<Q", len(k)) + k)
-        h.update(str(t.dtype).encode("ascii") + b"\x00")
-        h.update(struct.pack("<Q", t.dim()) + struct.pack(f"<{t.dim()}Q", *t.shape))
-        data = _raw(t)
-        h.update(struct.pack("<Q", len(data)))
-        h.update(data)
-    return "sha256:" + h.hexdigest()
+    return tensor_digest(b"oqfl-packed-model-digest", meta,
+                         {k: (str(t.dtype), list(t.shape), tensor_bytes(t))
+                          for k, t in blobs.items()})
 
 
 def _blobs(model: nn.Module) -> Dict[str, Tensor]:
@@ -669,17 +652,7 @@ def save_packed(model: nn.Module, path) -> None:
     _same_structure(model, rebuilt)
     from safetensors.torch import save
     data = save(blobs, metadata=meta)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".oqfl-packed-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _same_structure(model: nn.Module, rebuilt: nn.Module) -> None:
