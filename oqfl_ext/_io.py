@@ -82,3 +82,16 @@ def tensor_digest(domain: bytes, meta: Mapping[str, str],
         h.update(struct.pack("<Q", len(data)))
         h.update(data)
     return "sha256:" + h.hexdigest()
+
+
+STATE_FORMAT = "oqfl-state"
+STATE_VERSION = "1"
+
+
+def encode_state(state: Mapping[str, Tensor]) -> bytes:
+    """A state dict as one plain safetensors blob (CPU, contiguous copies), metadata
+    ``{"format": "oqfl-state", "version": "1"}``: the saved final model of a run."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return save(tensors, metadata={"format": STATE_FORMAT, "version": STATE_VERSION})

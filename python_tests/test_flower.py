@@ -147,6 +147,7 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
         assert got["num_samples"] == want.num_samples
         # the bytes that crossed the wire are the blobs, one per answering client
         assert got["uplink_bytes"] == want.uplink_bytes
+        assert got["downlink_bytes"] == want.downlink_bytes  # the model blob per sampled client
         for cid in want.accepted:
             c = next(c for c in clients if c.client_id == cid)
             assert got["clients"][cid]["blob_bytes"] == len(c.blobs[got["round"]])

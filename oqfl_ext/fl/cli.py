@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .._io import atomic_write_bytes, encode_state
+
 __all__ = ["main", "build_parser", "build_config", "run_experiment", "compare_arms",
            "DATASETS", "load_dataset"]
 
@@ -342,11 +344,7 @@ def _model_fn(cfg: dict, in_channels: int, num_classes: int, image_size: int):
 
 
 def _save_model(path: Path, model) -> None:
-    from safetensors.torch import save as st_save
-    from .metrics import atomic_write_bytes
-    tensors = {k: v.detach().to("cpu").contiguous().clone()
-               for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={"format": "oqfl-model"}))
+    atomic_write_bytes(path, encode_state(model.state_dict()))
 
 
 def _prepare_data(cfg: dict, data_dir: Optional[str], cache: Optional[dict]):
@@ -538,7 +536,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _write_comparison(out: Path, configs: List[dict], results, elapsed: float) -> None:
-    from .metrics import atomic_write_bytes, format_table, plot_runs, summarize, _jsonable
+    from .metrics import format_table, plot_runs, summarize, _jsonable
     runs = [(name, records) for name, records, _ in results]
     labels = {"fp32": "FP32 FedAvg"}
     named = [(labels.get(name, name.upper().replace("OQFL-", "OQFL ")), recs)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .task import Experiment, load_data, make_client, make_partitions
-from .wire import array_bytes, blob_array, decode_state, encode_state, split_state
+from .wire import array_bytes, blob_array, encode_state
 
 __all__ = ["app"]
 
@@ -71,13 +71,9 @@ def train(msg: Message, context: Context) -> Message:
     model_fn = exp.model_fn()
     with torch.random.fork_rng(devices=[]):
         template = model_fn().state_dict()
-    # what an in-process client gets: the downlink codec's state, the other entries as the
-    # server has them (see .wire)
-    floats, others = split_state(template)
-    extras = decode_state(array_bytes(msg.content["global"]["extras"]), others)
-    base = {k: extras.get(k, v) for k, v in template.items()}
+    # what an in-process client gets: the downlink codec's state, every entry (see .wire)
     state = downlink_codec(str(cfg["downlink"])).decode(
-        array_bytes(msg.content["global"]["model"]), base)
+        array_bytes(msg.content["global"]["model"]), template)
 
     if "oqfl" in context.state:  # the error-feedback residual of the previous round
         client.load_state_dict(load(array_bytes(context.state["oqfl"]["client"])))

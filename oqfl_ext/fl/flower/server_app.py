@@ -20,10 +20,10 @@ Round ``t``:
    :func:`.wire.encode_state`).
 
 Bytes: ``uplink_bytes`` is the sum of the lengths of the update blobs received (as in
-process); ``downlink_bytes`` the length of the two downlink blobs (the codec's and the
-extras) times the number of nodes they were sent to (in process only the codec's blob is
-counted). Flower adds its own message framing (protobuf, chunk headers) on top of both:
-``flwr ls --format json`` reports the run's total network traffic.
+process); ``downlink_bytes`` the length of the downlink codec's blob times the number of
+sampled clients (as in process: :attr:`oqfl_ext.fl.RoundResult.downlink_bytes`). Flower adds
+its own message framing (protobuf, chunk headers) on top of both: ``flwr ls --format json``
+reports the run's total network traffic.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from . import NO_PHONE_HOME
 from ..metrics import round_record, save_run
 from .task import (Experiment, client_id, default_out_dir, load_data, make_partitions,
                    make_server)
-from .wire import array_bytes, blob_array, encode_state, sha256, split_state
+from .wire import array_bytes, blob_array, encode_state, sha256
 
 __all__ = ["app"]
 
@@ -136,11 +136,9 @@ def main(grid: Grid, context: Context) -> None:
     for r in range(exp.num_rounds):
         t0 = time.perf_counter()
         sampled = server.sample_clients(r)
-        # what the in-process Server sends (its downlink codec), plus the entries that codec
-        # leaves out, which in process the clients get from the server's memory (see .wire)
+        # what the in-process Server sends: its downlink codec's blob, every state entry
         server_state = {k: v.detach() for k, v in server.model.state_dict().items()}
         model_blob = server.downlink.encode(server_state, r)
-        extras_blob = encode_state(split_state(server_state)[1])
         alive = set(grid.get_node_ids())
         msgs, by_node = [], {}
         for box in sampled:
@@ -150,8 +148,7 @@ def main(grid: Grid, context: Context) -> None:
                 box.reply = RuntimeError("node not connected")
                 continue
             content = RecordDict({
-                "global": ArrayRecord({"model": blob_array(model_blob),
-                                       "extras": blob_array(extras_blob)}),
+                "global": ArrayRecord({"model": blob_array(model_blob)}),
                 "config": ConfigRecord({"round": r, "client-id": box.client_id,
                                         "downlink": server.downlink_name})})
             msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
@@ -159,8 +156,8 @@ def main(grid: Grid, context: Context) -> None:
             by_node[node] = box
             box.reply = TimeoutError(f"no reply within the round timeout "
                                      f"({exp.round_timeout:g} s)")
-        logger.warning("oqfl round %d: sent the global model (%d + %d bytes) to nodes %s", r,
-                       len(model_blob), len(extras_blob), sorted(by_node))
+        logger.warning("oqfl round %d: sent the global model (%d bytes) to nodes %s", r,
+                       len(model_blob), sorted(by_node))
         clients: Dict[str, dict] = {}
         for reply in grid.send_and_receive(msgs, timeout=exp.round_timeout):
             box = by_node.get(reply.metadata.src_node_id)
@@ -187,8 +184,8 @@ def main(grid: Grid, context: Context) -> None:
                   if cid in res.accepted and c["train_loss"] is not None and c["num_examples"]]
         train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)
                       if losses else None)
-        rows.append(round_record(res, downlink_bytes=(len(model_blob) + len(extras_blob))
-                                 * len(msgs), train_loss=train_loss, clients=clients))
+        rows.append(round_record(res, downlink_bytes=len(model_blob) * len(sampled),
+                                 train_loss=train_loss, clients=clients))
         logger.warning("oqfl round %d: accuracy %.4f loss %.4f, accepted %s, dropped %s", r,
                        res.accuracy, res.loss, res.accepted, [c for c, _ in res.dropped])
         save_run(out, config, rows)

@@ -7,8 +7,7 @@ byte for byte; nothing is pickled.
 
 ``train`` message (ServerApp -> ClientApp)::
 
-    "global": ArrayRecord {"model":  Array(raw uint8: the Server's downlink blob),
-                           "extras": Array(raw uint8: encode_state of the non-float entries)}
+    "global": ArrayRecord {"model": Array(raw uint8: the Server's downlink blob)}
     "config": ConfigRecord {"round": int, "client-id": str, "downlink": "float32" | "int8"}
 
 ``train`` reply (ClientApp -> ServerApp)::
@@ -19,87 +18,31 @@ byte for byte; nothing is pickled.
 ``query`` message / reply: empty / ConfigRecord {"partition-id", "num-partitions"} of the node.
 
 Downlink: ``"model"`` is exactly what the in-process Server hands its clients, its downlink
-codec's blob (:func:`oqfl_ext.fl.downlink_codec`: the floating-point entries). In process the
-entries that codec does not carry (batch-norm ``num_batches_tracked``, the quantizers'
-``initialized``/``signed`` flags, set by the server's calibration) keep the server's values;
-across machines the client has no such values, so they travel too, as ``"extras"``: a
-safetensors blob with metadata ``{"format": "oqfl-model", "version": "1"}``
-(:func:`encode_state`; :func:`decode_state` checks names, shapes and dtypes against the
-receiver's own model). The ClientApp thus trains from the same state as an in-process client.
+codec's blob (:func:`oqfl_ext.fl.downlink_codec`: an :func:`oqfl_ext.fl.codec.encode_model`
+blob, format ``"oqfl-model"``). It carries every ``state_dict`` entry: the floating-point ones
+(float32, or int8 codes for ``"int8"``) and, exactly, the integer and bool ones (batch-norm
+``num_batches_tracked``, the quantizers' ``initialized``/``signed`` flags, set by the server's
+calibration). The ClientApp decodes it against its own model's full ``state_dict`` and thus
+trains from the same state as an in-process client.
+
+A plain state dict (the ServerApp's final ``model.safetensors``, a ClientApp's state between
+rounds in ``context.state``) is a safetensors blob with metadata
+``{"format": "oqfl-state", "version": "1"}`` (:func:`encode_state`); it never travels in a
+``train`` message.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Dict
 
-import torch
-from torch import Tensor
-
+from ..._io import encode_state
 from ..codec import UpdateRejected
 
-__all__ = ["encode_state", "decode_state", "blob_array", "array_bytes", "MODEL_FORMAT",
-           "sha256", "split_state"]
-
-MODEL_FORMAT = "oqfl-model"
-MODEL_VERSION = "1"
+__all__ = ["encode_state", "blob_array", "array_bytes", "sha256"]
 
 
 def sha256(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
-
-
-def encode_state(state: Dict[str, Tensor]) -> bytes:
-    """A state dict as one safetensors blob (CPU, contiguous copies)."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    return save(tensors, metadata={"format": MODEL_FORMAT, "version": MODEL_VERSION})
-
-
-def decode_state(blob: bytes, template: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """The state dict in ``blob``, checked against ``template`` (names, shapes, dtypes, finite
-    floats); raises :class:`oqfl_ext.fl.UpdateRejected` saying what is wrong."""
-    import json
-    import struct
-
-    from safetensors.torch import load
-
-    if not isinstance(blob, (bytes, bytearray)) or len(blob) < 8:
-        raise UpdateRejected("global model: expected a safetensors blob")
-    (n,) = struct.unpack("<Q", bytes(blob[:8]))
-    try:
-        meta = json.loads(bytes(blob[8:8 + n])).get("__metadata__", {})
-    except ValueError as e:
-        raise UpdateRejected(f"global model: unreadable header ({e})") from None
-    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
-        raise UpdateRejected(f"global model: format {meta.get('format')!r} version "
-                             f"{meta.get('version')!r}, expected {MODEL_FORMAT!r} "
-                             f"{MODEL_VERSION!r}")
-    try:
-        state = load(bytes(blob))
-    except Exception as e:  # safetensors raises its own error types
-        raise UpdateRejected(f"global model: {type(e).__name__}: {e}") from None
-    if set(state) != set(template):
-        missing, extra = sorted(set(template) - set(state)), sorted(set(state) - set(template))
-        raise UpdateRejected(f"global model: names differ from the local model's "
-                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    out = {}
-    for k, ref in template.items():
-        v = state[k]
-        if v.shape != ref.shape or v.dtype != ref.dtype:
-            raise UpdateRejected(f"global model: {k} is {v.dtype} {tuple(v.shape)}, expected "
-                                 f"{ref.dtype} {tuple(ref.shape)}")
-        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
-            raise UpdateRejected(f"global model: {k} has non-finite values")
-        out[k] = v
-    return out
-
-
-def split_state(state: Dict[str, Tensor]):
-    """(floating-point entries, the others) of a state dict, each in the state's order."""
-    floats = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    return floats, {k: v for k, v in state.items() if k not in floats}
 
 
 def blob_array(blob: bytes):
