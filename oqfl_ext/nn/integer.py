@@ -92,6 +92,12 @@ class _QIntBase(nn.Module):
     4 or 8), ``act_bits``, ``act_signed``, ``x_quant_min``, ``x_quant_max``.
     """
 
+    _quant_type: type  # the fake-quant layer a subclass converts
+
+    def _pack_weight(self, codes: Tensor) -> Tensor:
+        """The weight codes in the subclass' blocked layout."""
+        raise NotImplementedError
+
     def _init_quant(self, out_channels: int, packed_shape, weight_bits: int, act_bits: int,
                     act_signed: bool, bias: bool, device) -> None:
         if not isinstance(act_signed, bool):
@@ -120,6 +126,24 @@ class _QIntBase(nn.Module):
         return (f"{bits}, act_bits={self.act_bits}, "
                 f"act={'signed' if self.act_signed else 'unsigned'} "
                 f"[{self.x_quant_min}, {self.x_quant_max}]")
+
+    @classmethod
+    def from_quant(cls, module):
+        """The integer twin of a :class:`QuantConv2d` (:class:`QConv2dInt`) or
+        :class:`QuantLinear` (:class:`QLinearInt`); see :func:`convert` for what it takes from
+        the layer and what it requires."""
+        if not isinstance(module, cls._quant_type):
+            raise TypeError(f"{cls.__name__}.from_quant: module expected a "
+                            f"{cls._quant_type.__name__}, got {type(module).__name__}")
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"{cls.__name__}.from_quant: cannot convert this layer: {reason}")
+        codes, w_scale, x_scale, zp = _quant_values(module)
+        q = cls.from_float_layout(module, weight_bits=module.weight_bits,
+                                  act_bits=module.act_bits,
+                                  act_signed=bool(module.act_quantizer.is_signed))
+        q._set_quant_values(w_scale, module.bias, x_scale, zp, q._pack_weight(codes))
+        return q
 
     def _set_quant_values(self, w_scale: Tensor, bias: Optional[Tensor],
                           x_scale: Tensor, x_zero_point: int, packed: Tensor) -> None:
@@ -196,23 +220,10 @@ class QConv2dInt(_QIntBase):
                    padding_mode=module.padding_mode, weight_bits=weight_bits,
                    act_bits=act_bits, act_signed=act_signed, device=module.weight.device)
 
-    @classmethod
-    def from_quant(cls, module: QuantConv2d) -> "QConv2dInt":
-        """The integer twin of a :class:`QuantConv2d` (see :func:`convert` for what it takes
-        from the layer and what it requires)."""
-        if not isinstance(module, QuantConv2d):
-            raise TypeError(f"QConv2dInt.from_quant: module expected a QuantConv2d, got "
-                            f"{type(module).__name__}")
-        reason = _unsupported_reason(module)
-        if reason is not None:
-            raise ValueError(f"QConv2dInt.from_quant: cannot convert this layer: {reason}")
-        codes, w_scale, x_scale, zp = _quant_values(module)
-        q = cls.from_float_layout(module, weight_bits=module.weight_bits,
-                                  act_bits=module.act_bits,
-                                  act_signed=bool(module.act_quantizer.is_signed))
-        packed = ops.pack_conv_weight(codes, q.w_bits, q.groups)
-        q._set_quant_values(w_scale, module.bias, x_scale, zp, packed)
-        return q
+    _quant_type = QuantConv2d
+
+    def _pack_weight(self, codes: Tensor) -> Tensor:
+        return ops.pack_conv_weight(codes, self.w_bits, self.groups)
 
     def weight_codes(self) -> Tensor:
         """The int8 weight codes ``[OC, IC / groups, KH, KW]`` (unpacked from ``w_packed``)."""
@@ -271,22 +282,10 @@ class QLinearInt(_QIntBase):
                    weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed,
                    device=module.weight.device)
 
-    @classmethod
-    def from_quant(cls, module: QuantLinear) -> "QLinearInt":
-        """The integer twin of a :class:`QuantLinear` (see :func:`convert`)."""
-        if not isinstance(module, QuantLinear):
-            raise TypeError(f"QLinearInt.from_quant: module expected a QuantLinear, got "
-                            f"{type(module).__name__}")
-        reason = _unsupported_reason(module)
-        if reason is not None:
-            raise ValueError(f"QLinearInt.from_quant: cannot convert this layer: {reason}")
-        codes, w_scale, x_scale, zp = _quant_values(module)
-        q = cls.from_float_layout(module, weight_bits=module.weight_bits,
-                                  act_bits=module.act_bits,
-                                  act_signed=bool(module.act_quantizer.is_signed))
-        packed = ops.pack_linear_weight(codes, q.w_bits)
-        q._set_quant_values(w_scale, module.bias, x_scale, zp, packed)
-        return q
+    _quant_type = QuantLinear
+
+    def _pack_weight(self, codes: Tensor) -> Tensor:
+        return ops.pack_linear_weight(codes, self.w_bits)
 
     def weight_codes(self) -> Tensor:
         """The int8 weight codes ``[out_features, in_features]``."""
