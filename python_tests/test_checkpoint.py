@@ -366,3 +366,21 @@ def test_deadline_in_the_past_raises_client_timeout():
     assert client.residual is None
     with pytest.raises(ValueError, match="client_time_limit_s"):
         Server(_mlp, TASKS["mlp"][2], clients=_fast_clients(), client_time_limit_s=0)
+
+
+@needs_fmnist
+def test_checkpoint_from_before_uplink_compression_resumes(tmp_path, capsys):
+    # a checkpoint written before --uplink-compression existed has no such key anywhere
+    out = tmp_path / "run"
+    assert main(CLI_ARGS + ["--rounds", "1", "--out", str(out)]) == 0
+    path = out / "checkpoints" / "checkpoint.json"
+    doc = json.loads(path.read_text())
+    assert doc["config"].pop("uplink_compression") == "none"
+    assert "uplink_compression" not in json.dumps(doc)
+    path.write_text(json.dumps(doc))
+    assert main(CLI_ARGS + ["--rounds", "2", "--resume", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # ... but not with the option changed
+    assert main(CLI_ARGS + ["--rounds", "3", "--resume", "--uplink-compression", "zlib",
+                            "--out", str(out)]) == 1
+    assert "'uplink_compression' differs" in capsys.readouterr().err

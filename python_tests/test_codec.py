@@ -7,6 +7,7 @@ import math
 import pickle
 import random
 import struct
+import zlib
 
 import pytest
 import torch
@@ -468,3 +469,75 @@ def test_blob_is_a_plain_safetensors_file():
         else:
             assert all(t.dtype in (torch.uint8, torch.float32, torch.bfloat16)
                        for t in tensors.values())
+
+
+# ------------------------------------------------------------------------------ zlib wrapping
+
+
+@pytest.mark.parametrize("bits", [4, 8, 32])
+def test_zlib_wrapping_is_lossless_and_a_plain_zlib_stream(bits):
+    u = small_update()
+    template = template_of(u)
+    plain = encode_update(u, bits=bits, round=3, client_id="c", num_samples=7, stochastic=False)
+    packed = encode_update(u, bits=bits, round=3, client_id="c", num_samples=7,
+                           stochastic=False, compression="zlib")
+    assert zlib.decompress(packed) == plain            # any zlib implementation can read it
+    got, info = decode_update(packed, template, return_info=True, compression="zlib")
+    want = decode_update(plain, template)
+    assert info["round"] == 3 and info["num_samples"] == 7
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_zlib_shrinks_int4_codes_of_a_real_sized_update():
+    # a ResNet-20-sized update of small Gaussian deltas: the int4 codes are far from uniform
+    g = torch.Generator().manual_seed(0)
+    u = {f"conv{i}.weight": torch.randn(64, 64, 3, 3, generator=g) * 0.01 for i in range(8)}
+    plain = encode_update(u, bits=4, stochastic=False)
+    packed = encode_update(u, bits=4, stochastic=False, compression="zlib")
+    # entropy of a rounded Gaussian with absmax/7 steps is about 3.1 bits; DEFLATE gets close
+    assert len(packed) < 0.85 * len(plain), (len(packed), len(plain))
+
+
+def test_zlib_stream_errors_are_rejections(fuzz_case):
+    u, template = fuzz_case
+    plain = encode_update(u, bits=4)
+    packed = encode_update(u, bits=4, compression="zlib")
+    with pytest.raises(UpdateRejected, match="zlib"):
+        decode_update(plain, template, compression="zlib")   # sender did not compress
+    reject(packed, template)                                  # receiver did not expect zlib
+    for n in (0, 1, len(packed) // 2, len(packed) - 1):
+        with pytest.raises(UpdateRejected, match="zlib"):
+            decode_update(packed[:n], template, compression="zlib")
+    with pytest.raises(UpdateRejected, match="after the end"):
+        decode_update(packed + b"\x00", template, compression="zlib")
+    with pytest.raises(UpdateRejected, match="bytes"):
+        decode_update("text", template, compression="zlib")
+    # a valid stream of a corrupted blob: the blob's own checks still apply
+    bad = bytearray(plain)
+    bad[-1] ^= 1
+    with pytest.raises(UpdateRejected, match="digest"):
+        decode_update(zlib.compress(bytes(bad)), template, compression="zlib")
+
+
+def test_zlib_bomb_is_refused_before_it_is_inflated(fuzz_case):
+    from oqfl_ext.fl.codec import update_size_limit
+    template = fuzz_case[1]
+    limit = update_size_limit(template)
+    bomb = zlib.compress(b"\x00" * (limit + 1), 9)          # about 1000x smaller than it inflates
+    assert len(bomb) < limit // 500
+    with pytest.raises(UpdateRejected, match="more than"):
+        decode_update(bomb, template, compression="zlib")
+    # the bound holds every valid blob: float32 values of the template, long client id
+    big = encode_update({k: torch.randn_like(v) for k, v in template.items()}, bits=32,
+                        client_id="x" * 256, num_samples=10 ** 18, round=10 ** 18,
+                        compression="zlib")
+    assert decode_update(big, template, compression="zlib").keys() == template.keys()
+
+
+def test_compression_argument_errors(fuzz_case):
+    u, template = fuzz_case
+    for bad in ("gzip", None, "", "ZLIB"):
+        with pytest.raises(ValueError, match="compression"):
+            encode_update(u, bits=4, compression=bad)
+        with pytest.raises(ValueError, match="compression"):
+            decode_update(encode_update(u, bits=4), template, compression=bad)

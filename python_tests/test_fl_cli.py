@@ -89,6 +89,7 @@ def test_compare_prints_table_and_plot(tmp_path, capsys):
     (["--act-bits", "x"], "--act-bits"),
     (["--uplink", "int3"], "--uplink"),
     (["--downlink", "int2"], "--downlink"),
+    (["--uplink-compression", "gzip"], "--uplink-compression"),
     (["--partition", "random"], "--partition"),
     (["--model", "resnet50"], "--model"),
     (["--lr", "-1"], "--lr"),

@@ -64,6 +64,8 @@ FORMAT = "oqfl-checkpoint"
 VERSION = 1
 RESUME_IGNORE = frozenset({"rounds", "out", "resume", "quiet", "progress", "data_dir",
                            "device_note", "threads", "eval_integer"})
+# options added after the first release, with the behaviour a checkpoint without them had
+_ADDED_OPTIONS = {"uplink_compression": "none"}
 _TENSORS_RE = re.compile(r"^checkpoint-r(\d{6,})\.safetensors$")
 _SEP = "::"
 
@@ -109,6 +111,10 @@ def server_fingerprint(server) -> dict:
         cfg = getattr(c, "config", None)
         if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
             entry["config"] = _jsonable(dataclasses.asdict(cfg))
+            # the default is left out, as written before the option existed
+            for key, default in _ADDED_OPTIONS.items():
+                if entry["config"].get(key, None) == default:
+                    del entry["config"][key]
         clients.append(entry)
     model = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
              for k, v in server.model.state_dict().items()}
@@ -147,7 +153,9 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     """Raises :class:`CheckpointMismatch` naming the first key (outside the top-level keys in
     ``ignore``) whose value differs between ``saved`` and ``current``."""
     ignore = set(ignore)
-    a = {k: v for k, v in _jsonable(dict(saved)).items() if k not in ignore}
+    # a checkpoint older than an option resumes with the option's old behaviour
+    saved = {**{k: v for k, v in _ADDED_OPTIONS.items() if k in current}, **dict(saved)}
+    a = {k: v for k, v in _jsonable(saved).items() if k not in ignore}
     b = {k: v for k, v in _jsonable(dict(current)).items() if k not in ignore}
     diff = _first_difference(a, b, "")
     if diff is not None:

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .._io import atomic_write_bytes, encode_state
+from .codec import COMPRESSIONS
 
 __all__ = ["main", "build_parser", "build_config", "run_experiment", "compare_arms",
            "DATASETS", "load_dataset"]
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layers of a quantized model, or float")
     g.add_argument("--uplink", choices=tuple(UPLINKS), default="int4",
                    help="codec of the client updates")
+    g.add_argument("--uplink-compression", choices=COMPRESSIONS, default="none",
+                   help="entropy-code each update blob (zlib: lossless, DEFLATE level 6; "
+                        "about 25 %% fewer bytes for int4 updates, 10 %% for float32)")
     g.add_argument("--stochastic", action=argparse.BooleanOptionalAction, default=True,
                    help="unbiased stochastic rounding of the uplink codes (otherwise round "
                         "half to even)")
@@ -249,7 +253,8 @@ def build_config(args: argparse.Namespace, *, weight_bits=..., act_bits=..., upl
         "momentum": args.momentum, "weight_decay": args.weight_decay,
         "weight_bits": wb, "act_bits": ab,
         "first_last_bits": args.first_last_bits if quantized else None,
-        "uplink": up, "stochastic": args.stochastic if up != "float32" else None,
+        "uplink": up, "uplink_compression": args.uplink_compression,
+        "stochastic": args.stochastic if up != "float32" else None,
         "error_feedback": args.error_feedback if up != "float32" else None,
         "downlink": args.downlink, "seed": args.seed, "device": args.device,
         "eval_integer": args.eval_integer and quantized,
@@ -390,7 +395,8 @@ def run_experiment(cfg: dict, out, *, resume: bool = False, progress: bool = Tru
                         lr=cfg["lr"], momentum=cfg["momentum"],
                         weight_decay=cfg["weight_decay"], uplink_bits=UPLINKS[cfg["uplink"]],
                         stochastic=bool(cfg["stochastic"]),
-                        error_feedback=bool(cfg["error_feedback"]))
+                        error_feedback=bool(cfg["error_feedback"]),
+                        uplink_compression=cfg.get("uplink_compression", "none"))
     width = len(str(cfg["clients"] - 1))
     clients = [Client(f"client-{i:0{width}d}", (tx[p], ty[p]), ccfg,
                       seed=derive_seed(cfg["seed"], 0xC1, i)) for i, p in enumerate(parts)]
@@ -401,7 +407,8 @@ def run_experiment(cfg: dict, out, *, resume: bool = False, progress: bool = Tru
                     server_momentum=cfg["server_momentum"], seed=cfg["seed"],
                     norm_bound=cfg["norm_bound"],
                     client_time_limit_s=cfg["client_time_limit_s"], downlink=cfg["downlink"],
-                    evaluate_integer=bool(cfg.get("eval_integer")))
+                    evaluate_integer=bool(cfg.get("eval_integer")),
+                    uplink_compression=cfg.get("uplink_compression", "none"))
     out.mkdir(parents=True, exist_ok=True)
     rounds_total = cfg["rounds"]
     bar = tqdm(total=rounds_total, desc=cfg["name"], unit="round", disable=not progress,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from .codec import decode_update, encode_update
+from .codec import COMPRESSIONS, decode_update, encode_update
 
 __all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed"]
 
@@ -61,6 +61,8 @@ class ClientConfig:
         stochastic: unbiased stochastic rounding of the uplink codes (else round half to even).
         error_feedback: keep the uplink quantization error ``delta - decoded(delta)`` and add it
             to the next round's delta (EF-SGD style); no effect with ``uplink_bits=32``.
+        uplink_compression: ``"none"`` or ``"zlib"`` (the update blob entropy-coded, see
+            :mod:`oqfl_ext.fl.codec`); the server must expect the same.
     """
 
     local_epochs: int = 1
@@ -71,6 +73,7 @@ class ClientConfig:
     uplink_bits: int = 32
     stochastic: bool = True
     error_feedback: bool = False
+    uplink_compression: str = "none"
 
     def __post_init__(self):
         for name in ("local_epochs", "batch_size"):
@@ -84,6 +87,9 @@ class ClientConfig:
         if isinstance(self.uplink_bits, bool) or self.uplink_bits not in (4, 8, 32):
             raise ValueError(f"ClientConfig.uplink_bits expected 4, 8 or 32, "
                              f"got {self.uplink_bits!r}")
+        if self.uplink_compression not in COMPRESSIONS:
+            raise ValueError(f"ClientConfig.uplink_compression expected one of {COMPRESSIONS}, "
+                             f"got {self.uplink_compression!r}")
 
 
 Dataset = Union[TensorDataset, Tuple[Tensor, Tensor]]
@@ -197,10 +203,11 @@ class Client:
         gen = torch.Generator().manual_seed(derive_seed(base_seed, 2))
         blob = encode_update(delta, bits=cfg.uplink_bits, round=round_idx,
                              client_id=self.client_id, num_samples=len(self),
-                             stochastic=cfg.stochastic, generator=gen)
+                             stochastic=cfg.stochastic, generator=gen,
+                             compression=cfg.uplink_compression)
         _check_deadline(deadline, "after encoding its update")
         if ef:
-            sent = decode_update(blob, delta)
+            sent = decode_update(blob, delta, compression=cfg.uplink_compression)
             self.residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
         return blob
 

@@ -64,7 +64,7 @@ from ..nn import LSQQuantizer, QuantConv2d, QuantLinear, calibrate, convert
 from ..nn.integer import ConversionWarning
 from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
-from .codec import UpdateRejected, decode_update
+from .codec import COMPRESSIONS, UpdateRejected, decode_update
 
 __all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec"]
 
@@ -169,6 +169,8 @@ class Server:
         client_time_limit_s: seconds each sampled client may take per round (> 0); None: no
             limit. See step 2 of the module docstring.
         downlink: the downlink codec, ``"float32"`` or ``"int8"`` (:func:`downlink_codec`).
+        uplink_compression: what the clients' updates are wrapped in, ``"none"`` or ``"zlib"``
+            (:func:`oqfl_ext.fl.codec.decode_update`); ``uplink_bytes`` counts what arrived.
         evaluate_integer: also evaluate, every round, the global model converted to integer
             inference (:func:`oqfl_ext.convert`; layers it cannot convert stay fake-quant).
     """
@@ -178,7 +180,8 @@ class Server:
                  seed: int = 0, norm_bound: Optional[float] = None,
                  calibration_data: Optional[Tensor] = None, calibration_size: int = 256,
                  eval_batch_size: int = 512, client_time_limit_s: Optional[float] = None,
-                 downlink: str = "float32", evaluate_integer: bool = False):
+                 downlink: str = "float32", evaluate_integer: bool = False,
+                 uplink_compression: str = "none"):
         if not callable(model_fn):
             raise TypeError("model_fn expected a callable returning an nn.Module")
         clients = list(clients)
@@ -204,6 +207,10 @@ class Server:
                 and not isinstance(client_time_limit_s, bool) and client_time_limit_s > 0):
             raise ValueError(f"client_time_limit_s expected None or a positive number, got "
                              f"{client_time_limit_s!r}")
+        if uplink_compression not in COMPRESSIONS:
+            raise ValueError(f"uplink_compression expected one of {COMPRESSIONS}, got "
+                             f"{uplink_compression!r}")
+        self.uplink_compression = uplink_compression
         self.downlink = downlink_codec(downlink)
         self.downlink_name = downlink
         self.client_time_limit_s = (None if client_time_limit_s is None
@@ -339,7 +346,8 @@ class Server:
                 continue
             uplink += len(blob)
             try:
-                update, info = decode_update(blob, template, return_info=True)
+                update, info = decode_update(blob, template, return_info=True,
+                                             compression=self.uplink_compression)
             except UpdateRejected as e:
                 self._drop(dropped, cid, str(e))
                 continue

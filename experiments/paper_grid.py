@@ -1,0 +1,419 @@
+"""The paper's claim on real data: OQFL at 8/4/3/2 bits against FP32 FedAvg, across CNNs.
+
+Runs the grid of docs/RESULTS.md (networks x data splits x arms) with the ``oqfl-fl`` command,
+one run per folder ``OUT/<network>-<split>/<arm>``, and makes the tables and plots from their
+``metrics.json`` files::
+
+    python experiments/paper_grid.py run                 # the whole grid, 2 runs at a time
+    python experiments/paper_grid.py run --nets resnet20 --splits iid --arms fp32,w4a4
+    python experiments/paper_grid.py deploy              # converted integer models vs float
+    python experiments/paper_grid.py report              # tables + plots into docs/
+
+``run`` is resumable: a finished run is skipped, an interrupted one continues from its last
+checkpoint (``oqfl-fl --resume``), bit-identically, so the grid can be completed over several
+sittings. Every run gets the same seed, data, partition, rounds, local epochs and learning rates;
+only the quantization (and the uplink codec that goes with it) differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "runs" / "paper"
+
+# network -> its oqfl-fl options (widths chosen so one run fits the time budget on 2 cores)
+NETS: Dict[str, List[str]] = {
+    "small_cnn": ["--model", "small_cnn", "--width", "32"],
+    "vgg": ["--model", "vgg", "--width", "16"],
+    "resnet20": ["--model", "resnet20"],
+    "mobilenet_v2": ["--model", "mobilenet_v2"],
+}
+SPLITS: Dict[str, List[str]] = {
+    "iid": ["--partition", "iid"],
+    "dirichlet": ["--partition", "dirichlet", "--alpha", "0.5"],
+}
+# arm -> (label, options): the uplink codec follows the weight bits (8 -> int8, else int4)
+ARMS: Dict[str, tuple] = {
+    "fp32": ("FP32 FedAvg", ["--weight-bits", "float", "--act-bits", "float",
+                             "--uplink", "float32"]),
+    "w8a8": ("OQFL W8A8", ["--weight-bits", "8", "--act-bits", "8", "--uplink", "int8"]),
+    "w4a4": ("OQFL W4A4", ["--weight-bits", "4", "--act-bits", "4", "--uplink", "int4"]),
+    "w3a3": ("OQFL W3A3", ["--weight-bits", "3", "--act-bits", "3", "--uplink", "int4"]),
+    "w2a2": ("OQFL W2A2", ["--weight-bits", "2", "--act-bits", "2", "--uplink", "int4"]),
+    "w4af": ("OQFL W4 float act", ["--weight-bits", "4", "--act-bits", "float",
+                                   "--uplink", "int4"]),
+}
+DEFAULT_NETS = ("small_cnn", "vgg", "resnet20")
+# shared by every run: the federation, the local training and the data
+COMMON = ["--dataset", "fashion-mnist", "--image-size", "14", "--train-subset", "20000",
+          "--test-subset", "all", "--clients", "10", "--fraction", "0.5",
+          "--local-epochs", "1", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9",
+          "--first-last-bits", "8", "--uplink-compression", "zlib", "--no-eval-integer",
+          "--threads", "1",
+          "--quiet"]
+DEFAULT_ROUNDS = 20
+# the slowest network first, so the last runs to finish are short ones
+_COST_ORDER = ("mobilenet_v2", "resnet20", "small_cnn", "vgg")
+
+
+def _csv(choices: Sequence[str], what: str):
+    def parse(text: str) -> List[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{what}: expected a comma-separated list of {', '.join(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def _seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: expected comma-separated integers >= 0, "
+                                         f"got {text!r}")
+    return seeds
+
+
+def run_dir(out: Path, net: str, split: str, arm: str, seed: int = 0) -> Path:
+    """``OUT/<net>-<split>/<arm>`` for the grid's seed 0, ``<arm>-seed<N>`` for repeats."""
+    return out / f"{net}-{split}" / (arm if seed == 0 else f"{arm}-seed{seed}")
+
+
+def command(out: Path, net: str, split: str, arm: str, rounds: int, seed: int = 0) -> List[str]:
+    """The oqfl-fl command line of one run (always --resume: it also starts a new run)."""
+    return (["oqfl-fl"] + NETS[net] + SPLITS[split] + ARMS[arm][1] + COMMON
+            + ["--seed", str(seed), "--rounds", str(rounds),
+               "--out", str(run_dir(out, net, split, arm, seed)), "--resume"])
+
+
+def rounds_done(folder: Path) -> int:
+    """Rounds in a run's metrics.json whose final model was written (0 when unfinished)."""
+    from oqfl_ext.fl.metrics import load_run
+    if not (folder / "model.safetensors").is_file() or not (folder / "metrics.json").is_file():
+        return 0
+    return len(load_run(folder)[1])
+
+
+def _run_one(job) -> tuple:
+    folder = run_dir(*job[:4], seed=job[5])
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = command(*job)
+    cmd = [sys.executable, "-m", "oqfl_ext.fl"] + argv[1:]
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "ab") as log:
+        log.write(f"$ {shlex.join(argv)}\n".encode())
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return folder, rc, time.perf_counter() - t0
+
+
+def cmd_run(args) -> int:
+    jobs = []
+    for seed in args.seeds:
+        for net in sorted(args.nets, key=_COST_ORDER.index):
+            for split in args.splits:
+                for arm in args.arms:
+                    folder = run_dir(args.out, net, split, arm, seed)
+                    done = rounds_done(folder)
+                    if done >= args.rounds:
+                        print(f"done      {folder.relative_to(args.out)} ({done} rounds)")
+                    else:
+                        jobs.append((args.out, net, split, arm, args.rounds, seed))
+    if args.dry_run:
+        for job in jobs:
+            print(shlex.join(command(*job)))
+        return 0
+    failed = 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for folder, rc, secs in pool.map(_run_one, jobs):
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder / 'log.txt'})"
+            print(f"{status:9s} {folder.relative_to(args.out)} in {secs:.0f} s", flush=True)
+            failed += rc != 0
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# report: tables and plots from the runs' metrics.json
+
+def _load_model(folder: Path):
+    """The final global model of a finished run, rebuilt from its metrics.json config and its
+    model.safetensors (safetensors only; nothing is unpickled)."""
+    from safetensors.torch import load
+
+    from oqfl_ext.fl.cli import _model_fn
+    from oqfl_ext.fl.metrics import load_run
+    cfg, _ = load_run(folder)
+    model = _model_fn(cfg, 1, 10, cfg["image_size"])()
+    model.load_state_dict(load((folder / "model.safetensors").read_bytes()))
+    return cfg, model.eval()
+
+
+def _cost(folder: Path):
+    from oqfl_ext.nn.bitops import cost
+    cfg, model = _load_model(folder)
+    return cost(model, (1, cfg["image_size"], cfg["image_size"]))
+
+
+def _mb(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def grid_table(out: Path, net: str, split: str, arms: Sequence[str]):
+    """Markdown rows of one network and split, the named runs and the totals for the plot;
+    ``None`` when its FP32 run is missing."""
+    from oqfl_ext.fl.metrics import load_run, summarize
+    base_dir = run_dir(out, net, split, "fp32")
+    if not rounds_done(base_dir):
+        return None
+    base = summarize(load_run(base_dir)[1])
+    base_cost = _cost(base_dir)
+    rows, named, seconds = [], [], 0.0
+    for arm in arms:
+        folder = run_dir(out, net, split, arm)
+        if not rounds_done(folder):
+            rows.append(f"| {ARMS[arm][0]} | (not run) |" + " |" * 8)
+            continue
+        cfg, records = load_run(folder)
+        s = summarize(records)
+        c = _cost(folder)
+        seconds += s["total_time_s"]
+        gap = 100 * (s["final_accuracy"] - base["final_accuracy"])
+        gap_best = 100 * (s["best_accuracy"] - base["best_accuracy"])
+        ratio = base["uplink_mb"] / s["uplink_mb"]
+        rows.append(
+            f"| {ARMS[arm][0]} | {cfg['uplink']} | {100 * s['final_accuracy']:.2f} "
+            f"| {100 * s['best_accuracy']:.2f} | {gap:+.2f} / {gap_best:+.2f} "
+            f"| {_mb(s['uplink_mb_per_round'])} | {_mb(s['uplink_mb'])} | {ratio:.2f}x "
+            f"| {c.param_bytes / 1e3:.1f} kB ({base_cost.param_bytes / c.param_bytes:.2f}x) "
+            f"| {c.bitops / base_cost.bitops:.4f} |")
+        named.append((ARMS[arm][0], records))
+    head = ("| arm | uplink | final acc % | best acc % | gap to FP32 (final / best), pts "
+            "| uplink MB/round | uplink MB total | uplink vs FP32 | model bytes (vs FP32) "
+            "| BitOPs vs FP32 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    return head + "\n" + "\n".join(rows), named, seconds
+
+
+def uplink_breakdown(out: Path, net: str, split: str) -> Optional[str]:
+    """One markdown row per uplink codec of ``net``: where the bytes of one client update go
+    (safetensors header and metadata, int codes, per-channel step sizes, 0-D/1-D entries),
+    from a blob the codec makes of the run's own final model (sizes do not depend on values)."""
+    import json
+    import struct
+
+    from oqfl_ext.fl.codec import encode_update
+    rows = []
+    base = None
+    for arm, bits in (("fp32", 32), ("w8a8", 8), ("w4a4", 4)):
+        folder = run_dir(out, net, split, arm)
+        if not rounds_done(folder):
+            return None
+        _, model = _load_model(folder)
+        update = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        blob = encode_update(update, bits=bits, round=0, client_id="client-0", num_samples=1)
+        header = struct.unpack("<Q", blob[:8])[0] + 8
+        parts = {"codes": 0, "scale": 0, "values": 0}
+        entries = json.loads(blob[8:header])
+        entries.pop("__metadata__")
+        for key, e in entries.items():
+            parts[key.rsplit("::", 1)[1]] += e["data_offsets"][1] - e["data_offsets"][0]
+        base = base or len(blob)
+        if bits == 32:
+            body = parts["values"]
+            detail = f"| {parts['values'] / 1e3:.1f} | - | - "
+        else:
+            body = parts["codes"]
+            detail = (f"| {parts['codes'] / 1e3:.1f} | {parts['scale'] / 1e3:.1f} "
+                      f"| {parts['values'] / 1e3:.1f} ")
+        rows.append(f"| {net} | {ARMS[arm][0]} ({bits}-bit) | {len(blob) / 1e3:.1f} "
+                    f"| {header / 1e3:.1f} {detail}| {base / len(blob):.2f}x "
+                    f"| {len(entries)} |")
+    return "\n".join(rows)
+
+
+def cmd_report(args) -> int:
+    from oqfl_ext.fl.metrics import plot_runs
+    docs = args.docs
+    sections, total_s = [], 0.0
+    for net in args.nets:
+        for split in args.splits:
+            got = grid_table(args.out, net, split, args.arms)
+            if got is None:
+                print(f"skipped {net}-{split}: no finished FP32 run in {args.out}")
+                continue
+            table, named, seconds = got
+            total_s += seconds
+            png = docs / "results" / f"{net}-{split}.png"
+            title = f"{net} on Fashion-MNIST, {split}"
+            plot_runs(named, png, title=title)
+            sections.append(f"### {title}\n\n{table}\n\n![{title}](results/{png.name})\n\n"
+                            f"Training time of these runs: {seconds / 60:.1f} min (sum of the "
+                            f"rounds' wall time, one thread per run).\n")
+    text = "\n".join(sections) + f"\nAll runs: {total_s / 3600:.2f} h of one-thread time.\n"
+    _splice(docs / "RESULTS.md", "grid", text)
+    rows = [r for r in (uplink_breakdown(args.out, net, args.splits[0]) for net in args.nets)
+            if r]
+    _splice(docs / "RESULTS.md", "uplink", "| network | update | blob kB | header kB "
+            "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
+            "| tensors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
+    print(f"wrote {len(sections)} tables and plots into {docs}")
+    return 0
+
+
+def _splice(path: Path, marker: str, text: str) -> None:
+    """Replaces what lies between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` in
+    ``path`` (the rest of the document is hand-written)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path}: expected the markers {begin} and {end}")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + begin + "\n" + text.strip() + "\n" + end + tail)
+
+
+# ----------------------------------------------------------------------------------------------
+# deploy: the converted integer models against the float model on this CPU
+
+def _accuracy(model, x, y, batch: int = 1000) -> float:
+    import torch
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(y), batch):
+            correct += int((model(x[s:s + batch]).argmax(1) == y[s:s + batch]).sum())
+    return correct / len(y)
+
+
+def _median_ms(model, x, repeats: int) -> float:
+    import statistics
+
+    import torch
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def cmd_deploy(args) -> int:
+    import tempfile
+    import warnings
+
+    import torch
+
+    from oqfl_ext.fl.cli import _prepare_data
+    from oqfl_ext.nn.integer import ConversionWarning, convert, save_packed
+    torch.set_num_threads(args.threads)
+    rows = []
+    for net in args.nets:
+        for split in args.splits:
+            folders = {arm: run_dir(args.out, net, split, arm) for arm in ("fp32", "w8a8", "w4a4")}
+            if not all(rounds_done(f) for f in folders.values()):
+                print(f"skipped {net}-{split}: the FP32, W8A8 and W4A4 runs are not all finished")
+                continue
+            cfg, fp32 = _load_model(folders["fp32"])
+            _, _, vx, vy = _prepare_data(cfg, None, None)
+            one, batch = vx[:1].contiguous(memory_format=torch.channels_last), \
+                vx[:args.batch].contiguous(memory_format=torch.channels_last)
+            fp32 = fp32.to(memory_format=torch.channels_last)
+            ref = {b: _median_ms(fp32, x, args.repeats) for b, x in ((1, one), (args.batch, batch))}
+            fp32_bytes = sum(t.numel() * t.element_size() for t in fp32.state_dict().values())
+            rows.append(f"| {net} | {split} | FP32 float | {100 * _accuracy(fp32, vx, vy):.2f} | - "
+                        f"| {ref[1]:.3f} | {ref[args.batch]:.2f} | 1.00x / 1.00x "
+                        f"| {fp32_bytes / 1e3:.1f} kB |")
+            for arm in ("w8a8", "w4a4"):
+                _, fake = _load_model(folders[arm])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConversionWarning)
+                    integer = convert(fake).to(memory_format=torch.channels_last)
+                fake_acc, int_acc = _accuracy(fake, vx, vy), _accuracy(integer, vx, vy)
+                agree = float((fake(vx).argmax(1) == integer(vx).argmax(1)).float().mean()) \
+                    if len(vy) <= 20000 else float("nan")
+                ms = {b: _median_ms(integer, x, args.repeats) for b, x in ((1, one), (args.batch, batch))}
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_packed(integer, Path(tmp) / "m.safetensors")
+                    size = (Path(tmp) / "m.safetensors").stat().st_size
+                rows.append(
+                    f"| {net} | {split} | {ARMS[arm][0]} integer | {100 * int_acc:.2f} "
+                    f"| {100 * fake_acc:.2f} ({100 * agree:.2f} % same class) "
+                    f"| {ms[1]:.3f} | {ms[args.batch]:.2f} "
+                    f"| {ref[1] / ms[1]:.2f}x / {ref[args.batch] / ms[args.batch]:.2f}x "
+                    f"| {size / 1e3:.1f} kB ({fp32_bytes / size:.2f}x smaller) |")
+            print(rows[-3:], flush=True)
+    head = (f"{torch.get_num_threads()} threads, channels_last float32 input; medians of "
+            f"{args.repeats} calls after 3 warm-up calls.\n\n"
+            f"| network | split | model | test acc % | fake-quant acc % | ms batch 1 "
+            f"| ms batch {args.batch} | speed vs float (1 / {args.batch}) | file |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|")
+    _splice(args.docs / "RESULTS.md", "deploy", head + "\n" + "\n".join(rows))
+    print("\n".join(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paper_grid.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="grid folder (default: "
+                        "runs/paper)")
+        sp.add_argument("--nets", type=_csv(tuple(NETS), "--nets"), default=list(DEFAULT_NETS))
+        sp.add_argument("--splits", type=_csv(tuple(SPLITS), "--splits"), default=list(SPLITS))
+        sp.add_argument("--arms", type=_csv(tuple(ARMS), "--arms"), default=list(ARMS))
+        sp.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+
+    r = sub.add_parser("run", help="run (or continue) the grid's runs")
+    common(r)
+    r.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each "
+                   "(default: 2, one per core of the reference machine)")
+    r.add_argument("--dry-run", action="store_true", help="print the commands only")
+    r.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default: "
+                   "0, the grid; others repeat runs to measure seed-to-seed spread)")
+
+    rep = sub.add_parser("report", help="tables and plots of the finished runs into "
+                         "docs/RESULTS.md and docs/results/")
+    common(rep)
+    rep.add_argument("--docs", type=Path, default=ROOT / "docs")
+
+    d = sub.add_parser("deploy", help="converted W8A8/W4A4 integer models against the FP32 "
+                       "float model: accuracy, file size, CPU inference time")
+    common(d)
+    d.add_argument("--docs", type=Path, default=ROOT / "docs")
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--batch", type=int, default=256)
+    d.add_argument("--repeats", type=int, default=30)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out.resolve()
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "report":
+        return cmd_report(args)
+    if args.cmd == "deploy":
+        return cmd_deploy(args)
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""experiments/paper_grid.py: every run of the grid is a valid oqfl-fl command, the arms differ only
+in their quantization and uplink codec, and the report's splicing keeps the hand-written text."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from oqfl_ext.fl.cli import build_config, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("paper_grid", ROOT / "experiments" /
+                                                  "paper_grid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _config(grid, net, split, arm, seed=0):
+    argv = grid.command(Path("/tmp/grid"), net, split, arm, 20, seed)
+    assert argv[0] == "oqfl-fl"
+    return build_config(build_parser().parse_args(argv[1:]))
+
+
+QUANT_KEYS = {"name", "weight_bits", "act_bits", "first_last_bits", "uplink", "stochastic",
+              "error_feedback", "eval_integer"}
+
+
+@pytest.mark.parametrize("net", ["small_cnn", "vgg", "resnet20", "mobilenet_v2"])
+@pytest.mark.parametrize("split", ["iid", "dirichlet"])
+def test_arms_share_everything_but_the_quantization(grid, net, split):
+    configs = {arm: _config(grid, net, split, arm) for arm in grid.ARMS}
+    base = configs["fp32"]
+    assert base["weight_bits"] is None and base["act_bits"] is None
+    assert base["uplink"] == "float32"
+    for arm, cfg in configs.items():
+        shared = {k: v for k, v in cfg.items() if k not in QUANT_KEYS}
+        assert shared == {k: v for k, v in base.items() if k not in QUANT_KEYS}, arm
+        assert cfg["model"] == net and cfg["partition"] == split and cfg["clients"] == 10
+        assert cfg["dataset"] == "fashion-mnist" and cfg["seed"] == 0
+        assert cfg["uplink_compression"] == "zlib"
+    assert (split == "dirichlet") == (base["alpha"] == 0.5)
+    bits = {arm: (c["weight_bits"], c["act_bits"], c["uplink"]) for arm, c in configs.items()}
+    assert bits == {"fp32": (None, None, "float32"), "w8a8": (8, 8, "int8"),
+                    "w4a4": (4, 4, "int4"), "w3a3": (3, 3, "int4"), "w2a2": (2, 2, "int4"),
+                    "w4af": (4, None, "int4")}
+
+
+def test_seeds_change_only_the_seed_and_the_folder(grid):
+    a, b = _config(grid, "vgg", "iid", "w4a4"), _config(grid, "vgg", "iid", "w4a4", seed=2)
+    assert b["seed"] == 2 and {k: v for k, v in a.items() if k != "seed"} == \
+        {k: v for k, v in b.items() if k != "seed"}
+    out = Path("/g")
+    assert grid.run_dir(out, "vgg", "iid", "w4a4") == out / "vgg-iid" / "w4a4"
+    assert grid.run_dir(out, "vgg", "iid", "w4a4", 2) == out / "vgg-iid" / "w4a4-seed2"
+
+
+def test_bad_lists_name_the_option(grid, capsys):
+    for argv, option in ((["run", "--nets", "vgg,alexnet"], "--nets"),
+                         (["run", "--arms", "w5a5"], "--arms"),
+                         (["run", "--seeds", "1,x"], "--seeds")):
+        with pytest.raises(SystemExit):
+            grid.main(argv)
+        assert option in capsys.readouterr().err
+
+
+def test_splice_replaces_only_between_the_markers(grid, tmp_path):
+    doc = tmp_path / "R.md"
+    doc.write_text("intro\n<!-- t:begin -->\nold\n<!-- t:end -->\noutro\n")
+    grid._splice(doc, "t", "new table\n")
+    assert doc.read_text() == "intro\n<!-- t:begin -->\nnew table\n<!-- t:end -->\noutro\n"
+    with pytest.raises(SystemExit, match="markers"):
+        grid._splice(doc, "missing", "x")
+
+
+def test_unfinished_runs_count_as_not_done(grid, tmp_path):
+    from oqfl_ext.fl.metrics import write_metrics
+    folder = tmp_path / "run"
+    assert grid.rounds_done(folder) == 0
+    folder.mkdir()
+    rec = {"round": 0, "accuracy": 0.5, "loss": 1.0, "uplink_bytes": 1, "downlink_bytes": 1,
+           "wall_time_s": 1.0}
+    write_metrics(folder / "metrics.json", {}, [rec])
+    assert grid.rounds_done(folder) == 0             # no final model yet: still running
+    (folder / "model.safetensors").write_bytes(b"x")
+    assert grid.rounds_done(folder) == 1
