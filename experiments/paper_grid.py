@@ -216,13 +216,17 @@ def uplink_breakdown(out: Path, net: str, split: str) -> Optional[str]:
     import struct
 
     from oqfl_ext.fl.codec import encode_update
+    from oqfl_ext.fl.metrics import load_run
     rows = []
-    base = None
+    base = base_sent = None
     for arm, bits in (("fp32", 32), ("w8a8", 8), ("w4a4", 4)):
         folder = run_dir(out, net, split, arm)
         if not rounds_done(folder):
             return None
         _, model = _load_model(folder)
+        records = load_run(folder)[1]
+        sent = sum(r["uplink_bytes"] for r in records) / sum(len(r["accepted"]) for r in records)
+        base_sent = base_sent or sent
         update = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
         blob = encode_update(update, bits=bits, round=0, client_id="client-0", num_samples=1)
         header = struct.unpack("<Q", blob[:8])[0] + 8
@@ -241,8 +245,47 @@ def uplink_breakdown(out: Path, net: str, split: str) -> Optional[str]:
                       f"| {parts['values'] / 1e3:.1f} ")
         rows.append(f"| {net} | {ARMS[arm][0]} ({bits}-bit) | {len(blob) / 1e3:.1f} "
                     f"| {header / 1e3:.1f} {detail}| {base / len(blob):.2f}x "
-                    f"| {len(entries)} |")
+                    f"| {len(entries)} | {sent / 1e3:.1f} | {base_sent / sent:.2f}x |")
     return "\n".join(rows)
+
+
+def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str]) -> str:
+    """Final accuracy of FP32 and of every arm repeated with other seeds, and the gap to FP32
+    with the same seed (same initial model, partition and client sampling)."""
+    import re
+    import statistics
+
+    from oqfl_ext.fl.metrics import load_run, summarize
+    rows = []
+    for net in nets:
+        for split in splits:
+            folder = out / f"{net}-{split}"
+            seeds = sorted({int(m.group(1)) for p in folder.glob("fp32-seed*")
+                            if (m := re.fullmatch(r"fp32-seed(\d+)", p.name))})
+            if not seeds:
+                continue
+            seeds = [0] + seeds
+            for arm in ARMS:
+                if arm == "fp32":
+                    continue
+                gaps, accs = [], []
+                for seed in seeds:
+                    a, b = run_dir(out, net, split, arm, seed), run_dir(out, net, split, "fp32",
+                                                                          seed)
+                    if rounds_done(a) and rounds_done(b):
+                        acc = summarize(load_run(a)[1])["final_accuracy"]
+                        base = summarize(load_run(b)[1])["final_accuracy"]
+                        accs.append(f"{100 * base:.2f} / {100 * acc:.2f}")
+                        gaps.append(100 * (acc - base))
+                if len(gaps) < 2:
+                    continue
+                rows.append(f"| {net} | {split} | {ARMS[arm][0]} | {len(gaps)} | "
+                            f"{'; '.join(accs)} | {statistics.mean(gaps):+.2f} "
+                            f"| {min(gaps):+.2f} .. {max(gaps):+.2f} |")
+    if not rows:
+        return "(no repeated seeds yet)"
+    return ("| network | split | arm | seeds | final acc % FP32 / arm, per seed | mean gap, pts "
+            "| gap range, pts |\n|---|---|---|---:|---|---:|---:|\n" + "\n".join(rows))
 
 
 def cmd_report(args) -> int:
@@ -257,6 +300,12 @@ def cmd_report(args) -> int:
                 continue
             table, named, seconds = got
             total_s += seconds
+            for arm in args.arms:  # the raw per-round numbers, kept with the docs
+                src = run_dir(args.out, net, split, arm) / "metrics.json"
+                if src.is_file():
+                    dst = docs / "results" / "metrics" / f"{net}-{split}-{arm}.json"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.write_bytes(src.read_bytes())
             png = docs / "results" / f"{net}-{split}.png"
             title = f"{net} on Fashion-MNIST, {split}"
             plot_runs(named, png, title=title)
@@ -269,7 +318,9 @@ def cmd_report(args) -> int:
             if r]
     _splice(docs / "RESULTS.md", "uplink", "| network | update | blob kB | header kB "
             "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
-            "| tensors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
+            "| tensors | sent per client in the runs (zlib), kB | vs FP32 |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
+    _splice(docs / "RESULTS.md", "seeds", seed_table(args.out, args.nets, args.splits))
     print(f"wrote {len(sections)} tables and plots into {docs}")
     return 0
 
@@ -331,10 +382,14 @@ def cmd_deploy(args) -> int:
                 continue
             cfg, fp32 = _load_model(folders["fp32"])
             _, _, vx, vy = _prepare_data(cfg, None, None)
-            one, batch = vx[:1].contiguous(memory_format=torch.channels_last), \
-                vx[:args.batch].contiguous(memory_format=torch.channels_last)
-            fp32 = fp32.to(memory_format=torch.channels_last)
-            ref = {b: _median_ms(fp32, x, args.repeats) for b, x in ((1, one), (args.batch, batch))}
+            cl = torch.channels_last
+            one, batch = vx[:1].contiguous(memory_format=cl), vx[:args.batch].contiguous(
+                memory_format=cl)
+            # the float model at its faster memory format (the integer ops run channels_last)
+            ref = {b: min(_median_ms(fp32.to(memory_format=fmt), x.contiguous(memory_format=fmt),
+                                     args.repeats)
+                          for fmt in (torch.contiguous_format, cl))
+                   for b, x in ((1, one), (args.batch, batch))}
             fp32_bytes = sum(t.numel() * t.element_size() for t in fp32.state_dict().values())
             rows.append(f"| {net} | {split} | FP32 float | {100 * _accuracy(fp32, vx, vy):.2f} | - "
                         f"| {ref[1]:.3f} | {ref[args.batch]:.2f} | 1.00x / 1.00x "
@@ -358,7 +413,8 @@ def cmd_deploy(args) -> int:
                     f"| {ref[1] / ms[1]:.2f}x / {ref[args.batch] / ms[args.batch]:.2f}x "
                     f"| {size / 1e3:.1f} kB ({fp32_bytes / size:.2f}x smaller) |")
             print(rows[-3:], flush=True)
-    head = (f"{torch.get_num_threads()} threads, channels_last float32 input; medians of "
+    head = (f"{torch.get_num_threads()} threads, float32 input (channels_last for the integer "
+            f"models, the faster of NCHW and channels_last for the float model); medians of "
             f"{args.repeats} calls after 3 warm-up calls.\n\n"
             f"| network | split | model | test acc % | fake-quant acc % | ms batch 1 "
             f"| ms batch {args.batch} | speed vs float (1 / {args.batch}) | file |\n"

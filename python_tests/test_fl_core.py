@@ -326,3 +326,37 @@ def test_config_validation():
         Server(_mlp, TEST, clients=_clients([8]), fraction=0.0)
     with pytest.raises(ValueError):
         Server(_mlp, TEST, clients=_clients([8]), norm_bound=-1.0)
+
+
+def test_step_size_lr_scale_scales_only_the_quantizer_step():
+    # one SGD step (one batch, no momentum) from the same state: the gradients are the same, so
+    # the step sizes and offsets move by scale x what they move at scale 1; the weights equally
+    def quant_mlp():
+        torch.manual_seed(0)
+        return quantize_model(_mlp(), weight_bits=4, act_bits=4, first_last_bits=None)
+
+    template = quant_mlp()
+    template.train()
+    x, _ = _blobs(16, 1)
+    template(x)                                        # initializes the quantizers
+    state = template.state_dict()
+    deltas = {}
+    for scale in (1.0, 0.1):
+        cfg = ClientConfig(local_epochs=1, batch_size=16, lr=0.1, momentum=0.0, uplink_bits=32,
+                           step_size_lr_scale=scale)
+        blob = Client("c", _blobs(16, 2), cfg, seed=3).train(
+            {k: v.clone() for k, v in state.items()}, quant_mlp)
+        deltas[scale] = decode_update(blob, float_state(state))
+    quant = [k for k in deltas[1.0] if k.endswith(("step_size", "offset"))]
+    assert quant and len(quant) < len(deltas[1.0])
+    moved = 0.0
+    for k, d in deltas[1.0].items():
+        if k in quant:
+            # float32 deltas of O(1) step sizes: a few ulps of the parameter, not of the delta
+            torch.testing.assert_close(deltas[0.1][k], 0.1 * d, rtol=0, atol=3e-7)
+            moved = max(moved, float(d.abs().max()))
+        elif not k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(deltas[0.1][k], d, rtol=0, atol=0)
+    assert moved > 100 * 3e-7, moved                   # a scale of 1 would fail the check
+    with pytest.raises(ValueError, match="step_size_lr_scale"):
+        ClientConfig(step_size_lr_scale=0.0)

@@ -65,7 +65,8 @@ VERSION = 1
 RESUME_IGNORE = frozenset({"rounds", "out", "resume", "quiet", "progress", "data_dir",
                            "device_note", "threads", "eval_integer"})
 # options added after the first release, with the behaviour a checkpoint without them had
-_ADDED_OPTIONS = {"uplink_compression": "none"}
+_ADDED_OPTIONS = {"uplink_compression": "none", "quant_init": "mse", "grad_scale": "lsq",
+                  "step_size_lr_scale": 1.0}
 _TENSORS_RE = re.compile(r"^checkpoint-r(\d{6,})\.safetensors$")
 _SEP = "::"
 

@@ -188,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the layer inputs (LSQ), or float")
     g.add_argument("--first-last-bits", type=_bits, default=8, metavar="{2..8,float}",
                    help="bits of the first and last layers of a quantized model, or float")
+    g.add_argument("--quant-init", choices=("mse", "lsq"), default="mse",
+                   help="how the server sets every step size before round 1 from a batch of "
+                        "the first client: the range with the least squared error (mse) or "
+                        "LSQ's 2 mean|x| / sqrt(qmax) (lsq)")
+    g.add_argument("--grad-scale", choices=("lsq", "none"), default="lsq",
+                   help="gradient scale of the step sizes and offsets: LSQ's "
+                        "1/sqrt(elements x qmax), or none (1)")
+    g.add_argument("--step-size-lr-scale", type=_positive_float, default=1.0,
+                   help="the clients' learning rate of step sizes and offsets, as a multiple "
+                        "of --lr")
     g.add_argument("--uplink", choices=tuple(UPLINKS), default="int4",
                    help="codec of the client updates")
     g.add_argument("--uplink-compression", choices=COMPRESSIONS, default="none",
@@ -253,6 +263,8 @@ def build_config(args: argparse.Namespace, *, weight_bits=..., act_bits=..., upl
         "momentum": args.momentum, "weight_decay": args.weight_decay,
         "weight_bits": wb, "act_bits": ab,
         "first_last_bits": args.first_last_bits if quantized else None,
+        "quant_init": args.quant_init, "grad_scale": args.grad_scale,
+        "step_size_lr_scale": args.step_size_lr_scale,
         "uplink": up, "uplink_compression": args.uplink_compression,
         "stochastic": args.stochastic if up != "float32" else None,
         "error_feedback": args.error_feedback if up != "float32" else None,
@@ -333,6 +345,7 @@ def _partition(cfg: dict, labels: Tensor) -> List[Tensor]:
 def _model_fn(cfg: dict, in_channels: int, num_classes: int, image_size: int):
     from ..models import create
     from ..nn import quantize_model
+    from ..nn.quantizer import LSQQuantizer
     kwargs = {"width": cfg["width"]} if cfg["model"] in _WIDTH_MODELS else {}
     device = torch.device(cfg["device"])
     wb, ab = cfg["weight_bits"], cfg["act_bits"]
@@ -343,6 +356,11 @@ def _model_fn(cfg: dict, in_channels: int, num_classes: int, image_size: int):
         if wb is not None or ab is not None:
             m = quantize_model(m, weight_bits=wb, act_bits=ab,
                                first_last_bits=cfg["first_last_bits"], inplace=True)
+            for q in m.modules():
+                if isinstance(q, LSQQuantizer):
+                    q.init = cfg.get("quant_init", "mse")
+                    if cfg.get("grad_scale", "lsq") == "none":
+                        q.grad_factor = 1.0
         return m.to(device)
 
     return model_fn
@@ -396,7 +414,8 @@ def run_experiment(cfg: dict, out, *, resume: bool = False, progress: bool = Tru
                         weight_decay=cfg["weight_decay"], uplink_bits=UPLINKS[cfg["uplink"]],
                         stochastic=bool(cfg["stochastic"]),
                         error_feedback=bool(cfg["error_feedback"]),
-                        uplink_compression=cfg.get("uplink_compression", "none"))
+                        uplink_compression=cfg.get("uplink_compression", "none"),
+                        step_size_lr_scale=cfg.get("step_size_lr_scale", 1.0))
     width = len(str(cfg["clients"] - 1))
     clients = [Client(f"client-{i:0{width}d}", (tx[p], ty[p]), ccfg,
                       seed=derive_seed(cfg["seed"], 0xC1, i)) for i, p in enumerate(parts)]

@@ -63,6 +63,8 @@ class ClientConfig:
             to the next round's delta (EF-SGD style); no effect with ``uplink_bits=32``.
         uplink_compression: ``"none"`` or ``"zlib"`` (the update blob entropy-coded, see
             :mod:`oqfl_ext.fl.codec`); the server must expect the same.
+        step_size_lr_scale: the learning rate of the LSQ quantizers' step sizes and offsets,
+            as a multiple of ``lr`` (> 0).
     """
 
     local_epochs: int = 1
@@ -74,6 +76,7 @@ class ClientConfig:
     stochastic: bool = True
     error_feedback: bool = False
     uplink_compression: str = "none"
+    step_size_lr_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("local_epochs", "batch_size"):
@@ -87,6 +90,10 @@ class ClientConfig:
         if isinstance(self.uplink_bits, bool) or self.uplink_bits not in (4, 8, 32):
             raise ValueError(f"ClientConfig.uplink_bits expected 4, 8 or 32, "
                              f"got {self.uplink_bits!r}")
+        v = self.step_size_lr_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"ClientConfig.step_size_lr_scale expected a positive number, "
+                             f"got {v!r}")
         if self.uplink_compression not in COMPRESSIONS:
             raise ValueError(f"ClientConfig.uplink_compression expected one of {COMPRESSIONS}, "
                              f"got {self.uplink_compression!r}")
@@ -219,7 +226,7 @@ class Client:
         if n == 0:
             self.last_loss = None
             return
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
@@ -237,6 +244,20 @@ class Client:
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         self.last_loss = total / max(count, 1)
+
+
+def _param_groups(model: nn.Module, cfg: ClientConfig) -> list:
+    """The weights at ``lr``; the quantizers' step sizes and offsets at
+    ``lr * step_size_lr_scale`` (one group when the scale is 1, as before the option)."""
+    from ..nn.quantizer import LSQQuantizer
+    quant = {id(p) for q in model.modules() if isinstance(q, LSQQuantizer)
+             for p in q.parameters()}
+    params = list(model.parameters())
+    if cfg.step_size_lr_scale == 1 or not quant:
+        return [{"params": params}]
+    return [{"params": [p for p in params if id(p) not in quant]},
+            {"params": [p for p in params if id(p) in quant],
+             "lr": cfg.lr * cfg.step_size_lr_scale}]
 
 
 def _check_deadline(deadline: Optional[float], where: str) -> None:
