@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -66,6 +66,10 @@ DEFAULT_ROUNDS = 20
 _COST_ORDER = ("mobilenet_v2", "resnet20", "small_cnn", "vgg")
 
 
+def _cost_rank(net: str) -> int:
+    return _COST_ORDER.index(net) if net in _COST_ORDER else len(_COST_ORDER)
+
+
 def _csv(choices: Sequence[str], what: str):
     def parse(text: str) -> List[str]:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -75,6 +79,16 @@ def _csv(choices: Sequence[str], what: str):
                 f"{what}: expected a comma-separated list of {', '.join(choices)}, got {text!r}")
         return items
     return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
 
 
 def _seeds(text: str) -> List[int]:
@@ -101,11 +115,44 @@ def command(out: Path, net: str, split: str, arm: str, rounds: int, seed: int = 
 
 
 def rounds_done(folder: Path) -> int:
-    """Rounds in a run's metrics.json whose final model was written (0 when unfinished)."""
+    """Rounds of a finished run (0 while it runs or when it was never started): oqfl-fl
+    rewrites metrics.json every round and writes model.safetensors once, at the end."""
     from oqfl_ext.fl.metrics import load_run
-    if not (folder / "model.safetensors").is_file() or not (folder / "metrics.json").is_file():
+    model, metrics = folder / "model.safetensors", folder / "metrics.json"
+    if not model.is_file() or not metrics.is_file() or \
+            model.stat().st_mtime_ns < metrics.stat().st_mtime_ns:
         return 0
     return len(load_run(folder)[1])
+
+
+def finished(folder: Path, rounds: int) -> bool:
+    return rounds_done(folder) >= rounds
+
+
+def config_mismatch(folder: Path, job) -> Optional[str]:
+    """Why the finished run in ``folder`` is not the run ``command(*job)`` asks for (another
+    version of the grid's options), or None."""
+    from oqfl_ext.fl.checkpoint import CheckpointMismatch, compare_configs
+    from oqfl_ext.fl.cli import build_config, build_parser
+    from oqfl_ext.fl.metrics import load_run
+    want = build_config(build_parser().parse_args(command(*job)[1:]))
+    try:
+        compare_configs(load_run(folder)[0], want)
+    except CheckpointMismatch as e:
+        return str(e)
+    return None
+
+
+def _source_version() -> str:
+    """The commit the runs' code comes from, and whether the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes" if dirty.strip() else "")
 
 
 def _run_one(job) -> tuple:
@@ -115,7 +162,7 @@ def _run_one(job) -> tuple:
     cmd = [sys.executable, "-m", "oqfl_ext.fl"] + argv[1:]
     t0 = time.perf_counter()
     with open(folder / "log.txt", "ab") as log:
-        log.write(f"$ {shlex.join(argv)}\n".encode())
+        log.write(f"# source: {_source_version()}\n$ {shlex.join(argv)}\n".encode())
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -123,24 +170,35 @@ def _run_one(job) -> tuple:
 
 
 def cmd_run(args) -> int:
-    jobs = []
+    jobs, stale = [], []
     for seed in args.seeds:
-        for net in sorted(args.nets, key=_COST_ORDER.index):
+        for net in sorted(args.nets, key=_cost_rank):
             for split in args.splits:
                 for arm in args.arms:
+                    job = (args.out, net, split, arm, args.rounds, seed)
                     folder = run_dir(args.out, net, split, arm, seed)
                     done = rounds_done(folder)
                     if done >= args.rounds:
-                        print(f"done      {folder.relative_to(args.out)} ({done} rounds)")
+                        why = config_mismatch(folder, job)
+                        if why:
+                            stale.append(f"{folder}: {why}")
+                        print(f"{'STALE' if why else 'done':9s} "
+                              f"{folder.relative_to(args.out)} ({done} rounds)")
                     else:
-                        jobs.append((args.out, net, split, arm, args.rounds, seed))
+                        jobs.append(job)
+    if stale:
+        print("these finished runs were made with other options than the grid's now; move "
+              "them away (or choose another --out) and run again:\n  " + "\n  ".join(stale),
+              file=sys.stderr)
+        return 1
     if args.dry_run:
         for job in jobs:
             print(shlex.join(command(*job)))
         return 0
     failed = 0
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for folder, rc, secs in pool.map(_run_one, jobs):
+        for future in as_completed([pool.submit(_run_one, job) for job in jobs]):
+            folder, rc, secs = future.result()
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder / 'log.txt'})"
             print(f"{status:9s} {folder.relative_to(args.out)} in {secs:.0f} s", flush=True)
             failed += rc != 0
@@ -173,20 +231,20 @@ def _mb(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
-def grid_table(out: Path, net: str, split: str, arms: Sequence[str]):
+def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int):
     """Markdown rows of one network and split, the named runs and the totals for the plot;
     ``None`` when its FP32 run is missing."""
     from oqfl_ext.fl.metrics import load_run, summarize
     base_dir = run_dir(out, net, split, "fp32")
-    if not rounds_done(base_dir):
+    if not finished(base_dir, rounds):
         return None
     base = summarize(load_run(base_dir)[1])
     base_cost = _cost(base_dir)
     rows, named, seconds = [], [], 0.0
     for arm in arms:
         folder = run_dir(out, net, split, arm)
-        if not rounds_done(folder):
-            rows.append(f"| {ARMS[arm][0]} | (not run) |" + " |" * 8)
+        if not finished(folder, rounds):
+            rows.append(f"| {ARMS[arm][0]} | (not finished: {rounds_done(folder)} of {rounds} rounds) |" + " |" * 8)
             continue
         cfg, records = load_run(folder)
         s = summarize(records)
@@ -208,11 +266,10 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str]):
     return head + "\n" + "\n".join(rows), named, seconds
 
 
-def uplink_breakdown(out: Path, net: str, split: str) -> Optional[str]:
+def uplink_breakdown(out: Path, net: str, split: str, rounds: int) -> Optional[str]:
     """One markdown row per uplink codec of ``net``: where the bytes of one client update go
     (safetensors header and metadata, int codes, per-channel step sizes, 0-D/1-D entries),
     from a blob the codec makes of the run's own final model (sizes do not depend on values)."""
-    import json
     import struct
 
     from oqfl_ext.fl.codec import encode_update
@@ -221,7 +278,7 @@ def uplink_breakdown(out: Path, net: str, split: str) -> Optional[str]:
     base = base_sent = None
     for arm, bits in (("fp32", 32), ("w8a8", 8), ("w4a4", 4)):
         folder = run_dir(out, net, split, arm)
-        if not rounds_done(folder):
+        if not finished(folder, rounds):
             return None
         _, model = _load_model(folder)
         records = load_run(folder)[1]
@@ -249,7 +306,7 @@ def uplink_breakdown(out: Path, net: str, split: str) -> Optional[str]:
     return "\n".join(rows)
 
 
-def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str]) -> str:
+def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: int) -> str:
     """Final accuracy of FP32 and of every arm repeated with other seeds, and the gap to FP32
     with the same seed (same initial model, partition and client sampling)."""
     import re
@@ -272,7 +329,7 @@ def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str]) -> str:
                 for seed in seeds:
                     a, b = run_dir(out, net, split, arm, seed), run_dir(out, net, split, "fp32",
                                                                           seed)
-                    if rounds_done(a) and rounds_done(b):
+                    if finished(a, rounds) and finished(b, rounds):
                         acc = summarize(load_run(a)[1])["final_accuracy"]
                         base = summarize(load_run(b)[1])["final_accuracy"]
                         accs.append(f"{100 * base:.2f} / {100 * acc:.2f}")
@@ -294,7 +351,7 @@ def cmd_report(args) -> int:
     sections, total_s = [], 0.0
     for net in args.nets:
         for split in args.splits:
-            got = grid_table(args.out, net, split, args.arms)
+            got = grid_table(args.out, net, split, args.arms, args.rounds)
             if got is None:
                 print(f"skipped {net}-{split}: no finished FP32 run in {args.out}")
                 continue
@@ -312,29 +369,33 @@ def cmd_report(args) -> int:
             sections.append(f"### {title}\n\n{table}\n\n![{title}](results/{png.name})\n\n"
                             f"Training time of these runs: {seconds / 60:.1f} min (sum of the "
                             f"rounds' wall time, one thread per run).\n")
-    text = "\n".join(sections) + f"\nAll runs: {total_s / 3600:.2f} h of one-thread time.\n"
-    _splice(docs / "RESULTS.md", "grid", text)
-    rows = [r for r in (uplink_breakdown(args.out, net, args.splits[0]) for net in args.nets)
-            if r]
-    _splice(docs / "RESULTS.md", "uplink", "| network | update | blob kB | header kB "
-            "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
-            "| tensors | sent per client in the runs (zlib), kB | vs FP32 |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
-    _splice(docs / "RESULTS.md", "seeds", seed_table(args.out, args.nets, args.splits))
+    rows = [r for r in (uplink_breakdown(args.out, net, args.splits[0], args.rounds)
+                        for net in args.nets) if r]
+    _splice(docs / "RESULTS.md", {
+        "grid": "\n".join(sections) + f"\nAll runs: {total_s / 3600:.2f} h of one-thread time.",
+        "uplink": "| network | update | blob before zlib, kB | header kB "
+                  "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
+                  "| tensors | sent per client in the runs (zlib), kB | vs FP32 |\n"
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows),
+        "seeds": seed_table(args.out, args.nets, args.splits, args.rounds)})
     print(f"wrote {len(sections)} tables and plots into {docs}")
     return 0
 
 
-def _splice(path: Path, marker: str, text: str) -> None:
-    """Replaces what lies between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` in
-    ``path`` (the rest of the document is hand-written)."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+def _splice(path: Path, sections: Dict[str, str]) -> None:
+    """For each ``marker: text``, replaces what lies between ``<!-- marker:begin -->`` and
+    ``<!-- marker:end -->`` in ``path`` (the rest of the document is hand-written); all or
+    nothing: the file is written once, after every marker was found."""
+    from oqfl_ext._io import atomic_write_bytes
     doc = path.read_text()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"{path}: expected the markers {begin} and {end}")
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(head + begin + "\n" + text.strip() + "\n" + end + tail)
+    for marker, text in sections.items():
+        begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+        if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+            raise SystemExit(f"{path}: expected the markers {begin} and then {end}, once each")
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        doc = head + begin + "\n" + text.strip() + "\n" + end + tail
+    atomic_write_bytes(path, doc.encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +438,7 @@ def cmd_deploy(args) -> int:
     for net in args.nets:
         for split in args.splits:
             folders = {arm: run_dir(args.out, net, split, arm) for arm in ("fp32", "w8a8", "w4a4")}
-            if not all(rounds_done(f) for f in folders.values()):
+            if not all(finished(f, args.rounds) for f in folders.values()):
                 print(f"skipped {net}-{split}: the FP32, W8A8 and W4A4 runs are not all finished")
                 continue
             cfg, fp32 = _load_model(folders["fp32"])
@@ -400,8 +461,8 @@ def cmd_deploy(args) -> int:
                     warnings.simplefilter("ignore", ConversionWarning)
                     integer = convert(fake).to(memory_format=torch.channels_last)
                 fake_acc, int_acc = _accuracy(fake, vx, vy), _accuracy(integer, vx, vy)
-                agree = float((fake(vx).argmax(1) == integer(vx).argmax(1)).float().mean()) \
-                    if len(vy) <= 20000 else float("nan")
+                with torch.no_grad():
+                    agree = float((fake(vx).argmax(1) == integer(vx).argmax(1)).float().mean())
                 ms = {b: _median_ms(integer, x, args.repeats) for b, x in ((1, one), (args.batch, batch))}
                 with tempfile.TemporaryDirectory() as tmp:
                     save_packed(integer, Path(tmp) / "m.safetensors")
@@ -412,15 +473,14 @@ def cmd_deploy(args) -> int:
                     f"| {ms[1]:.3f} | {ms[args.batch]:.2f} "
                     f"| {ref[1] / ms[1]:.2f}x / {ref[args.batch] / ms[args.batch]:.2f}x "
                     f"| {size / 1e3:.1f} kB ({fp32_bytes / size:.2f}x smaller) |")
-            print(rows[-3:], flush=True)
+            print("\n".join(rows[-3:]), flush=True)
     head = (f"{torch.get_num_threads()} threads, float32 input (channels_last for the integer "
             f"models, the faster of NCHW and channels_last for the float model); medians of "
             f"{args.repeats} calls after 3 warm-up calls.\n\n"
             f"| network | split | model | test acc % | fake-quant acc % | ms batch 1 "
             f"| ms batch {args.batch} | speed vs float (1 / {args.batch}) | file |\n"
             "|---|---|---|---:|---:|---:|---:|---:|---:|")
-    _splice(args.docs / "RESULTS.md", "deploy", head + "\n" + "\n".join(rows))
-    print("\n".join(rows))
+    _splice(args.docs / "RESULTS.md", {"deploy": head + "\n" + "\n".join(rows)})
     return 0
 
 
@@ -434,11 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--nets", type=_csv(tuple(NETS), "--nets"), default=list(DEFAULT_NETS))
         sp.add_argument("--splits", type=_csv(tuple(SPLITS), "--splits"), default=list(SPLITS))
         sp.add_argument("--arms", type=_csv(tuple(ARMS), "--arms"), default=list(ARMS))
-        sp.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+        sp.add_argument("--rounds", type=_positive, default=DEFAULT_ROUNDS)
 
     r = sub.add_parser("run", help="run (or continue) the grid's runs")
     common(r)
-    r.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each "
+    r.add_argument("--jobs", type=_positive, default=2, help="runs at once, one thread each "
                    "(default: 2, one per core of the reference machine)")
     r.add_argument("--dry-run", action="store_true", help="print the commands only")
     r.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default: "
@@ -453,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "float model: accuracy, file size, CPU inference time")
     common(d)
     d.add_argument("--docs", type=Path, default=ROOT / "docs")
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--batch", type=int, default=256)
-    d.add_argument("--repeats", type=int, default=30)
+    d.add_argument("--threads", type=_positive, default=2)
+    d.add_argument("--batch", type=_positive, default=256)
+    d.add_argument("--repeats", type=_positive, default=30)
     return p
 
 

@@ -532,6 +532,12 @@ def test_zlib_bomb_is_refused_before_it_is_inflated(fuzz_case):
                         client_id="x" * 256, num_samples=10 ** 18, round=10 ** 18,
                         compression="zlib")
     assert decode_update(big, template, compression="zlib").keys() == template.keys()
+    # names whose JSON escapes are long (quotes, characters outside the BMP) fit too
+    odd = {'"\\' * 3000: torch.zeros(2, 2), "\U0001F600" * 3000: torch.zeros(3)}
+    for bits in (4, 8, 32):
+        blob = encode_update(odd, bits=bits)
+        assert len(blob) < update_size_limit(odd)
+        decode_update(encode_update(odd, bits=bits, compression="zlib"), odd, compression="zlib")
 
 
 def test_compression_argument_errors(fuzz_case):

@@ -64,7 +64,9 @@ def test_seeds_change_only_the_seed_and_the_folder(grid):
 def test_bad_lists_name_the_option(grid, capsys):
     for argv, option in ((["run", "--nets", "vgg,alexnet"], "--nets"),
                          (["run", "--arms", "w5a5"], "--arms"),
-                         (["run", "--seeds", "1,x"], "--seeds")):
+                         (["run", "--seeds", "1,x"], "--seeds"),
+                         (["run", "--jobs", "0"], "--jobs"),
+                         (["report", "--rounds", "0"], "--rounds")):
         with pytest.raises(SystemExit):
             grid.main(argv)
         assert option in capsys.readouterr().err
@@ -73,10 +75,15 @@ def test_bad_lists_name_the_option(grid, capsys):
 def test_splice_replaces_only_between_the_markers(grid, tmp_path):
     doc = tmp_path / "R.md"
     doc.write_text("intro\n<!-- t:begin -->\nold\n<!-- t:end -->\noutro\n")
-    grid._splice(doc, "t", "new table\n")
+    grid._splice(doc, {"t": "new table\n"})
     assert doc.read_text() == "intro\n<!-- t:begin -->\nnew table\n<!-- t:end -->\noutro\n"
+    before = doc.read_text()
     with pytest.raises(SystemExit, match="markers"):
-        grid._splice(doc, "missing", "x")
+        grid._splice(doc, {"t": "changed", "missing": "x"})
+    assert doc.read_text() == before                   # all or nothing
+    doc.write_text("<!-- t:end -->\n<!-- t:begin -->\n")
+    with pytest.raises(SystemExit, match="markers"):
+        grid._splice(doc, {"t": "x"})
 
 
 def test_unfinished_runs_count_as_not_done(grid, tmp_path):
@@ -90,3 +97,22 @@ def test_unfinished_runs_count_as_not_done(grid, tmp_path):
     assert grid.rounds_done(folder) == 0             # no final model yet: still running
     (folder / "model.safetensors").write_bytes(b"x")
     assert grid.rounds_done(folder) == 1
+    assert grid.finished(folder, 1) and not grid.finished(folder, 2)
+    # a finished run resumed for more rounds: metrics.json is newer than the model again
+    import os
+    st = (folder / "model.safetensors").stat()
+    os.utime(folder / "metrics.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert grid.rounds_done(folder) == 0
+
+
+def test_finished_run_with_other_options_is_stale(grid, tmp_path):
+    from oqfl_ext.fl.cli import build_config, build_parser
+    from oqfl_ext.fl.metrics import write_metrics
+    job = (tmp_path, "vgg", "iid", "w4a4", 2, 0)
+    cfg = build_config(build_parser().parse_args(grid.command(*job)[1:]))
+    folder = grid.run_dir(*job[:4])
+    folder.mkdir(parents=True)
+    write_metrics(folder / "metrics.json", cfg, [])
+    assert grid.config_mismatch(folder, job) is None
+    write_metrics(folder / "metrics.json", dict(cfg, uplink_compression="none"), [])
+    assert "uplink_compression" in grid.config_mismatch(folder, job)

@@ -35,7 +35,8 @@ Resuming checks that the run is the same: ``config`` (the caller's options, e.g.
 line's) and a fingerprint of the server (seed, fraction, learning rate, momentum, norm bound,
 downlink, client ids, their seeds, sizes and :class:`ClientConfig`, the model's state names,
 shapes and dtypes) must match key by key, except the keys in ``ignore`` (default:
-:data:`RESUME_IGNORE`: the number of rounds, output and display options);
+:data:`RESUME_IGNORE`: the number of rounds, output and display options); settings added later
+(:data:`ADDED_SETTINGS`) at their old value count as absent, so older checkpoints resume;
 :class:`CheckpointMismatch` names the first differing option. A damaged checkpoint raises
 :class:`CheckpointError` saying what is wrong.
 """
@@ -64,8 +65,10 @@ FORMAT = "oqfl-checkpoint"
 VERSION = 1
 RESUME_IGNORE = frozenset({"rounds", "out", "resume", "quiet", "progress", "data_dir",
                            "device_note", "threads", "eval_integer"})
-# options added after the first release, with the behaviour a checkpoint without them had
-_ADDED_OPTIONS = {"uplink_compression": "none", "quant_init": "mse", "grad_scale": "lsq",
+# settings added after checkpoints were first written, at the value that gives the behaviour a
+# checkpoint without them had: such a key at that value is left out of both sides of a
+# comparison (at any depth), so an older checkpoint resumes and a changed setting is caught
+ADDED_SETTINGS = {"uplink_compression": "none", "quant_init": "mse", "grad_scale": "lsq",
                   "step_size_lr_scale": 1.0}
 _TENSORS_RE = re.compile(r"^checkpoint-r(\d{6,})\.safetensors$")
 _SEP = "::"
@@ -112,17 +115,24 @@ def server_fingerprint(server) -> dict:
         cfg = getattr(c, "config", None)
         if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
             entry["config"] = _jsonable(dataclasses.asdict(cfg))
-            # the default is left out, as written before the option existed
-            for key, default in _ADDED_OPTIONS.items():
-                if entry["config"].get(key, None) == default:
-                    del entry["config"][key]
         clients.append(entry)
     model = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
              for k, v in server.model.state_dict().items()}
     return {"seed": server.seed, "fraction": server.fraction, "server_lr": server.server_lr,
             "server_momentum": server.server_momentum, "norm_bound": server.norm_bound,
-            "downlink": getattr(server, "downlink_name", "float32"), "clients": clients,
-            "model": model}
+            "downlink": getattr(server, "downlink_name", "float32"),
+            "uplink_compression": getattr(server, "uplink_compression", "none"),
+            "clients": clients, "model": model}
+
+
+def _without_added_defaults(value):
+    """``value`` without the :data:`ADDED_SETTINGS` keys that hold their old behaviour."""
+    if isinstance(value, dict):
+        return {k: _without_added_defaults(v) for k, v in value.items()
+                if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+    if isinstance(value, list):
+        return [_without_added_defaults(v) for v in value]
+    return value
 
 
 def _first_difference(a, b, path: str):
@@ -152,12 +162,13 @@ def _first_difference(a, b, path: str):
 def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any], *,
                     ignore: Iterable[str] = RESUME_IGNORE, what: str = "option") -> None:
     """Raises :class:`CheckpointMismatch` naming the first key (outside the top-level keys in
-    ``ignore``) whose value differs between ``saved`` and ``current``."""
+    ``ignore``) whose value differs between ``saved`` and ``current``. Keys of
+    :data:`ADDED_SETTINGS` at their old value count as absent on both sides."""
     ignore = set(ignore)
-    # a checkpoint older than an option resumes with the option's old behaviour
-    saved = {**{k: v for k, v in _ADDED_OPTIONS.items() if k in current}, **dict(saved)}
-    a = {k: v for k, v in _jsonable(saved).items() if k not in ignore}
-    b = {k: v for k, v in _jsonable(dict(current)).items() if k not in ignore}
+    a = {k: v for k, v in _without_added_defaults(_jsonable(dict(saved))).items()
+         if k not in ignore}
+    b = {k: v for k, v in _without_added_defaults(_jsonable(dict(current))).items()
+         if k not in ignore}
     diff = _first_difference(a, b, "")
     if diff is not None:
         key, detail = diff

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from .codec import COMPRESSIONS, decode_update, encode_update
+from .codec import check_compression, decode_update, encode_update, wrap_update
 
 __all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed"]
 
@@ -94,9 +94,7 @@ class ClientConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
             raise ValueError(f"ClientConfig.step_size_lr_scale expected a positive number, "
                              f"got {v!r}")
-        if self.uplink_compression not in COMPRESSIONS:
-            raise ValueError(f"ClientConfig.uplink_compression expected one of {COMPRESSIONS}, "
-                             f"got {self.uplink_compression!r}")
+        check_compression(self.uplink_compression, "ClientConfig.uplink_compression")
 
 
 Dataset = Union[TensorDataset, Tuple[Tensor, Tensor]]
@@ -210,13 +208,12 @@ class Client:
         gen = torch.Generator().manual_seed(derive_seed(base_seed, 2))
         blob = encode_update(delta, bits=cfg.uplink_bits, round=round_idx,
                              client_id=self.client_id, num_samples=len(self),
-                             stochastic=cfg.stochastic, generator=gen,
-                             compression=cfg.uplink_compression)
+                             stochastic=cfg.stochastic, generator=gen)
         _check_deadline(deadline, "after encoding its update")
         if ef:
-            sent = decode_update(blob, delta, compression=cfg.uplink_compression)
+            sent = decode_update(blob, delta)
             self.residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
-        return blob
+        return wrap_update(blob, cfg.uplink_compression)
 
     def _fit(self, model: nn.Module, device: torch.device, seed: int,
              deadline: Optional[float] = None) -> None:

@@ -64,7 +64,7 @@ from ..nn import LSQQuantizer, QuantConv2d, QuantLinear, calibrate, convert
 from ..nn.integer import ConversionWarning
 from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
-from .codec import COMPRESSIONS, UpdateRejected, decode_update
+from .codec import UpdateRejected, check_compression, decode_update
 
 __all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec"]
 
@@ -207,9 +207,7 @@ class Server:
                 and not isinstance(client_time_limit_s, bool) and client_time_limit_s > 0):
             raise ValueError(f"client_time_limit_s expected None or a positive number, got "
                              f"{client_time_limit_s!r}")
-        if uplink_compression not in COMPRESSIONS:
-            raise ValueError(f"uplink_compression expected one of {COMPRESSIONS}, got "
-                             f"{uplink_compression!r}")
+        check_compression(uplink_compression, "uplink_compression")
         self.uplink_compression = uplink_compression
         self.downlink = downlink_codec(downlink)
         self.downlink_name = downlink
