@@ -141,7 +141,7 @@ def _first_difference(a, b, path: str):
         for k in list(a) + [k for k in b if k not in a]:
             key = f"{path}.{k}" if path else str(k)
             if k not in a or k not in b:
-                return key, f"(set only in the {'checkpoint' if k in a else 'this run'})"
+                return key, f"(set only in {'the checkpoint' if k in a else 'this run'})"
             d = _first_difference(a[k], b[k], key)
             if d is not None:
                 return d
