@@ -53,6 +53,18 @@ ARMS: Dict[str, tuple] = {
     "w4af": ("OQFL W4 float act", ["--weight-bits", "4", "--act-bits", "float",
                                    "--uplink", "int4"]),
 }
+# what was tried where an arm falls short: one knob of the quantizers changed at a time
+_W2A2 = ARMS["w2a2"][1]
+TRIALS: Dict[str, tuple] = {
+    "w2a2-init-lsq": ("W2A2, LSQ step-size init", _W2A2 + ["--quant-init", "lsq"]),
+    "w2a2-no-grad-scale": ("W2A2, no step-size gradient scale", _W2A2 + ["--grad-scale", "none"]),
+    "w2a2-step-lr-x0.1": ("W2A2, step-size lr x0.1", _W2A2 + ["--step-size-lr-scale", "0.1"]),
+    "w2a2-step-lr-x10": ("W2A2, step-size lr x10", _W2A2 + ["--step-size-lr-scale", "10"]),
+    "w2a2-first-last-float": ("W2A2, first/last layer float", _W2A2 + ["--first-last-bits",
+                                                                        "float"]),
+    "w2a2-first-last-2": ("W2A2, first/last layer 2-bit too", _W2A2 + ["--first-last-bits", "2"]),
+}
+ALL_ARMS = {**ARMS, **TRIALS}
 DEFAULT_NETS = ("small_cnn", "vgg", "resnet20")
 # shared by every run: the federation, the local training and the data
 COMMON = ["--dataset", "fashion-mnist", "--image-size", "14", "--train-subset", "20000",
@@ -109,7 +121,7 @@ def run_dir(out: Path, net: str, split: str, arm: str, seed: int = 0) -> Path:
 
 def command(out: Path, net: str, split: str, arm: str, rounds: int, seed: int = 0) -> List[str]:
     """The oqfl-fl command line of one run (always --resume: it also starts a new run)."""
-    return (["oqfl-fl"] + NETS[net] + SPLITS[split] + ARMS[arm][1] + COMMON
+    return (["oqfl-fl"] + NETS[net] + SPLITS[split] + COMMON + ALL_ARMS[arm][1]
             + ["--seed", str(seed), "--rounds", str(rounds),
                "--out", str(run_dir(out, net, split, arm, seed)), "--resume"])
 
@@ -227,6 +239,16 @@ def _cost(folder: Path):
     return cost(model, (1, cfg["image_size"], cfg["image_size"]))
 
 
+# the accuracy of one round moves by about half a point from round to round: the mean of the
+# last rounds is a steadier summary than the final round alone
+TAIL = 3
+
+
+def _tail_mean(records) -> float:
+    accs = [float(r["accuracy"]) for r in records[-TAIL:]]
+    return sum(accs) / len(accs)
+
+
 def _mb(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
@@ -238,13 +260,16 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int
     base_dir = run_dir(out, net, split, "fp32")
     if not finished(base_dir, rounds):
         return None
-    base = summarize(load_run(base_dir)[1])
+    base_records = load_run(base_dir)[1]
+    base = summarize(base_records)
+    base_tail = _tail_mean(base_records)
     base_cost = _cost(base_dir)
     rows, named, seconds = [], [], 0.0
     for arm in arms:
         folder = run_dir(out, net, split, arm)
         if not finished(folder, rounds):
-            rows.append(f"| {ARMS[arm][0]} | (not finished: {rounds_done(folder)} of {rounds} rounds) |" + " |" * 8)
+            rows.append(f"| {ARMS[arm][0]} | (not finished: {rounds_done(folder)} of {rounds} "
+                        "rounds) |" + " |" * 9)
             continue
         cfg, records = load_run(folder)
         s = summarize(records)
@@ -252,17 +277,20 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int
         seconds += s["total_time_s"]
         gap = 100 * (s["final_accuracy"] - base["final_accuracy"])
         gap_best = 100 * (s["best_accuracy"] - base["best_accuracy"])
+        tail = _tail_mean(records)
         ratio = base["uplink_mb"] / s["uplink_mb"]
         rows.append(
             f"| {ARMS[arm][0]} | {cfg['uplink']} | {100 * s['final_accuracy']:.2f} "
-            f"| {100 * s['best_accuracy']:.2f} | {gap:+.2f} / {gap_best:+.2f} "
+            f"| {100 * s['best_accuracy']:.2f} | {100 * tail:.2f} "
+            f"| {gap:+.2f} / {gap_best:+.2f} / {100 * (tail - base_tail):+.2f} "
             f"| {_mb(s['uplink_mb_per_round'])} | {_mb(s['uplink_mb'])} | {ratio:.2f}x "
             f"| {c.param_bytes / 1e3:.1f} kB ({base_cost.param_bytes / c.param_bytes:.2f}x) "
             f"| {c.bitops / base_cost.bitops:.4f} |")
         named.append((ARMS[arm][0], records))
-    head = ("| arm | uplink | final acc % | best acc % | gap to FP32 (final / best), pts "
+    head = (f"| arm | uplink | final acc % | best acc % | last {TAIL} rounds % "
+            f"| gap to FP32 (final / best / last {TAIL}), pts "
             "| uplink MB/round | uplink MB total | uplink vs FP32 | model bytes (vs FP32) "
-            "| BitOPs vs FP32 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| BitOPs vs FP32 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     return head + "\n" + "\n".join(rows), named, seconds
 
 
@@ -345,6 +373,32 @@ def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: in
             "| gap range, pts |\n|---|---|---|---:|---|---:|---:|\n" + "\n".join(rows))
 
 
+def trial_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: int) -> str:
+    """The finished trial arms (:data:`TRIALS`) next to the arm they change and FP32."""
+    from oqfl_ext.fl.metrics import load_run, summarize
+    rows = []
+    for net in nets:
+        for split in splits:
+            ref = {arm: run_dir(out, net, split, arm) for arm in ("fp32", "w2a2")}
+            if not all(finished(f, rounds) for f in ref.values()):
+                continue
+            base = _tail_mean(load_run(ref["fp32"])[1])
+            for arm, (label, _) in [("w2a2", ("W2A2 (the grid's)", None))] + list(TRIALS.items()):
+                folder = run_dir(out, net, split, arm)
+                if not finished(folder, rounds):
+                    continue
+                records = load_run(folder)[1]
+                s, tail = summarize(records), _tail_mean(records)
+                rows.append(f"| {net} | {split} | {label} | {100 * s['final_accuracy']:.2f} "
+                            f"| {100 * s['best_accuracy']:.2f} | {100 * tail:.2f} "
+                            f"| {100 * (tail - base):+.2f} |")
+    if not rows:
+        return "(no trial run yet)"
+    return (f"| network | split | run | final acc % | best acc % | last {TAIL} rounds % "
+            f"| gap to FP32 (last {TAIL}), pts |\n|---|---|---|---:|---:|---:|---:|\n"
+            + "\n".join(rows))
+
+
 def cmd_report(args) -> int:
     from oqfl_ext.fl.metrics import plot_runs
     docs = args.docs
@@ -377,7 +431,8 @@ def cmd_report(args) -> int:
                   "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
                   "| tensors | sent per client in the runs (zlib), kB | vs FP32 |\n"
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows),
-        "seeds": seed_table(args.out, args.nets, args.splits, args.rounds)})
+        "seeds": seed_table(args.out, args.nets, args.splits, args.rounds),
+        "trials": trial_table(args.out, args.nets, args.splits, args.rounds)})
     print(f"wrote {len(sections)} tables and plots into {docs}")
     return 0
 
@@ -493,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs/paper)")
         sp.add_argument("--nets", type=_csv(tuple(NETS), "--nets"), default=list(DEFAULT_NETS))
         sp.add_argument("--splits", type=_csv(tuple(SPLITS), "--splits"), default=list(SPLITS))
-        sp.add_argument("--arms", type=_csv(tuple(ARMS), "--arms"), default=list(ARMS))
+        sp.add_argument("--arms", type=_csv(tuple(ALL_ARMS), "--arms"), default=list(ARMS),
+                        help=f"comma-separated, default: the grid's {', '.join(ARMS)}; "
+                             f"trials: {', '.join(TRIALS)}")
         sp.add_argument("--rounds", type=_positive, default=DEFAULT_ROUNDS)
 
     r = sub.add_parser("run", help="run (or continue) the grid's runs")

@@ -116,3 +116,11 @@ def test_finished_run_with_other_options_is_stale(grid, tmp_path):
     assert grid.config_mismatch(folder, job) is None
     write_metrics(folder / "metrics.json", dict(cfg, uplink_compression="none"), [])
     assert "uplink_compression" in grid.config_mismatch(folder, job)
+
+
+def test_each_trial_changes_one_knob_of_its_arm(grid):
+    base = _config(grid, "small_cnn", "iid", "w2a2")
+    for trial in grid.TRIALS:
+        cfg = _config(grid, "small_cnn", "iid", trial)
+        changed = {k for k in cfg if cfg[k] != base[k]} - {"name"}
+        assert len(changed) == 1, (trial, changed)
