@@ -53,16 +53,21 @@ ARMS: Dict[str, tuple] = {
     "w4af": ("OQFL W4 float act", ["--weight-bits", "4", "--act-bits", "float",
                                    "--uplink", "int4"]),
 }
-# what was tried where an arm falls short: one knob of the quantizers changed at a time
-_W2A2 = ARMS["w2a2"][1]
+# what was tried where W4A4 falls short of FP32: one knob of the quantizers changed at a time,
+# and two diagnostics that separate the quantized model from the quantized update
+_W4A4 = ARMS["w4a4"][1]
 TRIALS: Dict[str, tuple] = {
-    "w2a2-init-lsq": ("W2A2, LSQ step-size init", _W2A2 + ["--quant-init", "lsq"]),
-    "w2a2-no-grad-scale": ("W2A2, no step-size gradient scale", _W2A2 + ["--grad-scale", "none"]),
-    "w2a2-step-lr-x0.1": ("W2A2, step-size lr x0.1", _W2A2 + ["--step-size-lr-scale", "0.1"]),
-    "w2a2-step-lr-x10": ("W2A2, step-size lr x10", _W2A2 + ["--step-size-lr-scale", "10"]),
-    "w2a2-first-last-float": ("W2A2, first/last layer float", _W2A2 + ["--first-last-bits",
+    "w4a4-init-lsq": ("W4A4, LSQ step-size init", _W4A4 + ["--quant-init", "lsq"]),
+    "w4a4-no-grad-scale": ("W4A4, no step-size gradient scale", _W4A4 + ["--grad-scale", "none"]),
+    "w4a4-step-lr-x0.1": ("W4A4, step-size lr x0.1", _W4A4 + ["--step-size-lr-scale", "0.1"]),
+    "w4a4-step-lr-x10": ("W4A4, step-size lr x10", _W4A4 + ["--step-size-lr-scale", "10"]),
+    "w4a4-first-last-float": ("W4A4, first/last layer float", _W4A4 + ["--first-last-bits",
                                                                         "float"]),
-    "w2a2-first-last-2": ("W2A2, first/last layer 2-bit too", _W2A2 + ["--first-last-bits", "2"]),
+    "w4a4-first-last-4": ("W4A4, first/last layer 4-bit too", _W4A4 + ["--first-last-bits", "4"]),
+    "w4a4-uplink-f32": ("W4A4 model, float32 uplink", ["--weight-bits", "4", "--act-bits", "4",
+                                                        "--uplink", "float32"]),
+    "fp32-uplink-int4": ("FP32 model, int4 uplink", ["--weight-bits", "float", "--act-bits",
+                                                     "float", "--uplink", "int4"]),
 }
 ALL_ARMS = {**ARMS, **TRIALS}
 DEFAULT_NETS = ("small_cnn", "vgg", "resnet20")
@@ -379,11 +384,11 @@ def trial_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
     rows = []
     for net in nets:
         for split in splits:
-            ref = {arm: run_dir(out, net, split, arm) for arm in ("fp32", "w2a2")}
+            ref = {arm: run_dir(out, net, split, arm) for arm in ("fp32", "w4a4")}
             if not all(finished(f, rounds) for f in ref.values()):
                 continue
             base = _tail_mean(load_run(ref["fp32"])[1])
-            for arm, (label, _) in [("w2a2", ("W2A2 (the grid's)", None))] + list(TRIALS.items()):
+            for arm, (label, _) in [("w4a4", ("W4A4 (the grid's)", None))] + list(TRIALS.items()):
                 folder = run_dir(out, net, split, arm)
                 if not finished(folder, rounds):
                     continue

@@ -119,8 +119,13 @@ def test_finished_run_with_other_options_is_stale(grid, tmp_path):
 
 
 def test_each_trial_changes_one_knob_of_its_arm(grid):
-    base = _config(grid, "small_cnn", "iid", "w2a2")
+    uplink_keys = {"uplink", "stochastic", "error_feedback"}  # the last two go with the codec
     for trial in grid.TRIALS:
-        cfg = _config(grid, "small_cnn", "iid", trial)
+        arm = trial.split("-")[0]
+        base = _config(grid, "small_cnn", "dirichlet", arm)
+        cfg = _config(grid, "small_cnn", "dirichlet", trial)
         changed = {k for k in cfg if cfg[k] != base[k]} - {"name"}
-        assert len(changed) == 1, (trial, changed)
+        assert len(changed) == 1 or ("uplink" in changed and changed <= uplink_keys), \
+            (trial, changed)
+    assert _config(grid, "vgg", "iid", "fp32-uplink-int4")["weight_bits"] is None
+    assert _config(grid, "vgg", "iid", "w4a4-uplink-f32")["uplink"] == "float32"
