@@ -110,6 +110,70 @@ def test_bad_arguments_name_the_option(args, option, capsys):
     assert f"argument {option}" in err, err
 
 
+@needs_fmnist
+def test_zlib_uplink_is_lossless_and_smaller(tmp_path):
+    from safetensors.torch import load_file
+    runs = {}
+    for compression in ("none", "zlib"):
+        out = tmp_path / compression
+        assert main(SMALL + ["--rounds", "2", "--uplink-compression", compression,
+                             "--out", str(out)]) == 0
+        doc = json.loads((out / "metrics.json").read_text())
+        assert doc["config"]["uplink_compression"] == compression
+        runs[compression] = (doc["rounds"], load_file(str(out / "model.safetensors")))
+    (plain, m0), (packed, m1) = runs["none"], runs["zlib"]
+    assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
+    assert [r["accuracy"] for r in plain] == [r["accuracy"] for r in packed]
+    for a, b in zip(plain, packed):
+        assert b["uplink_bytes"] < 0.8 * a["uplink_bytes"], (a["uplink_bytes"], b["uplink_bytes"])
+
+
+def test_quantizer_options_reach_every_quantizer():
+    from oqfl_ext.fl.cli import _model_fn, build_config, build_parser
+    from oqfl_ext.nn import LSQQuantizer
+    for argv, init, factor in (([], "mse", None),
+                               (["--quant-init", "lsq", "--grad-scale", "none"], "lsq", 1.0)):
+        cfg = build_config(build_parser().parse_args(["--model", "vgg"] + argv))
+        quantizers = [m for m in _model_fn(cfg, 1, 10, 14)().modules()
+                      if isinstance(m, LSQQuantizer)]
+        assert len(quantizers) == 2 * 8                # weights and inputs of 6 conv + 2 linear
+        assert {(q.init, q.grad_factor) for q in quantizers} == {(init, factor)}
+    # the step sizes LSQ's init gives differ from the MSE search's: the option is used
+    x = torch.randn(64, 1, 14, 14)
+    steps = {}
+    for init in ("mse", "lsq"):
+        cfg = build_config(build_parser().parse_args(["--quant-init", init]))
+        m = _model_fn(cfg, 1, 10, 14)()
+        m(x)
+        conv = m.features[0][0]
+        steps[init] = conv.weight_quantizer.step_size.detach().clone()
+        if init == "lsq":                              # 8-bit first layer: qmax 127
+            want = 2 * conv.weight.detach().abs().mean(dim=(1, 2, 3)) / math.sqrt(127)
+            torch.testing.assert_close(steps[init].flatten(), want)
+    assert not torch.allclose(steps["mse"], steps["lsq"])
+
+
+def test_first_last_bits_float_keeps_the_edge_layers_float():
+    from torch import nn
+
+    from oqfl_ext.fl.cli import _model_fn, build_config, build_parser
+    from oqfl_ext.nn import QuantConv2d, QuantLinear
+    layers = {}
+    for edge in ("float", "4", "8"):
+        cfg = build_config(build_parser().parse_args(["--model", "small_cnn",
+                                                      "--first-last-bits", edge]))
+        m = _model_fn(cfg, 1, 10, 14)()
+        layers[edge] = [mod for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    first, *middle, last = layers["float"]
+    assert type(first) is nn.Conv2d and type(last) is nn.Linear
+    assert middle and all(isinstance(x, QuantConv2d) and x.weight_bits == 4 for x in middle)
+    for edge, bits in (("4", 4), ("8", 8)):
+        first, *middle, last = layers[edge]
+        assert isinstance(first, QuantConv2d) and isinstance(last, QuantLinear)
+        assert (first.weight_bits, first.act_bits, last.weight_bits) == (bits, bits, bits)
+        assert all(x.weight_bits == 4 and x.act_bits == 4 for x in middle)
+
+
 def test_digits_with_int8_downlink(tmp_path, capsys):
     """scikit-learn's bundled 8x8 digits (no files needed) and the int8 model broadcast."""
     common = ["--dataset", "digits", "--width", "8", "--clients", "4", "--fraction", "0.5",

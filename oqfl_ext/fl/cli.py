@@ -344,7 +344,7 @@ def _partition(cfg: dict, labels: Tensor) -> List[Tensor]:
 
 def _model_fn(cfg: dict, in_channels: int, num_classes: int, image_size: int):
     from ..models import create
-    from ..nn import quantize_model
+    from ..nn import edge_layers, quantize_model
     from ..nn.quantizer import LSQQuantizer
     kwargs = {"width": cfg["width"]} if cfg["model"] in _WIDTH_MODELS else {}
     device = torch.device(cfg["device"])
@@ -354,8 +354,12 @@ def _model_fn(cfg: dict, in_channels: int, num_classes: int, image_size: int):
         m = create(cfg["model"], in_channels=in_channels, num_classes=num_classes,
                    image_size=image_size, **kwargs)
         if wb is not None or ab is not None:
-            m = quantize_model(m, weight_bits=wb, act_bits=ab,
-                               first_last_bits=cfg["first_last_bits"], inplace=True)
+            edge_bits = cfg["first_last_bits"]
+            # quantize_model's first_last_bits=None means "no exception"; float means float
+            keep_float = {} if edge_bits is not None else \
+                {name: None for name in edge_layers(m)}
+            m = quantize_model(m, weight_bits=wb, act_bits=ab, first_last_bits=edge_bits,
+                               overrides=keep_float, inplace=True)
             for q in m.modules():
                 if isinstance(q, LSQQuantizer):
                     q.init = cfg.get("quant_init", "mse")

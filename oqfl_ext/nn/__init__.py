@@ -12,14 +12,15 @@
 
 from .quantizer import LSQQuantizer, bit_range, MIN_STEP, MAX_STEP
 from .layers import QuantConv2d, QuantLinear
-from .quantize import quantize_model, quantization_summary, calibrate, set_quantizers_enabled
+from .quantize import (quantize_model, quantization_summary, calibrate, set_quantizers_enabled,
+                       edge_layers)
 from .bitops import cost, CostReport, LayerCost
 from .integer import (QConv2dInt, QLinearInt, convert, save_packed, load_packed,
                       ConversionWarning)
 
 __all__ = [
     "LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "QuantConv2d", "QuantLinear",
-    "quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
+    "quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled", "edge_layers",
     "cost", "CostReport", "LayerCost",
     "QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed", "ConversionWarning",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,7 +11,8 @@ from torch import nn
 from .layers import QuantConv2d, QuantLinear
 from .quantizer import LSQQuantizer, bit_range
 
-__all__ = ["quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled"]
+__all__ = ["quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
+           "edge_layers"]
 
 # exact types only: a subclass may not call its own forward (nn.MultiheadAttention reads its
 # out_proj's weight directly), so quantizing it could silently do nothing
@@ -39,6 +40,23 @@ def _layer_config(name: str, base: dict, override: Override) -> Optional[dict]:
         return cfg
     raise ValueError(f"overrides[{name!r}] expected None (keep float), bits (int) or a dict "
                      f"with keys among {_LAYER_KEYS}, got {override!r}")
+
+
+def _targets(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The layers quantize_model replaces, by name, in ``named_modules()`` order (every name,
+    so a module registered twice is swapped at each place)."""
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+            if type(m) in _REPLACEMENTS and name]
+
+
+def edge_layers(model: nn.Module) -> Tuple[str, str]:
+    """Names of the first and the last layer :func:`quantize_model` replaces (the ones
+    ``first_last_bits`` applies to); e.g. ``overrides={name: None for name in
+    edge_layers(model)}`` keeps both in float."""
+    targets = _targets(model)
+    if not targets:
+        raise ValueError("model expected a module tree containing Conv2d/Linear layers")
+    return targets[0][0], targets[-1][0]
 
 
 def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
@@ -77,9 +95,7 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
     if not inplace:
         model = copy.deepcopy(model)
 
-    # every name, so a module registered twice is swapped at each place
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-               if type(m) in _REPLACEMENTS and name]
+    targets = _targets(model)
     if not targets and type(model) in _REPLACEMENTS:
         raise ValueError("model expected a module tree containing layers; to quantize a single "
                          "layer use QuantConv2d.from_float / QuantLinear.from_float")
