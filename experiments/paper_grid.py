@@ -339,68 +339,69 @@ def uplink_breakdown(out: Path, net: str, split: str, rounds: int) -> Optional[s
     return "\n".join(rows)
 
 
-def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: int) -> str:
-    """Final accuracy of FP32 and of every arm repeated with other seeds, and the gap to FP32
-    with the same seed (same initial model, partition and client sampling)."""
+def _seeds_run(out: Path, net: str, split: str, arm: str, rounds: int) -> List[int]:
+    """The seeds for which both ``arm`` and FP32 finished."""
     import re
-    import statistics
+    found = {0} | {int(m.group(1)) for p in (out / f"{net}-{split}").glob(f"{arm}-seed*")
+                   if (m := re.fullmatch(re.escape(arm) + r"-seed(\d+)", p.name))}
+    return sorted(s for s in found if finished(run_dir(out, net, split, arm, s), rounds)
+                  and finished(run_dir(out, net, split, "fp32", s), rounds))
 
-    from oqfl_ext.fl.metrics import load_run, summarize
+
+def _gaps(out: Path, net: str, split: str, arm: str, seed: int):
+    """(arm final, FP32 final, final gap, last-rounds gap) in points, same seed."""
+    from oqfl_ext.fl.metrics import load_run
+    a = load_run(run_dir(out, net, split, arm, seed))[1]
+    b = load_run(run_dir(out, net, split, "fp32", seed))[1]
+    fa, fb = 100 * float(a[-1]["accuracy"]), 100 * float(b[-1]["accuracy"])
+    return fa, fb, fa - fb, 100 * (_tail_mean(a) - _tail_mean(b))
+
+
+def seed_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: int) -> str:
+    """Every arm repeated with other seeds against FP32 with the same seed (same initial model,
+    partition and client sampling): final accuracies per seed, mean and range of the gaps."""
+    import statistics
     rows = []
     for net in nets:
         for split in splits:
-            folder = out / f"{net}-{split}"
-            seeds = sorted({int(m.group(1)) for p in folder.glob("fp32-seed*")
-                            if (m := re.fullmatch(r"fp32-seed(\d+)", p.name))})
-            if not seeds:
-                continue
-            seeds = [0] + seeds
             for arm in ARMS:
-                if arm == "fp32":
+                seeds = _seeds_run(out, net, split, arm, rounds) if arm != "fp32" else []
+                if len(seeds) < 2:
                     continue
-                gaps, accs = [], []
-                for seed in seeds:
-                    a, b = run_dir(out, net, split, arm, seed), run_dir(out, net, split, "fp32",
-                                                                          seed)
-                    if finished(a, rounds) and finished(b, rounds):
-                        acc = summarize(load_run(a)[1])["final_accuracy"]
-                        base = summarize(load_run(b)[1])["final_accuracy"]
-                        accs.append(f"{100 * base:.2f} / {100 * acc:.2f}")
-                        gaps.append(100 * (acc - base))
-                if len(gaps) < 2:
-                    continue
-                rows.append(f"| {net} | {split} | {ARMS[arm][0]} | {len(gaps)} | "
-                            f"{'; '.join(accs)} | {statistics.mean(gaps):+.2f} "
-                            f"| {min(gaps):+.2f} .. {max(gaps):+.2f} |")
+                got = [_gaps(out, net, split, arm, seed) for seed in seeds]
+                finals = "; ".join(f"{fb:.2f} / {fa:.2f}" for fa, fb, _, _ in got)
+                final_gaps, tail_gaps = [g[2] for g in got], [g[3] for g in got]
+                rows.append(f"| {net} | {split} | {ARMS[arm][0]} | {len(seeds)} | {finals} "
+                            f"| {statistics.mean(final_gaps):+.2f} "
+                            f"({min(final_gaps):+.2f} .. {max(final_gaps):+.2f}) "
+                            f"| {statistics.mean(tail_gaps):+.2f} "
+                            f"({min(tail_gaps):+.2f} .. {max(tail_gaps):+.2f}) |")
     if not rows:
         return "(no repeated seeds yet)"
-    return ("| network | split | arm | seeds | final acc % FP32 / arm, per seed | mean gap, pts "
-            "| gap range, pts |\n|---|---|---|---:|---|---:|---:|\n" + "\n".join(rows))
+    return (f"| network | split | arm | seeds | final acc % FP32 / arm, per seed "
+            f"| final gap, pts: mean (range) | last {TAIL} rounds gap, pts: mean (range) |\n"
+            "|---|---|---|---:|---|---:|---:|\n" + "\n".join(rows))
 
 
 def trial_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: int) -> str:
-    """The finished trial arms (:data:`TRIALS`) next to the arm they change and FP32."""
-    from oqfl_ext.fl.metrics import load_run, summarize
+    """The finished trial arms (:data:`TRIALS`) next to the arm they change, each against FP32
+    with the same seed."""
     rows = []
     for net in nets:
         for split in splits:
-            ref = {arm: run_dir(out, net, split, arm) for arm in ("fp32", "w4a4")}
-            if not all(finished(f, rounds) for f in ref.values()):
-                continue
-            base = _tail_mean(load_run(ref["fp32"])[1])
-            for arm, (label, _) in [("w4a4", ("W4A4 (the grid's)", None))] + list(TRIALS.items()):
-                folder = run_dir(out, net, split, arm)
-                if not finished(folder, rounds):
-                    continue
-                records = load_run(folder)[1]
-                s, tail = summarize(records), _tail_mean(records)
-                rows.append(f"| {net} | {split} | {label} | {100 * s['final_accuracy']:.2f} "
-                            f"| {100 * s['best_accuracy']:.2f} | {100 * tail:.2f} "
-                            f"| {100 * (tail - base):+.2f} |")
+            for arm, label in [("w4a4", "W4A4 (the grid's)")] + [(k, v[0]) for k, v in
+                                                                  TRIALS.items()]:
+                for seed in _seeds_run(out, net, split, arm, rounds):
+                    if arm == "w4a4" and not any(
+                            finished(run_dir(out, net, split, t, seed), rounds) for t in TRIALS):
+                        continue
+                    fa, fb, gap, tail_gap = _gaps(out, net, split, arm, seed)
+                    rows.append(f"| {net} | {split} | {label} | {seed} | {fb:.2f} | {fa:.2f} "
+                                f"| {gap:+.2f} | {tail_gap:+.2f} |")
     if not rows:
         return "(no trial run yet)"
-    return (f"| network | split | run | final acc % | best acc % | last {TAIL} rounds % "
-            f"| gap to FP32 (last {TAIL}), pts |\n|---|---|---|---:|---:|---:|---:|\n"
+    return (f"| network | split | run | seed | FP32 final acc % | final acc % | gap, pts "
+            f"| last {TAIL} rounds gap, pts |\n|---|---|---|---:|---:|---:|---:|---:|\n"
             + "\n".join(rows))
 
 
@@ -416,12 +417,12 @@ def cmd_report(args) -> int:
                 continue
             table, named, seconds = got
             total_s += seconds
-            for arm in args.arms:  # the raw per-round numbers, kept with the docs
-                src = run_dir(args.out, net, split, arm) / "metrics.json"
-                if src.is_file():
-                    dst = docs / "results" / "metrics" / f"{net}-{split}-{arm}.json"
+            # the per-round numbers of every finished run (grid, trials, seeds), kept with docs
+            for folder in sorted((args.out / f"{net}-{split}").iterdir()):
+                if finished(folder, args.rounds):
+                    dst = docs / "results" / "metrics" / f"{net}-{split}-{folder.name}.json"
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    dst.write_bytes(src.read_bytes())
+                    dst.write_bytes((folder / "metrics.json").read_bytes())
             png = docs / "results" / f"{net}-{split}.png"
             title = f"{net} on Fashion-MNIST, {split}"
             plot_runs(named, png, title=title)
