@@ -539,7 +539,8 @@ def cmd_deploy(args) -> int:
             f"models, the faster of NCHW and channels_last for the float model); medians of "
             f"{args.repeats} calls after 3 warm-up calls.\n\n"
             f"| network | split | model | test acc % | fake-quant acc % | ms batch 1 "
-            f"| ms batch {args.batch} | speed vs float (1 / {args.batch}) | file |\n"
+            f"| ms batch {args.batch} | speed vs float (1 / {args.batch}) "
+            f"| bytes (float: state; integer: save_packed file) |\n"
             "|---|---|---|---:|---:|---:|---:|---:|---:|")
     _splice(args.docs / "RESULTS.md", {"deploy": head + "\n" + "\n".join(rows)})
     return 0
