@@ -100,8 +100,8 @@ from .. import ops
 from .._io import tensor_bytes, tensor_digest
 
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
-           "update_size_limit", "wrap_update", "check_compression", "COMPRESSIONS", "FORMAT_NAME", "FORMAT_VERSION",
-           "MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION"]
+           "update_size_limit", "wrap_update", "check_compression", "COMPRESSIONS",
+           "FORMAT_NAME", "FORMAT_VERSION", "MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION"]
 
 FORMAT_NAME = "oqfl-update"
 FORMAT_VERSION = "1"
@@ -338,7 +338,7 @@ def wrap_update(blob: bytes, compression: str) -> bytes:
     """The bytes that travel for an update blob of :func:`encode_update`: the blob itself
     (``"none"``) or one zlib stream of it (``"zlib"``)."""
     check_compression(compression)
-    return bytes(blob) if compression == "none" else zlib.compress(blob, _ZLIB_LEVEL)
+    return blob if compression == "none" else zlib.compress(blob, _ZLIB_LEVEL)
 
 
 def _inflate(data, limit: int) -> bytes:
