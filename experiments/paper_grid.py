@@ -98,16 +98,6 @@ def _csv(choices: Sequence[str], what: str):
     return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
-
-
 def _seeds(text: str) -> List[int]:
     try:
         seeds = [int(t) for t in text.split(",")]
@@ -327,10 +317,8 @@ def uplink_breakdown(out: Path, net: str, split: str, rounds: int) -> Optional[s
             parts[key.rsplit("::", 1)[1]] += e["data_offsets"][1] - e["data_offsets"][0]
         base = base or len(blob)
         if bits == 32:
-            body = parts["values"]
             detail = f"| {parts['values'] / 1e3:.1f} | - | - "
         else:
-            body = parts["codes"]
             detail = (f"| {parts['codes'] / 1e3:.1f} | {parts['scale'] / 1e3:.1f} "
                       f"| {parts['values'] / 1e3:.1f} ")
         rows.append(f"| {net} | {ARMS[arm][0]} ({bits}-bit) | {len(blob) / 1e3:.1f} "
@@ -547,6 +535,7 @@ def cmd_deploy(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from oqfl_ext.fl.cli import _positive_int as _positive
     p = argparse.ArgumentParser(prog="paper_grid.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
