@@ -4,7 +4,8 @@ FedAvg/FedAvgM server, checkpoints, run metrics and the ``oqfl-fl`` command line
 
 from .codec import UpdateRejected, decode_model, decode_update, encode_model, encode_update
 from .client import Client, ClientConfig, ClientTimeout, derive_seed
-from .server import DOWNLINK_CODECS, RoundResult, Server, downlink_codec
+from .server import (DOWNLINK_CODECS, DeliveryUnconfirmed, NotDelivered, RoundResult, Server,
+                     downlink_codec)
 from .checkpoint import (CheckpointError, CheckpointMismatch, load_checkpoint, resume,
                          save_checkpoint)
 from .metrics import load_run, plot_runs, save_run
@@ -12,5 +13,6 @@ from .metrics import load_run, plot_runs, save_run
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
            "Client", "ClientConfig",
            "ClientTimeout", "derive_seed", "Server", "RoundResult", "DOWNLINK_CODECS",
+           "NotDelivered", "DeliveryUnconfirmed",
            "downlink_codec", "save_checkpoint", "load_checkpoint", "resume", "CheckpointError",
            "CheckpointMismatch", "save_run", "load_run", "plot_runs"]

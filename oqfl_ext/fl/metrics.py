@@ -159,17 +159,22 @@ def load_run(folder_or_file: PathLike) -> Tuple[dict, List[dict]]:
 def round_record(result, *, downlink_bytes: int, **extra) -> dict:
     """The metrics dict of a :class:`oqfl_ext.fl.RoundResult` (or any object with its
     attributes): the required keys plus ``accepted``, ``dropped`` (list of ``[id, reason]``),
-    ``clipped`` and ``num_samples``, and ``extra`` keys."""
+    ``clipped``, ``capped``, ``not_delivered``, ``unconfirmed``, ``num_samples``,
+    ``downlink_unconfirmed_bytes``, ``aggregate_rejected`` (only when set), and ``extra``
+    keys."""
     rec = {"round": int(result.round), "accuracy": float(result.accuracy),
            "loss": float(result.loss), "uplink_bytes": int(result.uplink_bytes),
            "downlink_bytes": int(downlink_bytes), "wall_time_s": float(result.wall_time_s)}
-    for key in ("sampled", "accepted", "clipped"):
+    for key in ("sampled", "accepted", "clipped", "capped", "not_delivered", "unconfirmed"):
         if hasattr(result, key):
             rec[key] = list(getattr(result, key))
     if hasattr(result, "dropped"):
         rec["dropped"] = [[str(c), str(r)] for c, r in result.dropped]
-    if hasattr(result, "num_samples"):
-        rec["num_samples"] = int(result.num_samples)
+    for key in ("num_samples", "downlink_unconfirmed_bytes"):
+        if hasattr(result, key):
+            rec[key] = int(getattr(result, key))
+    if getattr(result, "aggregate_rejected", None) is not None:
+        rec["aggregate_rejected"] = str(result.aggregate_rejected)
     rec.update(extra)
     return rec
 

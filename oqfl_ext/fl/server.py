@@ -6,9 +6,14 @@ Round ``t`` (:meth:`Server.run_round`):
    seeded from ``seed`` and ``t``), taken in the order of the ``clients`` list;
 2. the global state goes down to the sampled clients through the downlink codec (``downlink``:
    ``"float32"``, exact, or ``"int8"``; see :func:`downlink_codec`), encoded once per round and
-   counted once per sampled client in ``downlink_bytes``; each sampled client trains from a copy
-   of the decoded state and returns a blob; a client that raises, or returns something other
-   than bytes, is dropped (reason logged). With ``client_time_limit_s``, each client's
+   counted once per client that received it in ``downlink_bytes``; each sampled client trains
+   from a copy of the decoded state and returns a blob; a client that raises, or returns
+   something other than bytes, is dropped (reason logged). A client standing for a remote node
+   (the Flower ServerApp's mailboxes) raises :class:`NotDelivered` when the state never left
+   the server (the node was not connected: not counted, listed in ``not_delivered``) and
+   :class:`DeliveryUnconfirmed` when it was sent but nothing came back to show it arrived
+   (counted in ``downlink_unconfirmed_bytes``, listed in ``unconfirmed``); any other failure
+   means the client had the state (counted in ``downlink_bytes``). With ``client_time_limit_s``, each client's
    ``train`` gets ``deadline=`` (a :func:`time.monotonic` time) when its signature accepts one,
    so an in-process :class:`~oqfl_ext.fl.Client` stops between mini-batches once past it (it
    raises :class:`~oqfl_ext.fl.ClientTimeout`); a client whose result arrives after its limit
@@ -20,12 +25,19 @@ Round ``t`` (:meth:`Server.run_round`):
    round or client) is dropped with its reason and never touches the global model;
 4. with ``norm_bound``, an update whose global L2 norm (over all its entries) exceeds it is
    scaled down to that norm;
+   An update's ``num_samples`` (its FedAvg weight) is the client's word: where the server
+   knows how many samples it assigned the client (the client object's ``num_samples``, an
+   int), a larger claim is capped at that number (listed in ``capped``, warning logged), so
+   that one client cannot outweigh the others by claiming 10**18 samples;
 5. FedAvg: the average of the accepted updates weighted by their ``num_samples``; with
    ``server_momentum`` ``b > 0`` (FedAvgM) ``m <- b * m + avg`` and the step is ``m``;
    ``global <- global + server_lr * step`` on the floating-point entries. Entries that are not
    floating point (``num_batches_tracked``, quantizer flags) are kept as the server has them.
    Batch-norm running variances are then clamped to ``>= 0``: a server step (``server_lr > 1``,
-   momentum) can overshoot a small variance below 0, and evaluation takes its square root;
+   momentum) can overshoot a small variance below 0, and evaluation takes its square root.
+   A step that would leave any entry of the global model (or the FedAvgM buffer) non-finite is
+   not applied at all (``aggregate_rejected`` says why): huge but finite updates (3e38) would
+   otherwise overflow the model to inf, which no later round, downlink or checkpoint can use;
 6. the global model is evaluated (eval mode) on the test set: accuracy and mean cross-entropy.
 
 Quantized models: ``model_fn`` may build a model with :class:`oqfl_ext.nn.LSQQuantizer` s. The
@@ -66,9 +78,21 @@ from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
 from .codec import UpdateRejected, check_compression, decode_update
 
-__all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec"]
+__all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec", "NotDelivered",
+           "DeliveryUnconfirmed"]
 
 logger = logging.getLogger("oqfl_ext.fl")
+
+
+class NotDelivered(RuntimeError):
+    """Raised by a client's ``train`` when the round's global state never reached it (e.g. its
+    node was not connected): the client is dropped and its downlink is not counted."""
+
+
+class DeliveryUnconfirmed(RuntimeError):
+    """Raised by a client's ``train`` when the global state was sent but nothing shows that it
+    arrived (no reply, the node stopped answering): the client is dropped and its downlink is
+    counted in ``downlink_unconfirmed_bytes``, not in ``downlink_bytes``."""
 
 
 @dataclasses.dataclass
@@ -85,8 +109,15 @@ class RoundResult:
         num_samples: sum of the accepted updates' ``num_samples``.
         accuracy, loss: of the global model on the test set after the round.
         wall_time_s: seconds the round took (training, aggregation and evaluation).
-        downlink_bytes: bytes of the global state sent to the sampled clients (one encoded
-            blob per sampled client).
+        downlink_bytes: bytes of the global state delivered to clients (one encoded blob per
+            sampled client that received it; see :class:`NotDelivered`).
+        not_delivered: sampled clients the global state never reached (not counted).
+        unconfirmed: sampled clients it was sent to without a sign that it arrived.
+        downlink_unconfirmed_bytes: the bytes sent to ``unconfirmed`` clients.
+        capped: accepted clients whose ``num_samples`` claim was capped at the number the
+            server assigned them.
+        aggregate_rejected: why the round's aggregate was not applied (it would have made
+            the global model non-finite); None when it was applied or there was none.
         integer_accuracy: with ``evaluate_integer``, the test accuracy of the global model
             converted to integer inference (:func:`oqfl_ext.convert`); None otherwise.
     """
@@ -103,6 +134,11 @@ class RoundResult:
     wall_time_s: float
     downlink_bytes: int = 0
     integer_accuracy: Optional[float] = None
+    not_delivered: List[str] = dataclasses.field(default_factory=list)
+    unconfirmed: List[str] = dataclasses.field(default_factory=list)
+    downlink_unconfirmed_bytes: int = 0
+    capped: List[str] = dataclasses.field(default_factory=list)
+    aggregate_rejected: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +178,15 @@ def _accepts_deadline(fn) -> bool:
         return False
     return "deadline" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
                                        for p in params.values())
+
+
+def _assigned_samples(client) -> Optional[int]:
+    """How many samples the server assigned ``client`` (its ``num_samples`` attribute when
+    that is a non-negative int), or None when the server does not know."""
+    n = getattr(client, "num_samples", None)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        return None
+    return n
 
 
 def _has_uninitialized_quantizers(model: nn.Module) -> bool:
@@ -309,11 +354,13 @@ class Server:
         accepted: List[Tuple[str, Dict[str, Tensor], int]] = []
         dropped: List[Tuple[str, str]] = []
         clipped: List[str] = []
+        capped: List[str] = []
+        not_delivered: List[str] = []
+        unconfirmed: List[str] = []
         uplink = 0
         server_state = {k: v.detach() for k, v in self.model.state_dict().items()}
         down_blob = self.downlink.encode(server_state, round_idx)
         received = self.downlink.decode(down_blob, server_state)
-        downlink = len(down_blob) * len(sampled)
         limit = self.client_time_limit_s
         for i, client in enumerate(sampled):
             cid = client.client_id
@@ -326,6 +373,14 @@ class Server:
                 kwargs["deadline"] = start + limit
             try:
                 blob = client.train(global_state, self.model_fn, **kwargs)
+            except NotDelivered as e:
+                not_delivered.append(cid)
+                self._drop(dropped, cid, f"global state not delivered: {e}")
+                continue
+            except DeliveryUnconfirmed as e:
+                unconfirmed.append(cid)
+                self._drop(dropped, cid, f"no reply (delivery unconfirmed): {e}")
+                continue
             except Exception as e:  # a failing client never stops the round
                 elapsed = time.monotonic() - start
                 if limit is not None and (isinstance(e, TimeoutError) or elapsed > limit):
@@ -357,6 +412,13 @@ class Server:
                 self._drop(dropped, cid, f"update rejected: client_id {info['client_id']!r}, "
                                          f"expected {cid!r}")
                 continue
+            num_samples = info["num_samples"]
+            assigned = _assigned_samples(client)
+            if assigned is not None and num_samples > assigned:
+                logger.warning("round %d: client %s claims %d samples, it was assigned %d; "
+                               "capped", round_idx, cid, num_samples, assigned)
+                num_samples = assigned
+                capped.append(cid)
             if self.norm_bound is not None:
                 norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
                 if norm > self.norm_bound:
@@ -365,14 +427,17 @@ class Server:
                     clipped.append(cid)
                     logger.info("round %d: client %s update norm %.4g clipped to %.4g",
                                 round_idx, cid, norm, self.norm_bound)
-            accepted.append((cid, update, info["num_samples"]))
+            accepted.append((cid, update, num_samples))
 
         if on_client is not None:
             on_client(len(sampled), len(sampled), "")
         total = sum(n for _, _, n in accepted)
+        rejected: Optional[str] = None
         if accepted and total > 0:
             avg = self.aggregate([(u, n) for _, u, n in accepted])
-            self._apply(avg)
+            rejected = self._apply(avg)
+            if rejected is not None:
+                logger.warning("round %d: aggregate not applied: %s", round_idx, rejected)
         elif accepted:
             logger.warning("round %d: accepted updates carry 0 samples; global model unchanged",
                            round_idx)
@@ -381,12 +446,17 @@ class Server:
         accuracy, loss = self.evaluate()
         integer_accuracy = self.evaluate_integer_model() if self.evaluate_integer else None
         self.round = max(self.round, round_idx + 1)
+        delivered = len(sampled) - len(not_delivered) - len(unconfirmed)
         return RoundResult(round=round_idx, sampled=[c.client_id for c in sampled],
                            accepted=[cid for cid, _, _ in accepted], dropped=dropped,
                            clipped=clipped, uplink_bytes=uplink, num_samples=total,
                            accuracy=accuracy, loss=loss,
-                           wall_time_s=time.perf_counter() - t0, downlink_bytes=downlink,
-                           integer_accuracy=integer_accuracy)
+                           wall_time_s=time.perf_counter() - t0,
+                           downlink_bytes=len(down_blob) * delivered,
+                           integer_accuracy=integer_accuracy, not_delivered=not_delivered,
+                           unconfirmed=unconfirmed,
+                           downlink_unconfirmed_bytes=len(down_blob) * len(unconfirmed),
+                           capped=capped, aggregate_rejected=rejected)
 
     def fit(self, rounds: int, *, checkpoint_dir=None, config: Optional[Mapping[str, Any]] = None,
             resume: bool = False, keep: int = 1,
@@ -464,20 +534,31 @@ class Server:
         return out
 
     @torch.no_grad()
-    def _apply(self, avg: Dict[str, Tensor]) -> None:
+    def _apply(self, avg: Dict[str, Tensor]) -> Optional[str]:
+        """Applies the server step for ``avg``; returns None, or (leaving the model and the
+        FedAvgM buffer untouched) why the step was refused: it would make an entry
+        non-finite."""
         if self.server_momentum > 0:
             if self.momentum is None:
-                self.momentum = {k: v.clone() for k, v in avg.items()}
+                momentum = {k: v.clone() for k, v in avg.items()}
             else:
-                self.momentum = {k: self.server_momentum * self.momentum[k] + avg[k]
-                                 for k in avg}
-            step = self.momentum
+                momentum = {k: self.server_momentum * self.momentum[k] + avg[k] for k in avg}
+            step = momentum
         else:
-            step = avg
+            momentum, step = self.momentum, avg
         state = self.model.state_dict()  # tensors share storage with the model
-        for k, v in step.items():
-            t = state[k]
-            t.add_((self.server_lr * v).to(t.device, t.dtype))
+        new_values = {k: state[k] + (self.server_lr * v).to(state[k].device, state[k].dtype)
+                      for k, v in step.items()}
+        bad = [k for k, v in new_values.items() if not bool(torch.isfinite(v).all())]
+        if momentum is not None:
+            bad += [f"momentum.{k}" for k, v in momentum.items()
+                    if not bool(torch.isfinite(v).all())]
+        if bad:
+            return (f"the step would make {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
+                    f"non-finite (first: {bad[0]})")
+        self.momentum = momentum
+        for k, v in new_values.items():
+            state[k].copy_(v)
         # A server step (server_lr > 1, momentum) can overshoot a small batch-norm running
         # variance below 0: project back onto the feasible set, else evaluation takes the
         # square root of a negative number.
@@ -485,6 +566,7 @@ class Server:
             if isinstance(m, nn.modules.batchnorm._NormBase) and \
                     isinstance(getattr(m, "running_var", None), Tensor):
                 m.running_var.clamp_(min=0.0)
+        return None
 
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:
