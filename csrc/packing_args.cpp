@@ -25,6 +25,12 @@ at::Tensor check_codes(const char* op, const at::Tensor& q, int64_t bits) {
 at::Tensor check_packed(const char* op, const at::Tensor& packed, int64_t bits, int64_t numel) {
   check_bits(op, bits);
   OQFL_CHECK_ARG(numel >= 0, op, "numel", "a non-negative count", numel);
+  // packed_bytes computes numel * bits + 7: refuse counts where that would wrap around.
+  const int64_t max_numel = (std::numeric_limits<int64_t>::max() - 7) / bits;
+  OQFL_CHECK_ARG(numel <= max_numel, op, "numel",
+                 "at most " + std::to_string(max_numel) + " codes of " + std::to_string(bits) +
+                     " bits",
+                 numel);
   OQFL_CHECK_DTYPE(packed.scalar_type() == at::kByte, op, "packed", "dtype uint8",
                    packed.scalar_type());
   const int64_t bytes = packed_bytes(numel, static_cast<int>(bits));
@@ -41,9 +47,10 @@ at::Tensor check_unpack_dequantize_args(const char* op, const at::Tensor& packed
                                         int64_t bits, at::IntArrayRef shape,
                                         std::optional<int64_t> axis) {
   int64_t numel = 1;
+  for (int64_t d : shape) OQFL_CHECK_ARG(d >= 0, op, "shape", "non-negative sizes", shape);
   for (int64_t d : shape) {
-    OQFL_CHECK_ARG(d >= 0, op, "shape", "non-negative sizes", shape);
-    numel *= d;
+    OQFL_CHECK_ARG(!__builtin_mul_overflow(numel, d, &numel), op, "shape",
+                   "sizes whose product fits in int64", shape);
   }
   const at::Tensor p = check_packed(op, packed, bits, numel);
   check_step_args(op, StepTarget{shape, packed.device(), "packed", "shape"}, scale, zero_point,

@@ -1,6 +1,8 @@
 #include "qconv_args.h"
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -12,6 +14,19 @@ namespace oqfl {
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// *out = a * b (a + b), false when that overflows int64: huge stride/padding/dilation values must
+// be refused, never wrapped into small or negative sizes that pass the checks.
+bool mul_fits(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+bool add_fits(int64_t a, int64_t b, int64_t* out) { return !__builtin_add_overflow(a, b, out); }
+
+// The product of `factors`, or -1 when it overflows int64 (the factors are sizes, >= 0).
+int64_t checked_product(std::initializer_list<int64_t> factors) {
+  int64_t p = 1;
+  for (int64_t f : factors)
+    if (!mul_fits(p, f, &p)) return -1;
+  return p;
+}
 
 std::string shape_str(std::initializer_list<int64_t> dims) {
   std::string s = "[";
@@ -115,7 +130,40 @@ int64_t pair_value(const char* op, const char* arg, at::IntArrayRef v, int64_t i
   return v.size() == 1 ? v[0] : v[i];
 }
 
+// The limits shared by qconv2d and qlinear once the geometry is known: the padded code buffer
+// (both backends allocate it) and the output fit in int64 bytes, and the reduction length keeps
+// the int32 accumulation exact. `got` describes x (and the padding) for the messages.
+void check_limits(const char* op, const QConvGeometry& g, const std::string& got) {
+  const int64_t buffer = checked_product(
+      {g.batch, g.padded_h, g.padded_w, g.groups, g.ic_blocks, kQConvIcBlock});
+  OQFL_CHECK_ARG(buffer >= 0, op, g.pad_h > 0 || g.pad_w > 0 ? "padding" : "x",
+                 "a zero-point-padded code buffer of N * (H + 2 * pad_h) * (W + 2 * pad_w) * "
+                 "groups * ceil(C / groups / 4) * 4 bytes that fits in int64",
+                 got);
+  const int64_t out_bytes =
+      checked_product({g.batch, g.out_channels, g.out_h, g.out_w, int64_t{sizeof(float)}});
+  OQFL_CHECK_ARG(out_bytes >= 0, op, "w_scale",
+                 "a length OC for which the output of N * OC * OH * OW float32 values (OH=" +
+                     std::to_string(g.out_h) + ", OW=" + std::to_string(g.out_w) +
+                     ") fits in int64 bytes",
+                 "OC = ", g.out_channels, " for x of ", got);
+  const int64_t reduction = checked_product({g.in_per_group, g.kernel_h, g.kernel_w});
+  const int64_t limit = qconv_max_reduction(g.w_bits);
+  OQFL_CHECK_ARG(reduction >= 0 && reduction <= limit, op, "x",
+                 "a reduction length K = C / groups * KH * KW of at most " +
+                     std::to_string(limit) + " for w_bits=" + std::to_string(g.w_bits) +
+                     " (K * 255 * max|weight code| must fit the int32 accumulator)",
+                 "K = ", reduction >= 0 ? std::to_string(reduction) : "more than 2^63",
+                 " (C / groups = ", g.in_per_group, ", KH = ", g.kernel_h, ", KW = ", g.kernel_w,
+                 ") for ", got);
+}
+
 }  // namespace
+
+int64_t qconv_max_reduction(int64_t w_bits) {
+  const int64_t max_weight = w_bits == 8 ? 128 : 8;
+  return std::numeric_limits<int32_t>::max() / (kQConvMaxCodeSpan * max_weight);
+}
 
 QConvGeometry check_qconv2d_args(const char* op, const at::Tensor& x, const at::Tensor& x_scale,
                                  const at::Tensor& x_zero_point, const at::Tensor& w_packed,
@@ -177,14 +225,31 @@ QConvGeometry check_qconv2d_args(const char* op, const at::Tensor& x, const at::
   OQFL_CHECK_ARG(g.pad_h >= 0 && g.pad_w >= 0, op, "padding", "non-negative integers", padding);
   OQFL_CHECK_ARG(g.dil_h >= 1 && g.dil_w >= 1, op, "dilation", "positive integers", dilation);
 
-  const int64_t eff_h = g.dil_h * (g.kernel_h - 1) + 1, eff_w = g.dil_w * (g.kernel_w - 1) + 1;
-  const int64_t span_h = g.in_h + 2 * g.pad_h - eff_h, span_w = g.in_w + 2 * g.pad_w - eff_w;
+  // The dilated kernel extent dil * (K - 1) + 1 and the padded input size H + 2 * pad.
+  int64_t eff_h = 0, eff_w = 0;
+  OQFL_CHECK_ARG(mul_fits(g.dil_h, g.kernel_h - 1, &eff_h) && add_fits(eff_h, 1, &eff_h) &&
+                     mul_fits(g.dil_w, g.kernel_w - 1, &eff_w) && add_fits(eff_w, 1, &eff_w),
+                 op, "dilation",
+                 "a dilated kernel extent dilation * (K - 1) + 1 that fits in int64 for the "
+                 "kernel size " + shape_str({g.kernel_h, g.kernel_w}),
+                 dilation);
+  int64_t hp = 0, wp = 0;
+  OQFL_CHECK_ARG(mul_fits(g.pad_h, 2, &hp) && add_fits(hp, g.in_h, &hp) &&
+                     mul_fits(g.pad_w, 2, &wp) && add_fits(wp, g.in_w, &wp),
+                 op, "padding",
+                 "a padded input size (H + 2 * padding, W + 2 * padding) that fits in int64 for "
+                 "x of shape " + c10::str(x.sizes()),
+                 padding);
+  const int64_t span_h = hp - eff_h, span_w = wp - eff_w;  // both terms >= 0: no overflow
   OQFL_CHECK_ARG(span_h >= 0 && span_w >= 0, op, "x",
                  "a padded input (H + 2 * padding, W + 2 * padding) at least as large as the "
                  "dilated kernel " + shape_str({eff_h, eff_w}) + " (a non-empty output)",
                  "shape ", x.sizes(), " with padding ", padding);
-  g.out_h = span_h / g.stride_h + 1;
+  g.padded_h = hp;
+  g.padded_w = wp;
+  g.out_h = span_h / g.stride_h + 1;  // span <= INT64_MAX - 1 (eff >= 1): no overflow
   g.out_w = span_w / g.stride_w + 1;
+  check_limits(op, g, "shape " + c10::str(x.sizes()) + " with padding " + c10::str(padding));
   return g;
 }
 
@@ -219,6 +284,7 @@ QConvGeometry check_qlinear_args(const char* op, const at::Tensor& x, const at::
                      " (x.shape[-1]) and w_bits=" + std::to_string(w_bits),
                  "shape ", w_packed.sizes());
   g.channels_last = true;
+  check_limits(op, g, "shape " + c10::str(x.sizes()));
   return g;
 }
 

@@ -19,6 +19,9 @@
 //                + bias[o], then max(., 0) when relu, where acc = sum over taps and channels of
 //                u * w in int32 (padding taps contribute x_zero_point * w) and wsum[o] = sum of the
 //                weight codes of channel o; equivalently sum (u - x_zero_point) * w.
+//   limits       every derived size fits in int64, and the reduction length K = ICg * KH * KW
+//                is at most qconv_max_reduction(w_bits) (65793 for w_bits 8, 1052688 for 4), so
+//                acc cannot overflow int32; larger shapes are refused (ValueError), not wrapped.
 //
 // Blocked weight layout (independent of the device):
 //   int8 codes w[o, c, kh, kw] (o < OC, c < ICg = IC / groups) live in a tensor of shape
@@ -49,6 +52,9 @@ struct QConvGeometry {
   int64_t ic_blocks = 0;  // ICB, per group
   int64_t kernel_h = 1, kernel_w = 1;
   int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+  // H + 2 pad_h and W + 2 pad_w: the spatial size of the zero-point-padded code buffer both
+  // backends build, N * padded_h * padded_w * G * ICB * 4 bytes (checked to fit in int64).
+  int64_t padded_h = 1, padded_w = 1;
   int64_t w_bits = 8;
   int64_t x_quant_min = 0, x_quant_max = 255;
   bool input_is_float = true;   // false: x holds codes (uint8 or int8)
@@ -57,8 +63,17 @@ struct QConvGeometry {
   bool relu = false;
 };
 
+// Worst case of the int32 accumulation: a reduction of K = ICg * KH * KW products, each at most
+// 255 (the span of either code domain: |u - x_zero_point| <= 255, and the CPU kernels add the
+// codes shifted into 0..255) times the largest weight code magnitude (128 for w_bits 8, 8 for
+// w_bits 4). The checks refuse K above this, so the int32 sums of every backend are exact.
+constexpr int64_t kQConvMaxCodeSpan = 255;
+int64_t qconv_max_reduction(int64_t w_bits);
+
 // Checks every argument of qconv2d (dtypes, shapes, devices, the layout sizes against x and
-// groups, stride/padding/dilation >= 1/0/1, a non-empty output) and returns the geometry.
+// groups, stride/padding/dilation >= 1/0/1, a non-empty output, every derived size - dilated
+// kernel, padded input, padded buffer and output bytes - in int64 without overflow, the
+// reduction length against qconv_max_reduction) and returns the geometry.
 // Reads metadata only, never values (the value checks of the scales are separate below).
 QConvGeometry check_qconv2d_args(const char* op, const at::Tensor& x, const at::Tensor& x_scale,
                                  const at::Tensor& x_zero_point, const at::Tensor& w_packed,
@@ -67,8 +82,9 @@ QConvGeometry check_qconv2d_args(const char* op, const at::Tensor& x, const at::
                                  at::IntArrayRef dilation, int64_t groups, bool relu,
                                  int64_t x_quant_min, int64_t x_quant_max);
 
-// qlinear: x [..., IC] and w_packed [OCB, ICB, 16, 4|2]. Returns the geometry of the
-// equivalent 1x1 convolution on [prod(...), IC, 1, 1] channels_last.
+// qlinear: x [..., IC] and w_packed [OCB, ICB, 16, 4|2] (with the size and reduction limits of
+// qconv2d). Returns the geometry of the equivalent 1x1 convolution on [prod(...), IC, 1, 1]
+// channels_last.
 QConvGeometry check_qlinear_args(const char* op, const at::Tensor& x, const at::Tensor& x_scale,
                                  const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                                  const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,

@@ -12,14 +12,20 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops import _IC_BLOCK, _OC_BLOCK, _ceil_div
+from .ops import _IC_BLOCK, _OC_BLOCK, _ceil_div, _qconv_max_reduction
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_steps(op: str, shape, scale: Tensor, zero_point: Optional[Tensor],
-                 axis: Optional[int], shape_name: str = "x.shape") -> None:
-    """Axis against ``shape``, and the dtype and shape of scale/zero_point (StepTarget in C++)."""
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_steps(op: str, shape, device: torch.device, scale: Tensor,
+                 zero_point: Optional[Tensor], axis: Optional[int], shape_name: str = "x.shape",
+                 device_name: str = "x") -> None:
+    """Axis against ``shape``, and the dtype, device and shape of scale/zero_point (StepTarget
+    in C++). The device check matters here: a meta scale with a CPU x dispatches to this fake
+    kernel, which would otherwise return uninitialised memory."""
     dim = len(shape)
     if axis is not None and not -dim <= axis < dim:
         raise ValueError(
@@ -30,6 +36,9 @@ def _check_steps(op: str, shape, scale: Tensor, zero_point: Optional[Tensor],
             continue
         if t.dtype != torch.float32:
             raise TypeError(f"{op}: {name} expected dtype float32, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} expected to be on the device of {device_name} "
+                             f"({device}), got {t.device}")
         if axis is None:
             if t.numel() != 1 or t.dim() > 1:
                 raise ValueError(f"{op}: {name} expected a single value (shape [] or [1]) when "
@@ -45,7 +54,7 @@ def _check_args(op: str, x: Tensor, scale: Tensor, zero_point: Optional[Tensor],
         raise TypeError(f"{op}: x expected dtype float32, float16 or bfloat16, got {x.dtype}")
     if quant_min >= quant_max:
         raise ValueError(f"{op}: quant_min expected less than quant_max ({quant_max}), got {quant_min}")
-    _check_steps(op, x.shape, scale, zero_point, axis)
+    _check_steps(op, x.shape, x.device, scale, zero_point, axis)
 
 
 def _is_dense(x: Tensor) -> bool:
@@ -78,7 +87,18 @@ def _fake_quant_fake(x, scale, zero_point=None, *, quant_min, quant_max, axis=No
 def _fake_quant_backward_fake(grad_output, x, scale, zero_point=None, *, quant_min, quant_max,
                               axis=None, grad_factor=1.0,
                               output_mask: Sequence[bool] = (True, True, True)):
-    _check_args("fake_quant_backward", x, scale, zero_point, quant_min, quant_max, axis)
+    op = "fake_quant_backward"
+    _check_args(op, x, scale, zero_point, quant_min, quant_max, axis)
+    # check_grad_output in C++
+    if grad_output.shape != x.shape:
+        raise ValueError(f"{op}: grad_output expected the shape of x {list(x.shape)}, got "
+                         f"{list(grad_output.shape)}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(f"{op}: grad_output expected the dtype of x ({x.dtype}), got "
+                        f"{grad_output.dtype}")
+    if grad_output.device != x.device:
+        raise ValueError(f"{op}: grad_output expected to be on the device of x ({x.device}), "
+                         f"got {grad_output.device}")
     skipped = scale.new_empty((0,))
     grad_x = _like(x) if output_mask[0] else x.new_empty((0,))
     grad_scale = torch.empty_like(scale, memory_format=torch.contiguous_format) \
@@ -103,6 +123,10 @@ def _check_packed(op: str, packed: Tensor, bits: int, numel) -> None:
     _check_bits(op, bits)
     if numel < 0:
         raise ValueError(f"{op}: numel expected a non-negative count, got {numel}")
+    max_numel = (_INT64_MAX - 7) // bits  # numel * bits + 7 must not wrap in C++
+    if numel > max_numel:
+        raise ValueError(f"{op}: numel expected at most {max_numel} codes of {bits} bits, "
+                         f"got {numel}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"{op}: packed expected dtype uint8, got {packed.dtype}")
     nbytes = _packed_bytes(numel, bits)
@@ -142,8 +166,12 @@ def _unpack_dequantize_fake(packed, scale, zero_point=None, *, bits, shape, axis
     numel = 1
     for d in shape:
         numel *= d
+        if numel > _INT64_MAX:
+            raise ValueError(f"unpack_dequantize: shape expected sizes whose product fits in "
+                             f"int64, got {list(shape)}")
     _check_packed("unpack_dequantize", packed, bits, numel)
-    _check_steps("unpack_dequantize", shape, scale, zero_point, axis, shape_name="shape")
+    _check_steps("unpack_dequantize", shape, packed.device, scale, zero_point, axis,
+                 shape_name="shape", device_name="packed")
     return packed.new_empty(tuple(shape), dtype=torch.float32)
 
 
@@ -224,6 +252,25 @@ def _qconv_pair(op: str, arg: str, v) -> list:
     return [v[0], v[0]] if len(v) == 1 else list(v)
 
 
+def _qconv_check_limits(op: str, n, hp, wp, groups: int, icb, oc, oh, ow, icg, kh, kw,
+                        w_bits: int, padded: bool, got: str) -> None:
+    """check_limits of qconv_args.cpp: buffer and output bytes in int64, the int32 reduction."""
+    _qconv_arg(n * hp * wp * groups * icb * _IC_BLOCK <= _INT64_MAX, op,
+               "padding" if padded else "x",
+               "a zero-point-padded code buffer of N * (H + 2 * pad_h) * (W + 2 * pad_w) * "
+               "groups * ceil(C / groups / 4) * 4 bytes that fits in int64", got)
+    _qconv_arg(n * oc * oh * ow * 4 <= _INT64_MAX, op, "w_scale",
+               f"a length OC for which the output of N * OC * OH * OW float32 values (OH={oh}, "
+               f"OW={ow}) fits in int64 bytes", f"OC = {oc} for x of {got}")
+    k = icg * kh * kw
+    limit = _qconv_max_reduction(w_bits)
+    _qconv_arg(k <= limit, op, "x",
+               f"a reduction length K = C / groups * KH * KW of at most {limit} for "
+               f"w_bits={w_bits} (K * 255 * max|weight code| must fit the int32 accumulator)",
+               f"K = {k if k <= _INT64_MAX else 'more than 2^63'} (C / groups = {icg}, "
+               f"KH = {kh}, KW = {kw}) for {got}")
+
+
 def _has_op(name: str) -> bool:
     # A _C built before these schemas existed (a stale development build) still imports; the
     # fake kernels are then skipped rather than failing every import of the package.
@@ -265,16 +312,27 @@ def _qconv2d_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_b
     _qconv_arg(ph >= 0 and pw >= 0, op, "padding", "non-negative integers", _dims(padding))
     _qconv_arg(dh >= 1 and dw >= 1, op, "dilation", "positive integers", _dims(dilation))
     eff_h, eff_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    span_h, span_w = h + 2 * ph - eff_h, w + 2 * pw - eff_w
+    _qconv_arg(eff_h <= _INT64_MAX and eff_w <= _INT64_MAX, op, "dilation",
+               "a dilated kernel extent dilation * (K - 1) + 1 that fits in int64 for the "
+               f"kernel size {_dims([kh, kw])}", _dims(dilation))
+    hp, wp = h + 2 * ph, w + 2 * pw
+    _qconv_arg(hp <= _INT64_MAX and wp <= _INT64_MAX, op, "padding",
+               "a padded input size (H + 2 * padding, W + 2 * padding) that fits in int64 for "
+               f"x of shape {_dims(x.shape)}", _dims(padding))
+    span_h, span_w = hp - eff_h, wp - eff_w
     _qconv_arg(span_h >= 0 and span_w >= 0, op, "x",
                "a padded input (H + 2 * padding, W + 2 * padding) at least as large as the "
                f"dilated kernel {_dims([eff_h, eff_w])} (a non-empty output)",
                f"shape {_dims(x.shape)} with padding {_dims(padding)}")
+    oh, ow = span_h // sh + 1, span_w // sw + 1
+    _qconv_check_limits(op, n, hp, wp, groups, icb, oc, oh, ow, c // groups, kh, kw, w_bits,
+                        ph > 0 or pw > 0,
+                        f"shape {_dims(x.shape)} with padding {_dims(padding)}")
     # channels_last in, channels_last out (x.suggest_memory_format() in C++)
     from torch._prims_common import suggest_memory_format
     fmt = torch.channels_last if suggest_memory_format(x) == torch.channels_last \
         else torch.contiguous_format
-    return torch.empty((n, oc, span_h // sh + 1, span_w // sw + 1), dtype=torch.float32,
+    return torch.empty((n, oc, oh, ow), dtype=torch.float32,
                        device=x.device, memory_format=fmt)
 
 
@@ -293,6 +351,11 @@ def _qlinear_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_b
     _qconv_arg(list(w_packed.shape) == expected, op, "w_packed",
                f"shape {_dims(expected)} for OC={oc} (w_scale), IC={ic} (x.shape[-1]) and "
                f"w_bits={w_bits}", f"shape {_dims(w_packed.shape)}")
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    _qconv_check_limits(op, m, 1, 1, 1, expected[1], oc, 1, 1, ic, 1, 1, w_bits, False,
+                        f"shape {_dims(x.shape)}")
     return torch.empty((*x.shape[:-1], oc), dtype=torch.float32, device=x.device)
 
 

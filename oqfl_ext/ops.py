@@ -234,6 +234,13 @@ def cpu_capability() -> str:
 _OC_BLOCK = 16  # output channels per weight block (kQConvOcBlock in csrc/qconv_args.h)
 _IC_BLOCK = 4   # input channels per weight block (kQConvIcBlock)
 
+
+def _qconv_max_reduction(w_bits: int) -> int:
+    """The largest reduction length ``K`` whose int32 accumulation cannot overflow:
+    ``K * 255 * max|weight code|`` (128 for 8 bits, 8 for 4 bits) must fit in int32 (255: the
+    span of either code domain). Mirrors qconv_max_reduction in csrc/qconv_args.cpp."""
+    return (2**31 - 1) // (255 * (128 if w_bits == 8 else 8))
+
 IntPair = Union[int, Sequence[int]]
 
 
@@ -319,6 +326,13 @@ def qconv2d(
         + 1`` (likewise OW), in ``x``'s memory format (channels_last in, channels_last out),
         on ``x``'s device. The output must not be empty (OH, OW >= 1).
 
+    Limits: every size derived from the arguments (dilated kernel, padded input, the padded
+    code buffer, the output) must fit in int64, and the reduction length ``K = C / groups *
+    KH * KW`` must satisfy ``K * 255 * max|w| <= 2**31 - 1`` (``max|w|`` = 128 for
+    ``w_bits=8``, 8 for ``w_bits=4``), i.e. ``K <= 65793`` (8-bit weights) or ``K <= 1052688``
+    (4-bit), so that the int32 accumulation is exact (``|u - x_zero_point| <= 255``).
+    Larger arguments raise ValueError instead of wrapping.
+
     Not differentiable. On CPU the scales and the zero point are checked (a non-positive or
     non-finite scale, or a zero point outside the code domain, raises ValueError). On CUDA they
     are not read on the host (that would synchronize): an output channel whose ``w_scale`` is
@@ -369,6 +383,9 @@ def qlinear(
     Returns:
         A contiguous float32 tensor ``[..., OC]`` on ``x``'s device (``[OC]`` for a 1-D
         ``x``). Invalid scales and zero points are handled as in :func:`qconv2d`.
+
+    Limits as in :func:`qconv2d` with ``K = IC``: ``IC <= 65793`` for ``w_bits=8``,
+    ``IC <= 1052688`` for ``w_bits=4`` (``IC * 255 * max|w|`` must fit in int32).
     """
     return torch.ops.oqfl.qlinear(
         x, x_scale, x_zero_point, w_packed, w_scale, bias,

@@ -151,9 +151,11 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   const int64_t OCg = g.out_per_group, OCB = g.oc_blocks;
   const int64_t pad0 = (grp * OCB + ob) * 16;
   QConvRowArgs a;
-  a.pix_step = g.stride_w * p.ctot;
-  a.tap_h = g.dil_h * p.wp * p.ctot;
-  a.tap_w = g.dil_w * p.ctot;
+  // A stride or dilation that never moves (one output column, a kernel of size 1) may be huge;
+  // its step is 0 then, the product would overflow. Used steps stay inside the padded buffer.
+  a.pix_step = g.out_w > 1 ? g.stride_w * p.ctot : 0;
+  a.tap_h = g.kernel_h > 1 ? g.dil_h * p.wp * p.ctot : 0;
+  a.tap_w = g.kernel_w > 1 ? g.dil_w * p.ctot : 0;
   a.kh = g.kernel_h;
   a.kw = g.kernel_w;
   a.icb = g.ic_blocks;
@@ -206,8 +208,8 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   p.zp_u = sc.x_zero_point + p.offset;
   p.cg = g.ic_blocks * 4;
   p.ctot = g.groups * p.cg;
-  p.hp = g.in_h + 2 * g.pad_h;
-  p.wp = g.in_w + 2 * g.pad_w;
+  p.hp = g.padded_h;
+  p.wp = g.padded_w;
 
   // Per padded output channel (G * OCB * 16): the scale product and the bias.
   const int64_t G = g.groups, OCB = g.oc_blocks, OCg = g.out_per_group;
@@ -367,7 +369,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& x_scale,
   // [M, IC, 1, 1] channels_last, but runs of pixels for the kernel.
   const int64_t m = g.batch;
   g.batch = 1;
-  g.in_w = g.out_w = m;
+  g.in_w = g.out_w = g.padded_w = m;
   const at::Tensor xd = x.contiguous();
   run_qconv(g, sc, xd, w_packed, w_scale, bias, out.data_ptr<float>(), true);
   return out;

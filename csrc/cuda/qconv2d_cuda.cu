@@ -413,7 +413,7 @@ void qconv_launch(const QConvGeometry& g, const at::Tensor& x4, const at::Tensor
   TORCH_INTERNAL_ASSERT(x4.dim() == 4 && out4.dim() == 4);
   if (out4.numel() == 0) return;
   TORCH_INTERNAL_ASSERT(g.out_h >= 1 && g.out_w >= 1 && g.batch >= 1);
-  const int64_t hp = g.in_h + 2 * g.pad_h, wp = g.in_w + 2 * g.pad_w;
+  const int64_t hp = g.padded_h, wp = g.padded_w;
   // Every tap of every output pixel lies inside the padded buffer.
   TORCH_INTERNAL_ASSERT((g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dil_h < hp &&
                         (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w < wp);
