@@ -40,10 +40,10 @@ def fake_quant(
 
     Args:
         x: float32, float16 or bfloat16 tensor of any shape (empty allowed, any strides).
-        scale: float32 step sizes, positive and finite. ``axis=None``: one value, shape ``[]``
-            or ``[1]``. Otherwise ``x.shape[axis]`` values (shape ``[C]``).
-        zero_point: optional float32 offset in the integer domain, same shape rules as
-            ``scale``. ``None`` means 0. Non-integer values are allowed (LSQ+).
+        scale: float32 step sizes, positive and finite, on ``x``'s device. ``axis=None``: one
+            value, shape ``[]`` or ``[1]``. Otherwise ``x.shape[axis]`` values (shape ``[C]``).
+        zero_point: optional float32 offset in the integer domain, same shape and device rules
+            as ``scale``. ``None`` means 0. Non-integer values are allowed (LSQ+).
         quant_min, quant_max: integer bounds, ``quant_min < quant_max``.
         axis: the per-channel axis (negative allowed), or ``None`` for one step size.
         grad_factor: multiplies the gradients of ``scale`` and ``zero_point`` (LSQ's
