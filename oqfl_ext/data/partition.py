@@ -9,6 +9,7 @@ Dirichlet draws; the global random states are neither used nor advanced).
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import List, Sequence
 
@@ -41,8 +42,8 @@ def _check(labels, num_clients, seed):
     y = _labels(labels)
     k = _int_arg("num_clients", num_clients, 1)
     if k > y.numel():
-        raise ValueError(f"num_clients ({k}) exceeds the number of samples ({y.numel()}): "
-                         "every client needs at least one sample")
+        raise ValueError(f"num_clients ({k}) exceeds the number of samples ({y.numel()}); "
+                         f"expected at most {y.numel()}: every client needs at least one sample")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
             0 <= seed < 2 ** 63):
         raise ValueError(f"seed expected an integer in [0, 2**63), got {seed!r}")
@@ -62,6 +63,52 @@ def partition_iid(labels, num_clients: int, seed: int = 0) -> List[Tensor]:
     return _finish(list(torch.tensor_split(perm, k)))
 
 
+def _dirichlet_draw(rng, by_class: List[np.ndarray], k: int, alpha: float):
+    """One draw: for every class, its shuffled indices and ``k + 1`` bounds (client ``c`` gets
+    ``shuffled[bounds[c]:bounds[c + 1]]``), plus every client's sample count."""
+    draw, sizes = [], np.zeros(k, dtype=np.int64)
+    for idx in by_class:
+        idx = rng.permutation(idx)
+        p = rng.dirichlet(np.full(k, float(alpha)))
+        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # tiny alpha can underflow
+            p = np.zeros(k)
+            p[rng.integers(k)] = 1.0
+        cuts = np.round(np.cumsum(p) / p.sum() * idx.size).astype(np.int64)
+        # the chunks np.split(idx, np.maximum.accumulate(cuts[:-1])) would give
+        bounds = np.minimum(np.concatenate(([0], np.maximum.accumulate(cuts[:-1]), [idx.size])),
+                            idx.size)
+        draw.append((idx, bounds))
+        sizes += np.diff(bounds)
+    return draw, sizes
+
+
+def _top_up(chunks: List[List[np.ndarray]], min_size: int) -> None:
+    """Moves samples, in place, from the largest clients to each client (in client order) with
+    fewer than ``min_size``, taking them from the class the donor has most of so that the
+    receiver is dominated by one class too. ``chunks[client][class]``: the client's indices of
+    that class. Needs ``len(chunks) * min_size`` <= the number of samples: while a client is
+    short, the largest one then holds more than ``min_size``."""
+    sizes = [sum(a.size for a in row) for row in chunks]
+    heap = [(-s, c) for c, s in enumerate(sizes)]  # largest first, then the lowest index
+    heapq.heapify(heap)
+    for r, row in enumerate(chunks):
+        while sizes[r] < min_size:
+            neg, d = heapq.heappop(heap)
+            if -neg != sizes[d]:  # an entry from before the client's size changed
+                continue
+            take = min(min_size - sizes[r], sizes[d] - min_size)
+            sizes[d] -= take
+            sizes[r] += take
+            while take:
+                j = max(range(len(row)), key=lambda c: (chunks[d][c].size, -c))
+                m = min(take, chunks[d][j].size)
+                src, keep = chunks[d][j], chunks[d][j].size - m
+                chunks[d][j], row[j] = src[:keep], np.concatenate((row[j], src[keep:]))
+                take -= m
+            heapq.heappush(heap, (-sizes[d], d))
+            heapq.heappush(heap, (-sizes[r], r))
+
+
 def partition_dirichlet(labels, num_clients: int, alpha: float, seed: int = 0,
                         min_size: int = 1, max_tries: int = 1000) -> List[Tensor]:
     """Label-skewed split (Hsu et al. 2019): for every class, the proportions of its samples
@@ -69,9 +116,12 @@ def partition_dirichlet(labels, num_clients: int, alpha: float, seed: int = 0,
     gives clients dominated by few classes, large ``alpha`` approaches :func:`partition_iid`.
 
     Draws are repeated (continuing the same seeded generator, so still reproducible) until
-    every client has at least ``min_size`` samples; ValueError after ``max_tries`` draws, or at
-    once when ``min_size * num_clients`` exceeds the number of samples. The draws use
-    ``numpy.random.default_rng(seed)``.
+    every client has at least ``min_size`` samples. When none of ``max_tries`` draws does (many
+    clients, small ``alpha``), the draw that lacks the fewest samples is kept and topped up:
+    each client short of ``min_size`` gets the missing samples from the currently largest
+    client, from the class that client has most of (so the label skew is mostly kept).
+    ValueError at once when ``min_size * num_clients`` exceeds the number of samples. The draws
+    use ``numpy.random.default_rng(seed)``.
     """
     y, k, _ = _check(labels, num_clients, seed)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not (
@@ -81,27 +131,22 @@ def partition_dirichlet(labels, num_clients: int, alpha: float, seed: int = 0,
     max_tries = _int_arg("max_tries", max_tries, 1)
     if min_size * k > y.numel():
         raise ValueError(f"min_size ({min_size}) * num_clients ({k}) exceeds the number of "
-                         f"samples ({y.numel()})")
+                         f"samples ({y.numel()}); expected min_size <= {y.numel() // k}")
     rng = np.random.default_rng(int(seed))
     yn = y.numpy()
     by_class = [np.flatnonzero(yn == c) for c in np.unique(yn)]
+    best, best_missing = None, None
     for _ in range(max_tries):
-        buckets: List[List[np.ndarray]] = [[] for _ in range(k)]
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            p = rng.dirichlet(np.full(k, float(alpha)))
-            if not np.all(np.isfinite(p)) or p.sum() <= 0:  # tiny alpha can underflow
-                p = np.zeros(k)
-                p[rng.integers(k)] = 1.0
-            cuts = np.round(np.cumsum(p) / p.sum() * idx.size).astype(np.int64)
-            cuts[-1] = idx.size
-            for c, chunk in enumerate(np.split(idx, np.maximum.accumulate(cuts[:-1]))):
-                buckets[c].append(chunk)
-        parts = [np.concatenate(b) for b in buckets]
-        if min(p.size for p in parts) >= min_size:
-            return _finish([torch.from_numpy(p.astype(np.int64)) for p in parts])
-    raise ValueError(f"partition_dirichlet: no draw in {max_tries} gave every client at least "
-                     f"{min_size} samples (alpha={alpha}); lower min_size or raise alpha")
+        draw, sizes = _dirichlet_draw(rng, by_class, k, alpha)
+        missing = int(np.maximum(min_size - sizes, 0).sum())
+        if best_missing is None or missing < best_missing:
+            best, best_missing = draw, missing
+        if missing == 0:
+            break
+    chunks = [[idx[b[c]:b[c + 1]] for idx, b in best] for c in range(k)]
+    if best_missing:
+        _top_up(chunks, min_size)
+    return _finish([torch.from_numpy(np.concatenate(row).astype(np.int64)) for row in chunks])
 
 
 def partition_shards(labels, num_clients: int, classes_per_client: int,
@@ -119,12 +164,12 @@ def partition_shards(labels, num_clients: int, classes_per_client: int,
     m = _int_arg("classes_per_client", classes_per_client, 1)
     n_shards = k * m
     if n_shards > y.numel():
-        raise ValueError(f"num_clients * classes_per_client ({n_shards}) exceeds the number of "
-                         f"samples ({y.numel()})")
+        raise ValueError(f"num_clients * classes_per_client ({k} * {m} = {n_shards}) exceeds the "
+                         f"number of samples ({y.numel()}); expected at most one shard per sample")
     classes = torch.unique(y)
     if m > classes.numel():
         raise ValueError(f"classes_per_client ({m}) exceeds the number of classes "
-                         f"({classes.numel()})")
+                         f"({classes.numel()}); expected at most {classes.numel()}")
     rank = torch.empty(int(classes.max()) + 1, dtype=torch.int64)
     rank[classes] = torch.randperm(classes.numel(), generator=g)
     perm = torch.randperm(y.numel(), generator=g)
