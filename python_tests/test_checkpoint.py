@@ -5,8 +5,11 @@ checkpoints, and clients dropped for exceeding their time limit. Tiny models; a 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +103,30 @@ def _strip_times(records):
     return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
 
 
+@contextlib.contextmanager
+def disk_full(monkeypatch, folder, name_pattern: str):
+    """Within the block, writing a file into ``folder`` whose name (or its temporary file's)
+    matches ``name_pattern`` fails as on a full disk: ``os.fsync`` of it raises ENOSPC, where a
+    buffered write's missing space surfaces at the latest. Other files are written normally."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell which file a descriptor writes")
+    real = os.fsync
+    folder = Path(os.path.realpath(folder))
+
+    def fsync(fd):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.parent == folder and re.search(name_pattern, target.name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(os, "fsync", real)
+
+
 # ----------------------------------------------------------------------------------------------
 # kill and resume (Python API): fresh objects, as in a new process
 
@@ -180,6 +207,69 @@ def test_damaged_checkpoint_is_reported(tmp_path):
         ck.load_checkpoint(tmp_path)
     with pytest.raises(ck.CheckpointError, match="no checkpoint"):
         ck.load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_resume_refuses_a_folder_without_checkpoint_json(tmp_path):
+    _server("mlp").fit(2, checkpoint_dir=tmp_path, config={})
+    (tmp_path / ck.CHECKPOINT_JSON).unlink()  # the tensors file is orphaned, not garbage
+    orphan = tmp_path / "checkpoint-r000002.safetensors"
+    data = orphan.read_bytes()
+    with pytest.raises(ck.CheckpointError, match=rf"{re.escape(str(tmp_path))}.*no "
+                                                 rf"{ck.CHECKPOINT_JSON}.*not empty"):
+        _server("mlp").fit(3, checkpoint_dir=tmp_path, config={}, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [orphan.name]
+    assert orphan.read_bytes() == data
+    # a folder that does not exist yet, or is empty, has nothing to lose: the run starts
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "new", tmp_path / "empty"):
+        assert len(_server("mlp").fit(1, checkpoint_dir=folder, config={}, resume=True)) == 1
+        assert ck.load_checkpoint(folder).round == 1
+
+
+@pytest.mark.parametrize("failing", [r"checkpoint-r\d+\.safetensors", r"checkpoint\.json"])
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
+    full = _server("mlp")
+    full.fit(3, checkpoint_dir=tmp_path / "full", config={})
+    _server("mlp").fit(2, checkpoint_dir=tmp_path / "cut", config={})
+    with disk_full(monkeypatch, tmp_path / "cut", failing):
+        with pytest.raises(ck.CheckpointWriteError) as exc:
+            _server("mlp").fit(3, checkpoint_dir=tmp_path / "cut", config={}, resume=True)
+    e = exc.value
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC
+    msg = str(e)
+    assert "after round 3" in msg and "No space left on device" in msg, msg
+    assert f"{tmp_path / 'cut' / ck.CHECKPOINT_JSON} (after round 2)" in msg, msg
+    assert ck.load_checkpoint(tmp_path / "cut").round == 2
+    resumed = _server("mlp")
+    records = resumed.fit(3, checkpoint_dir=tmp_path / "cut", config={}, resume=True)
+    assert len(records) == 3
+    _assert_same_state(full, resumed)
+
+
+def test_failed_first_checkpoint_write_says_there_is_none(tmp_path, monkeypatch):
+    with disk_full(monkeypatch, tmp_path, r"checkpoint"):
+        with pytest.raises(ck.CheckpointWriteError, match="no earlier checkpoint"):
+            _server("mlp").fit(1, checkpoint_dir=tmp_path, config={})
+
+
+@pytest.mark.parametrize("rounds, detail", [
+    ([5, 6], r"rounds\[0\] expected a dict"),
+    ([{"round": 0}, {"round": 1}], r"rounds\[0\] is missing the key\(s\) accuracy"),
+    ([{"round": 0, "accuracy": 0.5, "loss": 1.0, "uplink_bytes": -1, "downlink_bytes": 0,
+       "wall_time_s": 0.1}] * 2, r"rounds\[0\]\['uplink_bytes'\] expected an integer >= 0"),
+    ([{"round": 1, "accuracy": 0.5, "loss": None, "uplink_bytes": 1, "downlink_bytes": 0,
+       "wall_time_s": 0.1}] * 2, r"rounds\[0\]\['round'\] is 1, expected 0"),
+])
+def test_malformed_rounds_records_are_damage(tmp_path, rounds, detail):
+    _server("mlp").fit(2, checkpoint_dir=tmp_path, config={})
+    path = tmp_path / ck.CHECKPOINT_JSON
+    doc = json.loads(path.read_text())
+    ck.load_checkpoint(tmp_path)
+    doc["rounds"] = rounds
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ck.CheckpointError, match=rf"{re.escape(str(path))}: damaged "
+                                                 rf"checkpoint, {detail}"):
+        ck.load_checkpoint(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

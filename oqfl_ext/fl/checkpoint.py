@@ -15,8 +15,9 @@ A checkpoint folder holds
 Writing order: the tensors file (temporary file, fsync, rename), then ``checkpoint.json`` the
 same way, then older tensors files are deleted. The rename of ``checkpoint.json`` is the commit:
 a run killed at any moment leaves either the previous checkpoint or the new one, both complete,
-and the JSON's SHA-256 ties it to its tensors. Nothing is pickled; loading parses JSON and
-safetensors only.
+and the JSON's SHA-256 ties it to its tensors. A write that fails (a full disk) raises
+:class:`CheckpointWriteError` (an ``OSError``) naming the last good checkpoint, which is left
+in place. Nothing is pickled; loading parses JSON and safetensors only.
 
 Why resuming gives the uninterrupted run's model bit for bit: every random choice of a round is
 a function of ``(seed, round, client)`` (client sampling: ``derive_seed(seed, round, ...)`` in
@@ -54,10 +55,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .metrics import _jsonable, atomic_write_bytes
+from .metrics import _check_rounds, _jsonable, atomic_write_bytes
 
-__all__ = ["CheckpointError", "CheckpointMismatch", "Checkpoint", "CHECKPOINT_JSON",
-           "RESUME_IGNORE", "save_checkpoint", "load_checkpoint", "restore", "resume",
+__all__ = ["CheckpointError", "CheckpointMismatch", "CheckpointWriteError", "Checkpoint",
+           "CHECKPOINT_JSON", "RESUME_IGNORE", "save_checkpoint", "load_checkpoint", "restore", "resume",
            "has_checkpoint", "server_fingerprint", "compare_configs"]
 
 CHECKPOINT_JSON = "checkpoint.json"
@@ -80,6 +81,15 @@ class CheckpointError(ValueError):
 
 class CheckpointMismatch(CheckpointError):
     """A checkpoint was written by a run with another configuration."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the message names the last good
+    checkpoint, which is still in place. ``errno`` is the failed write's."""
+
+    def __init__(self, message: str, errno: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclasses.dataclass
@@ -192,7 +202,33 @@ def save_checkpoint(folder, server, *, config: Optional[Mapping[str, Any]] = Non
 
     ``config``: the caller's options (compared on resume); ``rounds``: the metrics records
     so far (returned again by :func:`resume`); ``keep``: how many tensors files to keep (the
-    newest; >= 1)."""
+    newest; >= 1). A failed write raises :class:`CheckpointWriteError`; the previous
+    checkpoint is left as it was."""
+    try:
+        return _write_checkpoint(folder, server, config=config, rounds=rounds, keep=keep)
+    except OSError as e:
+        raise CheckpointWriteError(_write_failure(Path(folder), int(server.round), e),
+                                   e.errno) from e
+
+
+def _write_failure(folder: Path, rnd: int, error: OSError) -> str:
+    """The message of a failed checkpoint write: what failed, and the last good checkpoint."""
+    what = error.strerror or str(error)
+    path = folder / CHECKPOINT_JSON
+    try:
+        last = json.loads(path.read_bytes().decode("utf-8")).get("round")
+    except FileNotFoundError:
+        last = None
+    except (OSError, ValueError, AttributeError):  # unreadable: say so rather than guess
+        last = "?"
+    if last is None:
+        kept = f"no earlier checkpoint in {folder}"
+    else:
+        kept = f"the last good checkpoint is {path} (after round {last})"
+    return f"could not write the checkpoint after round {rnd} into {folder} ({what}); {kept}"
+
+
+def _write_checkpoint(folder, server, *, config, rounds, keep) -> Path:
     from safetensors.torch import save as st_save
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -273,6 +309,14 @@ def load_checkpoint(folder) -> Checkpoint:
     if rnd < 0 or len(doc["rounds"]) != rnd:
         raise CheckpointError(f"{path}: damaged checkpoint, round {rnd} with "
                               f"{len(doc['rounds'])} metrics records")
+    try:
+        records = _check_rounds(doc["rounds"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint, {e}") from None
+    for i, r in enumerate(records):  # Server.fit numbers its records 0, 1, ...
+        if r["round"] != i:
+            raise CheckpointError(f"{path}: damaged checkpoint, rounds[{i}]['round'] is "
+                                  f"{r['round']}, expected {i}")
     name = doc["tensors"]
     if not _TENSORS_RE.match(name) or int(_TENSORS_RE.match(name).group(1)) != rnd:
         raise CheckpointError(f"{path}: damaged checkpoint, tensors file name {name!r} does not "
@@ -318,7 +362,7 @@ def load_checkpoint(folder) -> Checkpoint:
     state = {"model": model, "momentum": momentum if doc["momentum"] else None, "round": rnd,
              "clients": clients}
     return Checkpoint(round=rnd, config=doc["config"], server=doc["server"],
-                      rounds=doc["rounds"], state=state, torch_rng=torch_rng,
+                      rounds=records, state=state, torch_rng=torch_rng,
                       python_random=doc.get("python_random"), path=path)
 
 

@@ -8,13 +8,19 @@ One run writes into ``--out`` (default ``runs/<name>-<date>-<time>``):
   every round;
 * ``accuracy.png`` -- accuracy against round and against cumulative uplink MB;
 * ``checkpoints/`` -- the server state after the last round (:mod:`oqfl_ext.fl.checkpoint`);
-  ``--resume`` continues a killed run from it, bit-identically;
+  ``--resume`` continues a killed run from it, bit-identically (in a folder without one it
+  starts the run only when the folder is new or empty: it never overwrites other files);
 * ``model.safetensors`` -- the final global model's ``state_dict()``.
 
 ``--compare`` runs FP32 FedAvg (float model, float32 uplink) and OQFL (the ``--weight-bits`` /
 ``--act-bits`` model with the ``--uplink`` codec; W4A4 int4 by default) with the same seed, data
 partition and clients, into ``--out/fp32`` and ``--out/oqfl-w4a4``, then prints a table and writes
 ``compare.txt``, ``compare.json`` and ``compare.png`` into ``--out``.
+
+Errors are one line on stderr, no traceback: options that cannot work exit with 2 (argparse's
+usage errors), a run that cannot go on (missing data, a partition the data cannot give, an
+existing or damaged run, an --out that cannot be written, a checkpoint that could not be
+written -- the last good one is named and kept) with 1.
 
 The Python entry points are :func:`main` (``main([...])`` returns the exit status),
 :func:`build_config` and :func:`run_experiment`.
@@ -80,6 +86,21 @@ def _nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+# the partitioners take seeds below 2**63 (torch.manual_seed would take up to 2**64 - 1)
+MAX_SEED = 2 ** 63 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_SEED} (2**63 - 1), "
+                                         f"got {text!r}")
     return v
 
 
@@ -214,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate the quantized global model converted to integer "
                         "inference (oqfl_ext.convert) every round")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=_nonneg_int, default=0,
+    g.add_argument("--seed", type=_seed, default=0,
                    help="seeds the model, the partition, the sampling and the clients")
     g.add_argument("--out", default=None,
                    help="output folder (default: runs/<name>-<date>-<time>)")
@@ -223,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="run FP32 FedAvg and OQFL (--weight-bits/--act-bits/--uplink) with the "
                         "same seed and print a table")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     g.add_argument("--threads", type=_nonneg_int, default=1,
                    help="torch CPU threads; 0: torch's default (one per core). The default "
                         "models are too small for intra-op parallelism to pay: on a 2-core "
@@ -333,13 +354,19 @@ def _resize(x: Tensor, size: Optional[int]) -> Tensor:
 # one run
 
 def _partition(cfg: dict, labels: Tensor) -> List[Tensor]:
-    from ..data import partition_dirichlet, partition_iid, partition_shards
-    k, seed = cfg["clients"], cfg["seed"]
-    if cfg["partition"] == "iid":
-        return partition_iid(labels, k, seed=seed)
-    if cfg["partition"] == "dirichlet":
-        return partition_dirichlet(labels, k, cfg["alpha"], seed=seed)
-    return partition_shards(labels, k, cfg["classes_per_client"], seed=seed)
+    from .. import data
+    k, seed, how = cfg["clients"], cfg["seed"], cfg["partition"]
+    try:
+        if how == "iid":
+            return data.partition_iid(labels, k, seed=seed)
+        if how == "dirichlet":
+            return data.partition_dirichlet(labels, k, cfg["alpha"], seed=seed)
+        return data.partition_shards(labels, k, cfg["classes_per_client"], seed=seed)
+    except ValueError as e:  # a split these options cannot give from this data
+        options = {"dirichlet": f" --alpha {cfg['alpha']}",
+                   "shards": f" --classes-per-client {cfg['classes_per_client']}"}.get(how, "")
+        raise UsageError(f"--partition {how} --clients {k}{options} on {len(labels)} training "
+                         f"examples: {e}") from None
 
 
 def _model_fn(cfg: dict, in_channels: int, num_classes: int, image_size: int):
@@ -397,15 +424,22 @@ def run_experiment(cfg: dict, out, *, resume: bool = False, progress: bool = Tru
 
     from ..data import partition_stats
     from .client import Client, ClientConfig, derive_seed
-    from .checkpoint import has_checkpoint
+    from .checkpoint import CHECKPOINT_JSON, has_checkpoint
     from .metrics import METRICS_FILE, save_run, write_metrics
     from .server import Server
 
     out = Path(out)
+    _check_out_folder(out)
     ckpt_dir = out / "checkpoints"
     if has_checkpoint(ckpt_dir) and not resume:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose "
                          "another --out")
+    if resume and not has_checkpoint(ckpt_dir) and out.is_dir() and any(out.iterdir()):
+        # a mistyped --out, or a run whose checkpoint is gone: starting over would overwrite
+        # its metrics and model and delete orphaned checkpoint files
+        raise UsageError(f"--resume: {out} holds no checkpoint ({ckpt_dir / CHECKPOINT_JSON} "
+                         "not found) but is not empty; check --out (a new run needs a new or "
+                         "empty folder)")
     tx, ty, vx, vy = _prepare_data(cfg, data_dir, data_cache)
     num_classes = int(max(int(ty.max()), int(vy.max()) if len(vy) else 0)) + 1
     if cfg["clients"] > len(ty):
@@ -477,6 +511,15 @@ def run_experiment(cfg: dict, out, *, resume: bool = False, progress: bool = Tru
     return records, server
 
 
+def _check_out_folder(out: Path) -> None:
+    """Refuses an output folder that cannot be one: it, or a folder above it, is a file."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--out {out}: {p} is a file, not a folder")
+            return
+
+
 def _postfix(record: dict, up_bytes: int) -> str:
     acc = record.get("accuracy")
     acc_s = "n/a" if acc is None or not math.isfinite(acc) else f"{100 * acc:.2f}%"
@@ -509,14 +552,25 @@ def _check_runtime_options(parser: argparse.ArgumentParser, args: argparse.Names
             downlink_codec(args.downlink)
         except ValueError as e:
             parser.error(f"argument --downlink: {e}")
+    expected = "expected cpu, cuda or cuda:N (N below the number of GPUs)"
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
-        parser.error(f"argument --device: {e}")
+        parser.error(f"argument --device: {expected}, got {args.device!r} ({e})")
+    if device.type not in ("cpu", "cuda"):  # e.g. meta: no data, the run cannot work
+        parser.error(f"argument --device: {expected}, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"argument --device: {args.device!r} but CUDA is not available")
-    if args.image_size is not None and args.model == "small_cnn" and args.image_size < 8:
-        parser.error(f"argument --image-size: small_cnn needs 8 or more, got {args.image_size}")
+        parser.error(f"argument --device: {args.device!r} but CUDA is not available; "
+                     "expected cpu")
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        parser.error(f"argument --device: {expected}, got {args.device!r} with "
+                     f"{torch.cuda.device_count()} GPU(s)")
+    from ..models import MODELS
+    minimum = MODELS[args.model].min_image_size
+    if args.image_size is not None and args.image_size < minimum:
+        parser.error(f"argument --image-size: {args.model} needs {minimum} or more, got "
+                     f"{args.image_size}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -536,10 +590,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, CheckpointWriteError
+    out = Path(args.out) if args.out else None
     try:
         configs = compare_arms(args) if args.compare else [build_config(args)]
         out = Path(args.out) if args.out else _default_out(configs[0]["name"], args.compare)
+        _check_out_folder(out)
         if not args.resume and out.exists() and any(out.iterdir()):
             raise UsageError(f"--out {out} exists and is not empty; choose another folder "
                              "(or --resume a run there)")
@@ -555,8 +611,13 @@ def _main(args: argparse.Namespace) -> int:
             print(_summary_line(cfg["name"], records, folder), flush=True)
         if args.compare:
             _write_comparison(out, configs, results, time.perf_counter() - t0)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError) as e:
         print(f"oqfl-fl: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only folder (a failed checkpoint names its last)
+        named = e.filename is not None or isinstance(e, CheckpointWriteError) or out is None
+        where = "" if named else f" (writing the run in {out})"
+        print(f"oqfl-fl: error: {e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("oqfl-fl: interrupted; continue with --resume --out <the same folder>",

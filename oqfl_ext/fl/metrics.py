@@ -17,9 +17,10 @@ Stable API (reused by the command line and the Flower app):
                  "uplink_bytes": 123456, "downlink_bytes": 234567,
                  "wall_time_s": 1.25, ...}, ...]}
 
-Each round record must hold at least the keys of :data:`REQUIRED_KEYS`; any other JSON-able
-keys are kept as given (e.g. ``"accepted"``, ``"dropped"``). Non-finite floats (a NaN loss)
-are written as ``null`` so the file is strict JSON. ``MB`` is 10**6 bytes everywhere.
+Each round record must hold at least the keys of :data:`REQUIRED_KEYS` (``round`` and the byte
+counts integers >= 0, the others numbers or ``None``); any other JSON-able keys are kept as
+given (e.g. ``"accepted"``, ``"dropped"``). Non-finite floats (a NaN loss) are written as
+``null`` so the file is strict JSON. ``MB`` is 10**6 bytes everywhere.
 Files are written atomically (a temporary file in the same folder, fsync, rename), so a reader
 never sees half a file and a killed run leaves the previous version in place.
 
@@ -92,8 +93,21 @@ def _check_rounds(rounds: Sequence[Mapping[str, Any]]) -> List[dict]:
         if missing:
             raise ValueError(f"rounds[{i}] is missing the key(s) {', '.join(missing)} "
                              f"(required: {', '.join(REQUIRED_KEYS)})")
-        out.append(_jsonable(dict(r)))
+        rec = _jsonable(dict(r))  # numpy / torch scalars -> Python numbers
+        for key in REQUIRED_KEYS:
+            v = rec[key]
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if key in _COUNT_KEYS:
+                ok, expected = number and isinstance(v, int) and v >= 0, "an integer >= 0"
+            else:  # None: a NaN written as null
+                ok, expected = v is None or number, "a number or null"
+            if not ok:
+                raise ValueError(f"rounds[{i}][{key!r}] expected {expected}, got {v!r}")
+        out.append(rec)
     return out
+
+
+_COUNT_KEYS = ("round", "uplink_bytes", "downlink_bytes")
 
 
 def write_metrics(path: PathLike, config: Mapping[str, Any],

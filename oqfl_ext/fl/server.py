@@ -470,10 +470,15 @@ class Server:
         after every round, with ``config`` (the caller's options, JSON-able) and the records.
         ``resume``: continue from the checkpoint in ``checkpoint_dir`` (its records come
         first in the result); the configuration must match (``CheckpointMismatch`` otherwise);
-        with no checkpoint there yet the run starts at round 0. Without ``resume`` a folder
-        that already holds a checkpoint is refused. ``on_round(record, result)`` is called
-        after each round's checkpoint, ``on_client`` is passed to :meth:`run_round`.
+        a folder that does not exist yet or is empty starts the run at round 0, any other
+        folder without a checkpoint is refused (``CheckpointError``; nothing in it is touched).
+        Without ``resume`` a folder that already holds a checkpoint is refused. A checkpoint
+        that cannot be written raises ``CheckpointWriteError`` (an ``OSError``), leaving the
+        previous one. ``on_round(record, result)`` is called after each round's checkpoint,
+        ``on_client`` is passed to :meth:`run_round`.
         """
+        from pathlib import Path
+
         from . import checkpoint as ckpt
         from .metrics import round_record
 
@@ -484,6 +489,14 @@ class Server:
             if resume and ckpt.has_checkpoint(checkpoint_dir):
                 records = ckpt.resume(checkpoint_dir, self, config=config)
                 logger.info("resumed from %s after round %d", checkpoint_dir, self.round)
+            elif resume and Path(checkpoint_dir).is_dir() and \
+                    any(Path(checkpoint_dir).iterdir()):
+                # e.g. an orphaned tensors file, or a mistyped folder: starting over would
+                # overwrite or delete what is there
+                raise ckpt.CheckpointError(
+                    f"{checkpoint_dir} holds no {ckpt.CHECKPOINT_JSON} but is not empty: "
+                    "nothing to resume, and a new run there could overwrite its files; "
+                    "check the folder, or start the run in a new or empty one")
             elif resume:
                 logger.warning("no checkpoint in %s: starting at round 0", checkpoint_dir)
             elif ckpt.has_checkpoint(checkpoint_dir):
