@@ -211,6 +211,75 @@ def test_corrupt_streams_are_rejected(tmp_path):
     _reject(tmp_path, b"\x80\x02)\x81.", "NEWOBJ|underflow|not accepted")
 
 
+def _binput(i: int) -> bytes:
+    return b"q" + bytes([i])
+
+
+def _binget(i: int) -> bytes:
+    return b"h" + bytes([i])
+
+
+def _shared_lists(levels: int, fan: int) -> bytes:
+    """Stream ops building lists L0 = [0], L(i) = [L(i-1)] * fan (memo GETs of one list):
+    a few bytes per level, fan ** levels elements when unfolded. Leaves L(levels) on the
+    stack, memoized under ``levels``."""
+    out = [b"]" + _binput(0) + b"K\x00a"]
+    for i in range(1, levels + 1):  # POP the level below, then build this one
+        out.append(b"0]" + _binput(i) + b"(" + _binget(i - 1) * fan + b"e")
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("name,stream", [
+    # one list appended to itself 16 times: a list that contains itself, at every depth
+    ("self", b"\x80\x02}q\xc8U\x06labels]q\x00(" + _binget(0) * 16 + b"es."),
+    # no cycle: 17 levels of a list holding 8 references to the level below (8**17 elements)
+    ("shared", b"\x80\x02}q\xc8U\x06labels" + _shared_lists(17, 8) + b"s."),
+    # the same structure inside a tuple given to numpy.dtype: refused, and the message about it
+    # is short (a full repr would be 8**17 elements long)
+    ("message", b"\x80\x02cnumpy\ndtype\n" + _shared_lists(17, 8) + b"K\x00K\x01\x87R."),
+])
+def test_memo_reuse_cannot_blow_up(tmp_path, name, stream):
+    # a few hundred bytes that describe an exponentially large value are refused, in linear
+    # time (the old reader expanded them: MemoryError or no end)
+    assert len(stream) < 500
+    path = tmp_path / name
+    path.write_bytes(stream)
+    with pytest.raises(CifarFormatError) as info:
+        read_batch(path)
+    msg = str(info.value)
+    assert str(path) in msg and len(msg) < 1000
+
+
+def test_shared_lists_are_read_when_they_unfold_to_little(tmp_path):
+    # sharing itself is accepted (pickle writes a list referenced twice with a memo GET)
+    stream = b"\x80\x02}q\xc8(U\x01a" + _shared_lists(3, 2) + b"U\x01b" + _binget(1) + b"u."
+    path = tmp_path / "b"
+    path.write_bytes(stream)
+    got = read_batch(path)
+    want = pickle.loads(stream, encoding="bytes")  # the reference reader, on our own bytes
+    assert got == want and got[b"a"] == [[[[0]] * 2] * 2] * 2 and got[b"b"] == [[0], [0]]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_array_shape_products_do_not_wrap(tmp_path, protocol):
+    # a shape whose element count is 2**64 (0 in int64) with no data; another of 0 elements
+    # whose sides numpy cannot hold; both named in a CifarFormatError, never a numpy error
+    for shape, match in [((2 ** 32, 2 ** 32), f"needs {2 ** 64} bytes"),
+                         ((0, 2 ** 40, 2 ** 40), "larger")]:
+        arr = np.zeros((0, 7), np.uint8)
+        data = pickle.dumps({b"data": arr}, protocol=protocol)
+        op = b"K\x00K\x07\x86"  # the shape (0, 7) as the pickle writes it
+        assert data.count(op) == 1
+        big = b"(" + b"".join(b"\x8a" + bytes([len(v)]) + v for v in
+                              (d.to_bytes(8, "little").rstrip(b"\x00") or b"" for d in shape))
+        bad = data.replace(op, big + b"t")
+        path = tmp_path / f"wrap{len(shape)}"
+        path.write_bytes(bad)
+        with pytest.raises(CifarFormatError, match=match) as info:
+            read_batch(path)
+        assert str(path) in str(info.value)
+
+
 # ------------------------------------------------------------------ the loader
 
 def write_cifar(folder, n_train=(3, 4, 2, 5, 3), n_test=4, protocol=2):

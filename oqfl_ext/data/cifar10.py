@@ -20,15 +20,19 @@ called:
   ``bytes()``) are rebuilt from their text. (``numpy._core`` spellings are accepted as well.)
 
 Anything else (another global such as ``os.system``, object-building opcodes, out-of-band
-buffers, an array that does not match its shape) raises :class:`CifarFormatError` naming the
-file, the opcode and its position, before anything of the file is used.
+buffers, an array that does not match its shape, a list that contains itself, memo references
+that unfold to more elements than the stream has bytes) raises :class:`CifarFormatError` naming
+the file, the opcode and its position, before anything of the file is used. A list, tuple or
+dict the stream refers to more than once is read once and shared, as pickle shares it.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickletools
+import reprlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -82,6 +86,24 @@ _GLOBALS = {
 }
 _ACCEPTED_DTYPES = {"u1": np.dtype(np.uint8), "|u1": np.dtype(np.uint8)}
 _MAX_NDIM = 8
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr for error messages, bounded in length and in work however the value nests or shares
+    its parts (a plain repr of a few hundred bytes of memo GETs can be 10**15 items long)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxtuple, self.maxlist, self.maxdict = 2, 4, 4, 4
+        self.maxstring = self.maxother = 40
+
+    def repr_bytes(self, x, level):
+        return repr(x[:self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+    repr_bytearray = repr_bytes
+
+
+_short = _ShortRepr().repr
 
 
 class _Global:
@@ -165,10 +187,10 @@ class _Reader:
         # (Python 2's numpy wrote the flags as the ints 0 and 1)
         if not (isinstance(args, tuple) and len(args) == 3 and type(args[1]) in (bool, int)
                 and args[1] == 0 and type(args[2]) in (bool, int) and args[2] == 1):
-            self.fail(f"numpy.dtype arguments {args!r:.80}, expected (name, False, True)")
+            self.fail(f"numpy.dtype arguments {_short(args)}, expected (name, False, True)")
         name = _text(args[0])
         if name not in _ACCEPTED_DTYPES:
-            self.fail(f"numpy dtype {args[0]!r:.40}, only uint8 ('u1') is accepted")
+            self.fail(f"numpy dtype {_short(args[0])}, only uint8 ('u1') is accepted")
         return _DType(_ACCEPTED_DTYPES[name])
 
     def finished_dtype(self, value) -> np.dtype:
@@ -179,16 +201,20 @@ class _Reader:
     def shape_of(self, value) -> Tuple[int, ...]:
         if (not isinstance(value, tuple) or len(value) > _MAX_NDIM
                 or not all(_is_int(d) and d >= 0 for d in value)):
-            self.fail(f"malformed array shape {value!r:.80}")
+            self.fail(f"malformed array shape {_short(value)}")
         return value
 
     def array_of(self, data, dtype: np.dtype, shape, order: str) -> np.ndarray:
         if not isinstance(data, (bytes, bytearray)):
             self.fail(f"array data is {type(data).__name__}, expected bytes")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if len(data) != count * dtype.itemsize:
-            self.fail(f"array of shape {shape} and dtype {dtype} needs "
-                      f"{count * dtype.itemsize} bytes, got {len(data)}")
+        needed = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
+        if len(data) != needed:
+            self.fail(f"array of shape {shape} and dtype {dtype} needs {needed} bytes, got "
+                      f"{len(data)}")
+        if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_BATCH_BYTES:
+            # an empty array with sides numpy cannot hold (or no batch file could fill)
+            self.fail(f"array shape {shape} is larger than a CIFAR batch can be "
+                      f"({MAX_BATCH_BYTES} bytes)")
         flat = np.frombuffer(data, dtype=dtype)
         return flat.reshape(shape, order=order).copy(order="C")  # writable, C order
 
@@ -209,7 +235,7 @@ class _Reader:
                 self.fail(f"{func.label} expects 4 arguments, got {len(args)}")
             order = _text(args[3])
             if order not in ("C", "F"):
-                self.fail(f"array order {args[3]!r:.20}, expected 'C' or 'F'")
+                self.fail(f"array order {_short(args[3])}, expected 'C' or 'F'")
             return self.array_of(args[0], self.finished_dtype(args[1]), self.shape_of(args[2]),
                                  order)
         if kind == _ENCODE:
@@ -231,36 +257,59 @@ class _Reader:
             if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
                     and _text(state[1]) in ("|", "<", "=") and state[2:5] == (None,) * 3
                     and state[5:] == (-1, -1, 0)):
-                self.fail(f"numpy dtype state {state!r:.80} is not that of uint8")
+                self.fail(f"numpy dtype state {_short(state)} is not that of uint8")
             obj.built = True
             return
         if isinstance(obj, _Array) and obj.array is None:
             if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
                     and type(state[3]) in (bool, int) and state[3] in (0, 1)):
-                self.fail(f"numpy array state {state!r:.80} is not (1, shape, dtype, "
+                self.fail(f"numpy array state {_short(state)} is not (1, shape, dtype, "
                           "is_fortran, data)")
             obj.array = self.array_of(state[4], self.finished_dtype(state[2]),
                                       self.shape_of(state[1]), "F" if state[3] else "C")
             return
         self.fail(f"BUILD of {type(obj).__name__}")
 
-    def resolve(self, value, depth=0):
-        if depth > 20:
-            self.fail("values nested too deeply")
-        if isinstance(value, _Array):
-            if value.array is None:
-                self.fail("a numpy array was never given its data")
-            return value.array
-        if isinstance(value, (_Global, _DType, _Mark)):
-            self.fail(f"a {type(value).__name__.strip('_')} is not a value")
-        if isinstance(value, list):
-            return [self.resolve(v, depth + 1) for v in value]
-        if isinstance(value, tuple):
-            return tuple(self.resolve(v, depth + 1) for v in value)
-        if isinstance(value, dict):
-            return {self.resolve(k, depth + 1): self.resolve(v, depth + 1)
-                    for k, v in value.items()}
-        return value
+    def resolve(self, value, budget: int):
+        """``value`` with the reader's placeholders replaced by what they stand for. A list,
+        tuple or dict the stream holds several references to (memo GETs) is resolved once and
+        shared, as pickle shares it. Refused: a value that contains itself, and sharing that
+        unfolds to more than ``budget`` elements (the stream's length: written out without
+        sharing, every element takes at least one byte, while a few hundred bytes of GETs can
+        describe 10**15 elements)."""
+        done: Dict[int, Tuple[Any, int]] = {}  # id of a container -> (resolved, unfolded size)
+        open_ids = set()  # the containers being resolved (a cycle comes back to one)
+
+        def walk(v, depth) -> Tuple[Any, int]:
+            if isinstance(v, _Array):
+                if v.array is None:
+                    self.fail("a numpy array was never given its data")
+                return v.array, 1
+            if isinstance(v, (_Global, _DType, _Mark)):
+                self.fail(f"a {type(v).__name__.strip('_')} is not a value")
+            if not isinstance(v, (list, tuple, dict)):
+                return v, 1
+            if id(v) in done:
+                return done[id(v)]
+            if id(v) in open_ids:
+                self.fail(f"a {type(v).__name__} contains itself")
+            if depth > 20:
+                self.fail("values nested too deeply")
+            open_ids.add(id(v))
+            items = [walk(x, depth + 1) for x in
+                     (v if not isinstance(v, dict) else (x for kv in v.items() for x in kv))]
+            size = 1 + sum(n for _, n in items)
+            if size > budget:
+                self.fail(f"memo references (GET) unfold the value to more than {budget} "
+                          f"elements, more than a stream of {budget} bytes can write out")
+            out = [x for x, _ in items]
+            out = (out if isinstance(v, list) else tuple(out) if isinstance(v, tuple)
+                   else dict(zip(out[::2], out[1::2])))
+            open_ids.discard(id(v))
+            done[id(v)] = (out, size)
+            return out, size
+
+        return walk(value, 0)[0]
 
     def run(self, data: bytes):
         stack: List[Any] = []
@@ -296,7 +345,7 @@ class _Reader:
                 self.pop(stack)
             elif name in ("BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG"):
                 if isinstance(arg, bool) or not isinstance(arg, int):  # INT "01"/"00"
-                    self.fail(f"unexpected argument {arg!r:.40}")
+                    self.fail(f"unexpected argument {_short(arg)}")
                 stack.append(arg)
             elif name == "NONE":
                 stack.append(None)
@@ -383,7 +432,7 @@ class _Reader:
             self.fail("stream ends without STOP")
         if self.pos + 1 != len(data):  # genops stops reading at STOP
             self.fail(f"{len(data) - self.pos - 1} bytes after STOP")
-        return self.resolve(result)
+        return self.resolve(result, len(data))
 
 
 def read_batch(path: Union[str, os.PathLike]) -> dict:
