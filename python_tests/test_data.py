@@ -62,6 +62,30 @@ def test_read_idx_rejects_corrupt_files(tmp_path, gz):
         assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("shape,code", [
+    ((65536,) * 4, 0x08),                 # 2**64 elements: 0 in 64-bit arithmetic
+    ((2 ** 32 - 1,) * 3, 0x0E),           # wraps to a smaller, still huge, count
+    ((0, 2 ** 32 - 1, 2 ** 32 - 1, 2 ** 32 - 1), 0x08),  # 0 elements, sides numpy cannot hold
+])
+def test_read_idx_shape_products_do_not_wrap(tmp_path, gz, shape, code):
+    # the header alone (no data, or 8 bytes of it): a ValueError naming the file and the exact
+    # byte count of the shape, never numpy's reshape error
+    itemsize = {0x08: 1, 0x0E: 8}[code]
+    exact = itemsize
+    for d in shape:
+        exact *= d
+    for tail in (b"", bytes(8)):
+        data = bytes([0, 0, code, len(shape)]) + struct.pack(f">{len(shape)}I", *shape) + tail
+        path = _write(tmp_path / f"wrap{len(tail)}", data, gz)
+        with pytest.raises(ValueError, match="more than the") as info:
+            read_idx(path)
+        msg = str(info.value)
+        assert str(path) in msg and str(shape) in msg
+        if exact:
+            assert f" {exact} bytes" in msg
+
+
 def test_read_idx_bad_gzip(tmp_path):
     data = gzip.compress(_idx_bytes(np.zeros((4, 4), np.uint8), 0x08, "u1"))
     path = tmp_path / "broken.gz"

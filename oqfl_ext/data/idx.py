@@ -7,6 +7,7 @@ uint32 sizes and the values in C order, big-endian. Files may be gzip-compressed
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from typing import BinaryIO, Union
@@ -21,10 +22,19 @@ IDX_TYPES = {
 }
 # A header announcing more than this is treated as corrupt rather than allocated.
 MAX_IDX_BYTES = 1 << 32
+_CHUNK = 1 << 24
 
 
 def _read_exact(f: BinaryIO, n: int, path, what: str) -> bytes:
-    data = f.read(n)
+    # in chunks: a header announcing more than the file holds costs no more than the file
+    parts, got = [], 0
+    while got < n:
+        part = f.read(min(n - got, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
     if len(data) != n:
         raise ValueError(f"{path}: truncated IDX file: expected {n} bytes of {what}, "
                          f"got {len(data)}")
@@ -52,10 +62,15 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
             if ndim == 0:
                 raise ValueError(f"{path}: IDX header expected at least one dimension, got 0")
             shape = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path, "sizes"))
-            nbytes = int(np.prod(shape, dtype=np.uint64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
             if nbytes > MAX_IDX_BYTES:
                 raise ValueError(f"{path}: IDX header announces {nbytes} bytes (shape {shape}), "
                                  f"more than the {MAX_IDX_BYTES} accepted")
+            if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_IDX_BYTES:
+                # no data, but sides whose product numpy cannot hold
+                raise ValueError(f"{path}: IDX header announces an empty array whose other sides "
+                                 f"(shape {shape}) make more than the {MAX_IDX_BYTES} bytes "
+                                 "accepted")
             data = _read_exact(f, nbytes, path, f"data for shape {shape}")
             if f.read(1):
                 raise ValueError(f"{path}: IDX file has bytes after the {nbytes} bytes of data "
