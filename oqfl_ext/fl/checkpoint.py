@@ -229,7 +229,7 @@ def _write_failure(folder: Path, rnd: int, error: OSError) -> str:
 
 
 def _write_checkpoint(folder, server, *, config, rounds, keep) -> Path:
-    from safetensors.torch import save as st_save
+    from .._io import encode_safetensors
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep expected a positive integer, got {keep!r}")
@@ -250,8 +250,8 @@ def _write_checkpoint(folder, server, *, config, rounds, keep) -> Path:
     tensors[f"rng{_SEP}torch"] = torch.get_rng_state().clone()
     rnd = int(state["round"])
     name = f"checkpoint-r{rnd:06d}.safetensors"
-    data = st_save(tensors, metadata={"format": FORMAT, "version": str(VERSION),
-                                      "round": str(rnd)})
+    data = encode_safetensors(tensors, {"format": FORMAT, "version": str(VERSION),
+                                        "round": str(rnd)})
     atomic_write_bytes(folder / name, data)
     py_state = random.getstate()
     doc = {"format": FORMAT, "version": VERSION, "round": rnd, "tensors": name,

@@ -97,7 +97,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._io import tensor_bytes, tensor_digest
+from .._io import encode_safetensors, tensor_bytes, tensor_digest
 
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
            "update_size_limit", "wrap_update", "check_compression", "COMPRESSIONS",
@@ -233,25 +233,13 @@ def _digest(meta: Dict[str, str], tensors: Dict[str, Tuple[str, List[int], bytes
 
 
 def _seal(meta: Dict[str, str], tensors: Dict[str, Tensor]) -> bytes:
-    """Adds the digest to ``meta`` and writes the safetensors blob: the header in the compact
-    JSON form :func:`_parse_framing` requires, padded with spaces to a multiple of 8 bytes, then
-    the tensors' data, widest dtype first (every tensor aligned to its item size), then by
-    name. The same arguments always give the same bytes."""
-    views = {k: tensor_bytes(t) for k, t in tensors.items()}
-    kinds = {k: _ST_DTYPES[t.dtype] for k, t in tensors.items()}
-    meta["digest"] = _digest(meta, {k: (kinds[k], list(t.shape), views[k])
+    """Adds the digest to ``meta`` and writes the safetensors blob with
+    :func:`oqfl_ext._io.encode_safetensors` (compact JSON header with sorted keys, padded with
+    spaces to a multiple of 8 bytes, then the tensors' data, widest dtype first, every tensor
+    aligned to its item size). The same arguments always give the same bytes."""
+    meta["digest"] = _digest(meta, {k: (_ST_DTYPES[t.dtype], list(t.shape), tensor_bytes(t))
                                     for k, t in tensors.items()})
-    order = sorted(tensors, key=lambda k: (-_ST_ITEMSIZE[kinds[k]], k))
-    header: Dict[str, object] = {"__metadata__": meta}
-    offset = 0
-    for k in order:
-        n = len(views[k])
-        header[k] = {"dtype": kinds[k], "shape": list(tensors[k].shape),
-                     "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return b"".join([struct.pack("<Q", len(text)), text] + [views[k] for k in order])
+    return encode_safetensors(tensors, meta)
 
 
 def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, client_id: str = "",

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import ops
-from .._io import atomic_write_bytes, tensor_bytes, tensor_digest
+from .._io import atomic_write_bytes, encode_safetensors, tensor_bytes, tensor_digest
 from .layers import QuantConv2d, QuantLinear
 from .quantizer import LSQQuantizer, bit_range
 
@@ -649,9 +649,7 @@ def save_packed(model: nn.Module, path) -> None:
     # the file must rebuild this very model: check it now rather than at load time
     rebuilt = _restore(arch, blobs, "save_packed")
     _same_structure(model, rebuilt)
-    from safetensors.torch import save
-    data = save(blobs, metadata=meta)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, encode_safetensors(blobs, meta))
 
 
 def _same_structure(model: nn.Module, rebuilt: nn.Module) -> None:
