@@ -384,6 +384,51 @@ def test_forged_float32_blobs_are_rejected(fuzz_case, case, valid_digest):
     reject(forge(blob, tfn, mfn, valid_digest), template, msg if valid_digest else "digest")
 
 
+HUGE = "A" * (2 << 20)   # 2 MiB of attacker-chosen text
+
+FORGERIES_LONG = {  # (tensor change, metadata change, message expected)
+    "client_id_2mb": (None, lambda m: _set(m, "client_id", HUGE), "client_id"),
+    "client_id_257": (None, lambda m: _set(m, "client_id", "c" * 257), "client_id"),
+    "client_id_newline": (None, lambda m: _set(m, "client_id", "evil\n" + HUGE), "client_id"),
+    "client_id_control": (None, lambda m: _set(m, "client_id", "a\x1b[2Jb"), "client_id"),
+    "round": (None, lambda m: _set(m, "round", "9" * 5 + HUGE), "round"),
+    "format": (None, lambda m: _set(m, "format", HUGE), "format"),
+    "extra_key": (None, lambda m: _set(m, HUGE, "x"), "metadata keys"),
+    "param_name": (None, lambda m: _set_param_field(m, "odd", "name", HUGE), "names differ"),
+    "param_shape": (None, lambda m: _set_param_field(m, "odd", "shape", [HUGE]), "shape"),
+    "param_entry": (None, lambda m: _set(m, "params", json.dumps([{"name": HUGE}])),
+                    "malformed entry"),
+    "codec": (None, lambda m: _set(m, "codec", HUGE), "codec"),
+    "tensor_name": (lambda t: _set(t, HUGE, torch.zeros(1)), None, "tensors differ"),
+    "tensor_dtype": (lambda t: _set(t, HUGE, torch.zeros(1, dtype=torch.float64)), None,
+                     "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGERIES_LONG))
+def test_rejections_quote_only_a_short_prefix_of_long_text(fuzz_case, case):
+    # the drop reason goes into metrics.json and the log every round: a client must not be
+    # able to make it large
+    u, template = fuzz_case
+    tfn, mfn, msg = FORGERIES_LONG[case]
+    bad = forge(encode_update(u, bits=4, client_id="c-7"), tfn, mfn)
+    with pytest.raises(UpdateRejected, match=msg) as e:
+        decode_update(bad, template)
+    assert len(str(e.value)) <= 600, (case, len(str(e.value)))
+
+
+def test_client_id_limit_on_decode_and_encode(fuzz_case):
+    u, template = fuzz_case
+    longest = "\u00e9" * 256   # the documented limit counts characters, not bytes
+    _, info = decode_update(encode_update(u, bits=8, client_id=longest), template,
+                            return_info=True)
+    assert info["client_id"] == longest
+    for bad in ("c" * 257, HUGE, "tab\there"):
+        with pytest.raises(ValueError, match="client_id") as e:
+            encode_update(u, bits=8, client_id=bad)
+        assert len(str(e.value)) <= 300
+
+
 def test_forge_without_changes_still_decodes(fuzz_case):
     # the forging helper itself produces valid blobs: rejections above come from the changes
     u, template = fuzz_case

@@ -40,9 +40,11 @@ Metadata (safetensors string metadata; every key is required and no other is all
 
 Decoding (:func:`decode_update`) checks the safetensors framing itself (header length, JSON,
 canonical compact encoding, offsets that tile the data exactly, no trailing bytes), the format,
-version, digest, names, shapes and sizes against the receiver's template, scale shapes and values,
-and finite float32 values; whatever is wrong raises :class:`UpdateRejected` (a ValueError) whose
-message says what. A single changed byte anywhere in a blob, header included, is rejected.
+version, digest, client id, names, shapes and sizes against the receiver's template, scale
+shapes and values, and finite float32 values; whatever is wrong raises :class:`UpdateRejected`
+(a ValueError) whose message says what, quoting at most a short prefix (60 characters) of any
+text taken from the blob. A single changed byte anywhere in a blob, header included, is
+rejected.
 
 The model broadcast (server -> clients, :func:`encode_model` / :func:`decode_model`) uses the
 same framing, digest and checks with its own format name:
@@ -128,6 +130,8 @@ _TINY = torch.finfo(torch.float32).tiny
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _MAX_HEADER = 64 << 20
 _MAX_CLIENT_ID = 256
+_QUOTE = 60        # characters of received text a rejection message quotes at most
+_MAX_DETAIL = 300  # characters of a foreign exception's text a rejection message keeps
 _SUFFIX_CODES, _SUFFIX_SCALE, _SUFFIX_VALUES = "::codes", "::scale", "::values"
 COMPRESSIONS = ("none", "zlib")
 _ZLIB_LEVEL = 6
@@ -147,13 +151,21 @@ class _Rejection(UpdateRejected):
 # ----------------------------------------------------------------------------------------------
 # encoding
 
+def _text_problem(value: str) -> Optional[str]:
+    """What is wrong with a client id (a str), or None: the encoder's and the decoder's rule."""
+    if len(value) > _MAX_CLIENT_ID:
+        return f"expected at most {_MAX_CLIENT_ID} characters, got {len(value)}"
+    if not value.isprintable():
+        return f"must be printable text, got {_quote(value)}"
+    return None
+
+
 def _check_text(name: str, value: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} expected a str, got {type(value).__name__}")
-    if len(value) > _MAX_CLIENT_ID:
-        raise ValueError(f"{name} expected at most {_MAX_CLIENT_ID} characters, got {len(value)}")
-    if not value.isprintable():
-        raise ValueError(f"{name} must be printable text, got {value!r}")
+    problem = _text_problem(value)
+    if problem:
+        raise ValueError(f"{name} {problem}")
 
 
 def _check_count(name: str, value) -> int:
@@ -411,11 +423,27 @@ def _reject(msg: str):
     raise _Rejection(msg)
 
 
+def _quote(value) -> str:
+    """The repr of a value taken from a received blob, cut to a short prefix: rejection
+    messages go into metrics.json and the log every round, so a sender must not be able to
+    make them large."""
+    if isinstance(value, str) and len(value) > _QUOTE:
+        return f"{value[:_QUOTE]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
+
+
+def _quote_list(items: List[str], n: int = 5) -> str:
+    """``[a, b, ...]`` of the first ``n`` items, each through :func:`_quote`."""
+    more = f", ... ({len(items)} in all)" if len(items) > n else ""
+    return "[" + ", ".join(_quote(x) for x in items[:n]) + more + "]"
+
+
 def _no_duplicates(pairs):
     seen = {}
     for k, v in pairs:
         if k in seen:
-            raise ValueError(f"duplicate JSON key {k!r}")
+            raise ValueError(f"duplicate JSON key {_quote(k)}")
         seen[k] = v
     return seen
 
@@ -451,19 +479,19 @@ def _parse_framing(blob, allowed=_UPDATE_ST):
     spans = []
     for key, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            _reject(f"tensor {key!r}: malformed header entry")
+            _reject(f"tensor {_quote(key)}: malformed header entry")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in allowed:
-            _reject(f"tensor {key!r}: dtype {dtype!r}, expected {' or '.join(allowed)}")
+            _reject(f"tensor {_quote(key)}: dtype {_quote(dtype)}, expected {' or '.join(allowed)}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(type(d) is int and d >= 0 for d in shape)):
-            _reject(f"tensor {key!r}: malformed shape {shape!r}")
+            _reject(f"tensor {_quote(key)}: malformed shape {_quote(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets)
                 or offsets[0] > offsets[1]):
-            _reject(f"tensor {key!r}: malformed data_offsets {offsets!r}")
+            _reject(f"tensor {_quote(key)}: malformed data_offsets {_quote(offsets)}")
         if offsets[1] - offsets[0] != math.prod(shape) * _ST_ITEMSIZE[dtype]:
-            _reject(f"tensor {key!r}: {offsets[1] - offsets[0]} data bytes for shape {shape} "
+            _reject(f"tensor {_quote(key)}: {offsets[1] - offsets[0]} data bytes for shape {shape} "
                     f"of {dtype}")
         entries[key] = (dtype, shape, (offsets[0], offsets[1]))
         spans.append((offsets[0], offsets[1]))
@@ -482,7 +510,7 @@ def _parse_framing(blob, allowed=_UPDATE_ST):
 def _parse_int(meta: Dict[str, str], key: str) -> int:
     v = meta[key]
     if not (v.isascii() and v.isdigit()) or (len(v) > 1 and v[0] == "0") or len(v) > 19:
-        _reject(f"metadata {key!r} is not a non-negative integer: {v!r}")
+        _reject(f"metadata {key!r} is not a non-negative integer: {_quote(v)}")
     return int(v)
 
 
@@ -499,31 +527,32 @@ def _parse_params(meta: Dict[str, str], bits: int, model: bool = False):
     out = []
     for p in params:
         if not isinstance(p, dict) or set(p) != fields:
-            _reject(f"metadata 'params' has a malformed entry: {p!r:.200}")
+            _reject(f"metadata 'params' has a malformed entry: {_quote(p)}")
         name, shape, dtype, axis = p["name"], p["shape"], p["dtype"], p["axis"]
         if not isinstance(name, str) or not name:
-            _reject(f"metadata 'params' has a bad name: {name!r:.200}")
+            _reject(f"metadata 'params' has a bad name: {_quote(name)}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(type(d) is int and d >= 0 for d in shape)):
-            _reject(f"parameter {name!r}: malformed shape {shape!r:.200}")
+            _reject(f"parameter {_quote(name)}: malformed shape {_quote(shape)}")
         if not isinstance(dtype, str) or (dtype not in _DTYPES and not (
                 model and dtype in _EXACT_DTYPES)):
-            _reject(f"parameter {name!r}: unknown dtype {dtype!r:.50}")
+            _reject(f"parameter {_quote(name)}: unknown dtype {_quote(dtype)}")
         if model:
             encoding = p["encoding"]
             allowed = ((_ENC_EXACT,) if dtype in _EXACT_DTYPES
                        else (_ENC_F32, _ENC_INT8) if bits == 8 else (_ENC_F32,))
             if encoding not in allowed:
-                _reject(f"parameter {name!r}: encoding {encoding!r:.20} for a {dtype} entry "
+                _reject(f"parameter {_quote(name)}: encoding {_quote(encoding)} for a {dtype} entry "
                         f"with bits={bits}, expected one of {allowed}")
         else:
             encoding = (_ENC_F32 if bits == 32 else _ENC_BF16 if len(shape) <= 1
                         else _ENC_INT8)
         if encoding != _ENC_INT8:
             if axis is not None:
-                _reject(f"parameter {name!r}: axis {axis!r} with {encoding} values")
+                _reject(f"parameter {_quote(name)}: axis {_quote(axis)} with {encoding} values")
         elif axis is not None and not (type(axis) is int and 0 <= axis < len(shape)):
-            _reject(f"parameter {name!r}: axis {axis!r} out of range for shape {shape}")
+            _reject(f"parameter {_quote(name)}: axis {_quote(axis)} out of range for shape "
+                    f"{shape}")
         out.append((name, shape, axis, dtype, encoding))
     names = [p[0] for p in out]
     if len(set(names)) != len(names):
@@ -545,12 +574,12 @@ def _open(blob, template, fmt: str, version: str, keys: frozenset, allowed):
     buf = bytearray(blob)  # the one copy: every tensor below is a view of it
     meta, entries, data_start = _parse_framing(buf, allowed)
     if meta.get("format") != fmt:
-        _reject(f"format {meta.get('format')!r:.80}, expected {fmt!r}")
+        _reject(f"format {_quote(meta.get('format'))}, expected {fmt!r}")
     if meta.get("version") != version:
-        _reject(f"format version {meta.get('version')!r:.80}, expected {version!r}")
+        _reject(f"format version {_quote(meta.get('version'))}, expected {version!r}")
     if set(meta) != keys:
         missing, extra = sorted(keys - set(meta)), sorted(set(meta) - keys)
-        _reject(f"metadata keys differ (missing {missing}, unexpected {extra})")
+        _reject(f"metadata keys differ (missing {missing}, unexpected {_quote_list(extra)})")
     view = memoryview(buf)
     tensors = {k: (dt, shape, data_start + b, view[data_start + b:data_start + e])
                for k, (dt, shape, (b, e)) in entries.items()}
@@ -575,9 +604,8 @@ def _check_names(params, template, what: str) -> None:
     if set(names) != set(template):
         missing = sorted(set(template) - set(names))
         extra = sorted(set(names) - set(template))
-        _reject(f"{what} names differ from the model's: missing {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''}, unexpected {extra[:10]}"
-                f"{' ...' if len(extra) > 10 else ''}")
+        _reject(f"{what} names differ from the model's: missing {_quote_list(missing)}, "
+                f"unexpected {_quote_list(extra)}")
 
 
 def _check_keys(params, tensors) -> None:
@@ -589,8 +617,8 @@ def _check_keys(params, tensors) -> None:
             expected.add(name + _SUFFIX_VALUES)
     if set(tensors) != expected:
         _reject(f"tensors differ from the parameter list: missing "
-                f"{sorted(expected - set(tensors))[:10]}, unexpected "
-                f"{sorted(set(tensors) - expected)[:10]}")
+                f"{_quote_list(sorted(expected - set(tensors)))}, unexpected "
+                f"{_quote_list(sorted(set(tensors) - expected))}")
 
 
 def _view(entry, dtype: torch.dtype, shape: List[int]) -> Tensor:
@@ -660,9 +688,11 @@ def _guarded(kind: str, fn, *args):
     except TypeError as e:
         if str(e).startswith("template expected"):
             raise
-        raise UpdateRejected(f"{kind} rejected: malformed blob ({type(e).__name__}: {e})") from e
+        raise UpdateRejected(f"{kind} rejected: malformed blob ({type(e).__name__}: "
+                             f"{str(e)[:_MAX_DETAIL]})") from e
     except Exception as e:
-        raise UpdateRejected(f"{kind} rejected: malformed blob ({type(e).__name__}: {e})") from e
+        raise UpdateRejected(f"{kind} rejected: malformed blob ({type(e).__name__}: "
+                             f"{str(e)[:_MAX_DETAIL]})") from e
 
 
 def decode_update(blob: bytes, template: Dict[str, Tensor], *,
@@ -700,8 +730,11 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
         blob = _inflate(blob, update_size_limit(template))
     meta, tensors = _open(blob, template, FORMAT_NAME, FORMAT_VERSION, _META_KEYS, _UPDATE_ST)
     if meta["bits"] not in ("4", "8", "32"):
-        _reject(f"bits {meta['bits']!r:.20}, expected 4, 8 or 32")
+        _reject(f"bits {_quote(meta['bits'])}, expected 4, 8 or 32")
     bits = int(meta["bits"])
+    problem = _text_problem(meta["client_id"])
+    if problem:
+        _reject(f"metadata 'client_id' {problem}")
     round_, num_samples = _parse_int(meta, "round"), _parse_int(meta, "num_samples")
     params = _parse_params(meta, bits)
     codec = _parse_codec(meta)
@@ -752,7 +785,7 @@ def _decode_model(blob, template: Dict[str, Tensor], return_info: bool):
     meta, tensors = _open(blob, template, MODEL_FORMAT_NAME, MODEL_FORMAT_VERSION,
                           _MODEL_META_KEYS, _MODEL_ST)
     if meta["bits"] not in ("8", "32"):
-        _reject(f"bits {meta['bits']!r:.20}, expected 8 or 32")
+        _reject(f"bits {_quote(meta['bits'])}, expected 8 or 32")
     bits = int(meta["bits"])
     round_ = _parse_int(meta, "round")
     params = _parse_params(meta, bits, model=True)
