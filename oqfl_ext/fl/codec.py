@@ -542,8 +542,8 @@ def _parse_params(meta: Dict[str, str], bits: int, model: bool = False):
             allowed = ((_ENC_EXACT,) if dtype in _EXACT_DTYPES
                        else (_ENC_F32, _ENC_INT8) if bits == 8 else (_ENC_F32,))
             if encoding not in allowed:
-                _reject(f"parameter {_quote(name)}: encoding {_quote(encoding)} for a {dtype} entry "
-                        f"with bits={bits}, expected one of {allowed}")
+                _reject(f"parameter {_quote(name)}: encoding {_quote(encoding)} for a {dtype} "
+                        f"entry with bits={bits}, expected one of {allowed}")
         else:
             encoding = (_ENC_F32 if bits == 32 else _ENC_BF16 if len(shape) <= 1
                         else _ENC_INT8)
