@@ -13,17 +13,24 @@ and is built from plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` layer
 ``mobilenet_v2``          MobileNetV2-style: inverted residual blocks (expansion, depthwise
                           3x3, linear projection) sized for small images
 ========================  ==================================================================
+
+:data:`ARGUMENT_RANGES` bounds every constructor argument of a model a packed file
+(:func:`oqfl_ext.nn.save_packed` / :func:`~oqfl_ext.nn.load_packed`) may describe, and
+:func:`layer_sizes` gives the weight and BatchNorm sizes a description implies without building
+it: a loader checks a file against them before it builds anything.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
-from typing import Dict, Type
+from typing import Dict, List, Mapping, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "VGG", "ResNet20", "MobileNetV2", "MODELS", "create"]
+__all__ = ["SmallCNN", "VGG", "ResNet20", "MobileNetV2", "MODELS", "create", "ARGUMENT_RANGES",
+           "check_arguments", "layer_sizes"]
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -85,6 +92,13 @@ class SmallCNN(_ImageClassifier):
     def _forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
+    @staticmethod
+    def _layer_sizes(in_channels, num_classes, image_size, width=16):
+        w, side = width, image_size // 4
+        return [("conv", in_channels * w * 9), ("bn", w), ("conv", w * w * 9), ("bn", w),
+                ("conv", w * 2 * w * 9), ("bn", 2 * w),
+                ("linear", 2 * w * side * side * num_classes)]
+
 
 class VGG(_ImageClassifier):
     """Three stages of two conv3x3-BN-ReLU and a max-pool (width, 2*width, 4*width channels),
@@ -107,6 +121,16 @@ class VGG(_ImageClassifier):
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+    @staticmethod
+    def _layer_sizes(in_channels, num_classes, image_size, width=32, hidden=256):
+        out, cin = [], in_channels
+        for cout in (width, 2 * width, 4 * width):
+            out += [("conv", cin * cout * 9), ("bn", cout), ("conv", cout * cout * 9),
+                    ("bn", cout)]
+            cin = cout
+        side = image_size // 8
+        return out + [("linear", cin * side * side * hidden), ("linear", hidden * num_classes)]
 
 
 class BasicBlock(nn.Module):
@@ -162,6 +186,18 @@ class ResNet20(_ImageClassifier):
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 
+    @staticmethod
+    def _layer_sizes(in_channels, num_classes, image_size, blocks_per_stage=3):
+        out, cin = [("conv", in_channels * 16 * 9), ("bn", 16)], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks_per_stage):
+                out += [("conv", cin * cout * 9), ("bn", cout), ("conv", cout * cout * 9),
+                        ("bn", cout)]
+                if (stride if i == 0 else 1) != 1 or cin != cout:
+                    out += [("conv", cin * cout), ("bn", cout)]
+                cin = cout
+        return out + [("linear", 64 * num_classes)]
+
 
 class InvertedResidual(nn.Module):
     """1x1 expansion (ReLU6), depthwise 3x3 (ReLU6), linear 1x1 projection; residual when the
@@ -205,6 +241,19 @@ class MobileNetV2(_ImageClassifier):
     def _forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
+    @classmethod
+    def _layer_sizes(cls, in_channels, num_classes, image_size, last_channels=320):
+        out, cin = [("conv", in_channels * 32 * 9), ("bn", 32)], 32
+        for t, c, n, _ in cls.STAGES:
+            for _ in range(n):
+                hidden = cin * t
+                if t != 1:
+                    out += [("conv", cin * hidden), ("bn", hidden)]
+                out += [("conv", hidden * 9), ("bn", hidden), ("conv", hidden * c), ("bn", c)]
+                cin = c
+        return out + [("conv", cin * last_channels), ("bn", last_channels),
+                      ("linear", last_channels * num_classes)]
+
 
 MODELS: Dict[str, Type[_ImageClassifier]] = {
     "small_cnn": SmallCNN, "vgg": VGG, "resnet20": ResNet20, "mobilenet_v2": MobileNetV2,
@@ -218,3 +267,47 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10, image_size: i
         raise ValueError(f"name expected one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](in_channels=in_channels, num_classes=num_classes,
                         image_size=image_size, **kwargs)
+
+
+# The range of every constructor argument (of any model of the zoo) that a packed model file
+# may describe: generous for the images the zoo is built for, small enough that no file can
+# make a loader build an absurd network.
+ARGUMENT_RANGES: Dict[str, Tuple[int, int]] = {
+    "in_channels": (1, 64), "num_classes": (2, 100_000), "image_size": (4, 1024),
+    "width": (1, 1024), "hidden": (1, 65_536), "blocks_per_stage": (1, 64),
+    "last_channels": (1, 8192),
+}
+
+
+def check_arguments(name: str, kwargs: Mapping[str, object]) -> None:
+    """ValueError unless ``create(name, **kwargs)`` names a zoo model and every argument is one
+    of its constructor's, an integer within :data:`ARGUMENT_RANGES` (and ``image_size`` at
+    least the model's smallest)."""
+    if name not in MODELS:
+        raise ValueError(f"name expected one of {sorted(MODELS)}, got {name!r:.80}")
+    cls = MODELS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key, value in kwargs.items():
+        if key not in accepted:
+            raise ValueError(f"{key!r:.80} is not an argument of oqfl_ext.models.create("
+                             f"{name!r}) (it takes {', '.join(accepted)})")
+        lo, hi = ARGUMENT_RANGES[key]
+        if key == "image_size":
+            lo = cls.min_image_size
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"{key} expected an integer in [{lo}, {hi}], got {value!r:.80}")
+
+
+def layer_sizes(name: str, **kwargs) -> List[Tuple[str, int]]:
+    """What ``create(name, **kwargs)`` holds, computed without building it: for each
+    ``Conv2d``, ``BatchNorm2d`` and ``Linear`` in module order, ``("conv", weight numel)``,
+    ``("bn", channels)`` or ``("linear", weight numel)``. The arguments are checked first
+    (:func:`check_arguments`)."""
+    check_arguments(name, kwargs)
+    cls = MODELS[name]
+    full = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self"}
+    full.update({p.name: p.default for p in inspect.signature(create).parameters.values()
+                 if p.default is not p.empty})
+    full.update(kwargs)
+    return cls._layer_sizes(**full)

@@ -513,13 +513,15 @@ def test_wrong_metadata(saved, tmp_path):
          "resnet50"),
         (dict(mutate_meta=arch_edit(lambda a: a["kwargs"].__setitem__("width", 16))),
          "needs"),
-        # a huge model is described, not allocated: the sizes are checked on the meta device
+        # a huge model is neither built nor allocated: its arguments are out of range
         (dict(mutate_meta=arch_edit(lambda a: a["kwargs"].__setitem__("width", 8192))),
+         r"width expected an integer in \[1, 1024\]"),
+        (dict(mutate_meta=arch_edit(lambda a: a["kwargs"].__setitem__("width", 1024))),
          "needs"),
         (dict(mutate_meta=arch_edit(lambda a: a["kwargs"].__setitem__("depth", 3))),
          "create"),
         (dict(mutate_meta=arch_edit(lambda a: a["kwargs"].__setitem__("width", "8"))),
-         "positive integers"),
+         "width expected an integer"),
         (dict(mutate_meta=set_layer("weight_bits", 8)), "needs"),
         (dict(mutate_meta=set_layer("weight_bits", 9)), "bit width"),
         (dict(mutate_meta=set_layer("kind", "magic")), "kind"),
@@ -574,6 +576,122 @@ def test_wrong_tensors(saved, tmp_path):
                  mutate_tensors=edit(bad_codes))
     with pytest.raises(ValueError, match="weight codes outside the 2-bit range"):
         load_packed(p)
+
+
+def _forge_file(path, arch, blobs):
+    """A packed file with the given architecture and tensors and a valid digest."""
+    from safetensors.torch import save
+    meta = {"format": "oqfl_ext.packed_model", "version": "1",
+            "architecture": json.dumps(arch)}
+    meta["digest"] = convert_module._digest(meta, blobs)
+    path.write_bytes(save(blobs, metadata=meta))
+    return path
+
+
+def _no_build(monkeypatch):
+    def create(*args, **kwargs):
+        pytest.fail(f"the loader built models.create{args}{kwargs} before checking the file")
+    monkeypatch.setattr(models, "create", create)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    # a ~400-byte file naming 3 x 65536 residual blocks: refused from its description
+    (dict(blocks_per_stage=65536), r"blocks_per_stage expected an integer in \[1, 64\]"),
+    (dict(blocks_per_stage=1 << 40), "blocks_per_stage"),
+    (dict(num_classes=10 ** 7), r"num_classes expected an integer in \[2, 100000\]"),
+    (dict(image_size=1 << 20), "image_size"),
+    (dict(blocks_per_stage=3.0), "blocks_per_stage"),
+    (dict(depth=20), "'depth' is not an argument of oqfl_ext.models.create"),
+    # within the ranges, but far more weights than the file's bytes can hold
+    (dict(blocks_per_stage=64), r"needs at least \d+ bytes of tensors, the file holds 40"),
+    (dict(blocks_per_stage=3), r"needs at least \d+ bytes of tensors, the file holds 40"),
+])
+def test_forged_architecture_is_refused_before_anything_is_built(tmp_path, monkeypatch,
+                                                                 kwargs, match):
+    arch = {"model": "resnet20", "layers": {},
+            "kwargs": dict(dict(in_channels=3, num_classes=10, image_size=32), **kwargs)}
+    blobs = {"state.float32": torch.zeros(8), "state.int64": torch.zeros(1, dtype=torch.int64)}
+    path = _forge_file(tmp_path / "forged.safetensors", arch, blobs)
+    assert os.path.getsize(path) < 1024
+    _no_build(monkeypatch)
+    with pytest.raises(ValueError, match=match) as e:
+        load_packed(path)
+    assert str(path) in str(e.value)
+
+
+def test_save_refuses_architectures_outside_the_ranges(tmp_path):
+    model = models.create("small_cnn", in_channels=1, image_size=8, width=2, num_classes=2)
+    model.num_classes = 10 ** 6   # what the description would record
+    with pytest.raises(ValueError, match="save_packed.*num_classes expected an integer"):
+        save_packed(model, tmp_path / "x.safetensors")
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def _float32_span(model, key):
+    """(offset, numel) of state entry ``key`` in the file's ``state.float32`` blob: the
+    float32 entries of the state_dict, concatenated in order (the documented layout)."""
+    offset = 0
+    for k, t in model.state_dict().items():
+        if k == key:
+            assert t.dtype == torch.float32
+            return offset, t.numel()
+        if t.dtype == torch.float32:
+            offset += t.numel()
+    raise KeyError(key)
+
+
+NON_FINITE_CASES = [
+    ("features.0.1.running_mean", float("nan"), "non-finite"),
+    ("features.1.1.running_var", float("inf"), "non-finite"),
+    ("features.3.1.running_var", -0.5, "negative"),
+    ("features.0.1.weight", float("-inf"), "non-finite"),
+    ("features.1.1.bias", float("nan"), "non-finite"),
+    ("classifier.bias", float("nan"), "non-finite"),
+]
+
+
+@pytest.mark.parametrize("key,value,match", NON_FINITE_CASES)
+def test_load_refuses_non_finite_and_negative_variance_entries(saved, tmp_path, key, value,
+                                                               match):
+    # a NaN BatchNorm statistic makes the model answer one constant class for every input
+    conv, *_, path = saved
+    offset, numel = _float32_span(conv, key)
+
+    def poison(blobs):
+        blobs["state.float32"][offset + numel - 1] = value
+
+    p = _rewrite(open(path, "rb").read(), tmp_path / "bad.safetensors", mutate_tensors=poison)
+    with pytest.raises(ValueError, match=f"{key}.*{match}") as e:
+        load_packed(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,match", NON_FINITE_CASES)
+@pytest.mark.parametrize("kind", ["converted", "fake_quant", "float"])
+def test_save_refuses_non_finite_and_negative_variance_entries(saved, tmp_path, key, value,
+                                                               match, kind):
+    import copy
+    if kind == "converted":
+        model = copy.deepcopy(saved[0])
+    elif kind == "fake_quant":
+        model = _small_model(seed=8, train_steps=0)
+    else:
+        torch.manual_seed(0)
+        model = models.create("small_cnn", in_channels=1, image_size=16, width=8).eval()
+    with torch.no_grad():
+        model.state_dict()[key].view(-1)[-1] = value
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=f"save_packed.*{key}.*{match}"):
+        save_packed(model, path)
+    assert not path.exists()
+
+
+def test_save_refuses_a_non_finite_fake_quant_weight(tmp_path):
+    model = _small_model(seed=9, train_steps=0)
+    with torch.no_grad():
+        model.features[1][0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="save_packed.*features.1.0.weight.*non-finite"):
+        save_packed(model, tmp_path / "m.safetensors")
 
 
 def test_not_a_packed_file(tmp_path):

@@ -57,6 +57,53 @@ def test_mobilenet_uses_depthwise_convolutions():
     assert any(m.groups == m.in_channels > 1 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
+def _built_sizes(model):
+    kinds = {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.Linear: "linear"}
+    return [(kinds[type(m)], m.num_features if type(m) is nn.BatchNorm2d else m.weight.numel())
+            for m in model.modules() if type(m) in kinds]
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("small_cnn", {}), ("small_cnn", dict(in_channels=1, image_size=28, width=5)),
+    ("small_cnn", dict(num_classes=3, image_size=9)),
+    ("vgg", {}), ("vgg", dict(in_channels=1, width=3, hidden=17, image_size=20)),
+    ("resnet20", {}), ("resnet20", dict(blocks_per_stage=1, num_classes=4, image_size=4)),
+    ("resnet20", dict(blocks_per_stage=5, in_channels=2)),
+    ("mobilenet_v2", {}), ("mobilenet_v2", dict(last_channels=7, in_channels=1, image_size=28)),
+])
+def test_layer_sizes_match_the_built_model(name, kwargs):
+    # computed without building; the built model is the reference
+    assert models.layer_sizes(name, **kwargs) == _built_sizes(models.create(name, **kwargs))
+
+
+def test_argument_ranges_are_checked_before_anything_is_built():
+    cases = [
+        ("resnet20", dict(blocks_per_stage=65536), r"blocks_per_stage expected an integer in "
+                                                   r"\[1, 64\], got 65536"),
+        ("resnet20", dict(blocks_per_stage=0), "blocks_per_stage"),
+        ("vgg", dict(width=4096), r"width expected an integer in \[1, 1024\]"),
+        ("vgg", dict(hidden=True), "hidden"),
+        ("small_cnn", dict(width="8"), "width"),
+        ("small_cnn", dict(image_size=7), r"image_size expected an integer in \[8, 1024\]"),
+        ("mobilenet_v2", dict(last_channels=10 ** 9), "last_channels"),
+        ("mobilenet_v2", dict(num_classes=1), "num_classes"),
+        ("small_cnn", dict(in_channels=65), "in_channels"),
+        ("small_cnn", dict(depth=3), r"'depth' is not an argument of oqfl_ext.models.create"),
+        ("resnet20", dict(width=8), "'width' is not an argument"),
+        ("alexnet", {}, "name expected one of"),
+    ]
+    for name, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            models.check_arguments(name, kwargs)
+        with pytest.raises(ValueError, match=match):
+            models.layer_sizes(name, **kwargs)
+    # the limits themselves are accepted
+    for name in ZOO:
+        models.check_arguments(name, {"in_channels": 64, "num_classes": 100_000,
+                                      "image_size": 1024})
+    models.check_arguments("resnet20", {"blocks_per_stage": 64, "image_size": 4})
+
+
 # ---------------------------------------------------------------- cost
 
 

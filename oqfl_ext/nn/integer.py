@@ -476,10 +476,7 @@ def _build(arch: dict, device="cpu") -> nn.Module:
     if name not in _ZOO_KWARGS or name not in models.MODELS:
         raise ValueError(f"architecture names model {name!r}, expected one of "
                          f"{sorted(_ZOO_KWARGS)}")
-    if not isinstance(kwargs, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16
-            for v in kwargs.values()):
-        raise ValueError(f"architecture kwargs expected positive integers, got {kwargs!r:.300}")
+    _check_kwargs(name, kwargs)
     try:
         with torch.device(device):
             model = models.create(name, **kwargs)
@@ -534,6 +531,56 @@ def _build(arch: dict, device="cpu") -> nn.Module:
         parent, _, child = lname.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return model.eval()
+
+
+def _check_kwargs(name: str, kwargs) -> None:
+    """ValueError unless ``kwargs`` are arguments of ``models.create(name)`` within
+    :data:`oqfl_ext.models.ARGUMENT_RANGES`."""
+    from .. import models
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"architecture kwargs expected an object, got {type(kwargs).__name__}")
+    try:
+        models.check_arguments(name, kwargs)
+    except ValueError as e:
+        raise ValueError(f"architecture kwargs: {e}") from None
+
+
+def _check_file_size(arch: dict, blobs: Dict[str, Tensor], where: str) -> None:
+    """ValueError unless the tensors can hold the model ``arch`` describes, checked from the
+    description alone (nothing is built): every Conv2d/Linear weight takes at least 4 bits
+    (int4 codes), every BatchNorm2d at least 2 bytes for each of its 4 per-channel entries
+    (weight, bias, running mean and variance) and 8 bytes for its batch count."""
+    from .. import models
+    if not isinstance(arch, dict) or not isinstance(arch.get("model"), str):
+        return  # _build says what is wrong
+    name, kwargs = arch["model"], arch.get("kwargs")
+    if name not in _ZOO_KWARGS:
+        return
+    try:
+        _check_kwargs(name, kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    need = sum(-(-n // 2) if kind in ("conv", "linear") else 8 * n + 8
+               for kind, n in models.layer_sizes(name, **kwargs))
+    have = sum(t.numel() * t.element_size() for t in blobs.values())
+    if have < need:
+        raise ValueError(f"{where}: the architecture ({name} with {kwargs}) needs at least "
+                         f"{need} bytes of tensors, the file holds {have}")
+
+
+def _check_values(model: nn.Module, state: Dict[str, Tensor], where: str) -> None:
+    """ValueError naming the first floating-point entry of ``state`` (of ``model``) with a NaN
+    or infinite value, or a BatchNorm running variance with a negative one: such a model
+    computes garbage (a NaN BatchNorm statistic gives one constant output for every input)."""
+    variances = {f"{n}.running_var" for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for key, t in state.items():
+        if not t.is_floating_point() or not t.numel():
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: entry {key!r} has non-finite values (NaN or infinity)")
+        if key in variances and bool((t < 0).any()):
+            raise ValueError(f"{where}: entry {key!r} has negative values (a variance)")
 
 
 def _describe(model: nn.Module) -> dict:
@@ -611,7 +658,8 @@ def save_packed(model: nn.Module, path) -> None:
 
     * ``format`` = ``"oqfl_ext.packed_model"``, ``version`` = ``"1"``;
     * ``architecture``: JSON ``{"model": name, "kwargs": {...}, "layers": {layer: record}}``:
-      ``oqfl_ext.models.create(name, **kwargs)`` rebuilds the float skeleton, and each record
+      ``oqfl_ext.models.create(name, **kwargs)`` rebuilds the float skeleton (every argument
+      within ``oqfl_ext.models.ARGUMENT_RANGES``), and each record
       (``{"kind": "int" | "fake_quant", "weight_bits", "act_bits", "act_signed"[, "enabled"]}``)
       replaces that Conv2d/Linear by its integer or fake-quant layer;
     * ``digest``: ``"sha256:" + hex`` over the other metadata fields and every tensor's name,
@@ -632,12 +680,16 @@ def save_packed(model: nn.Module, path) -> None:
     are not saved; the loaded model is in eval mode.
 
     Raises:
-        ValueError: the model is not a zoo model (the message lists the ones that can be saved)
-            or its structure differs from what its description rebuilds.
+        ValueError: the model is not a zoo model (the message lists the ones that can be saved),
+            its structure differs from what its description rebuilds, a constructor argument
+            is outside ``oqfl_ext.models.ARGUMENT_RANGES``, or a floating-point entry of its
+            state is NaN or infinite or a BatchNorm running variance negative (the message
+            names the entry). Nothing is written then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
     _zoo_constructor(model)  # fail early, before converting
+    _check_values(model, model.state_dict(), "save_packed")
     if any(_int_twin(m) is not None and _unsupported_reason(m) is None
            for m in model.modules()):
         model = convert(model)
@@ -679,7 +731,9 @@ def _same_structure(model: nn.Module, rebuilt: nn.Module) -> None:
 def _restore(arch: dict, blobs: Dict[str, Tensor], where: str) -> nn.Module:
     """Rebuild the model of ``arch`` and load ``blobs`` into it, validating every size and
     value range. Raises ValueError naming the problem."""
-    # sizes first, on the meta device: a description of a huge model allocates nothing
+    # the description against the file's size before anything is built, then the exact
+    # sizes on the meta device (which allocates nothing)
+    _check_file_size(arch, blobs, where)
     entries = _entries(_build(arch, "meta"))
     expected: Dict[str, Tuple[torch.dtype, int]] = {}
     for _, blob, dtype, numel in entries:
@@ -722,6 +776,7 @@ def _restore(arch: dict, blobs: Dict[str, Tensor], where: str) -> nn.Module:
             state[lname + ".w_packed"] = packed
         else:
             state[key] = flat.reshape(target[key].shape).clone()
+    _check_values(model, state, where)
     for lname, m in ints.items():
         for sname in ("w_scale", "x_scale"):
             s = state[f"{lname}.{sname}"]
@@ -733,8 +788,6 @@ def _restore(arch: dict, blobs: Dict[str, Tensor], where: str) -> nn.Module:
             raise ValueError(f"{where}: layer {lname!r}: zero point {zp} outside the "
                              f"{'signed' if m.act_signed else 'unsigned'} code domain "
                              f"[{lo}, {hi}]")
-        if m.bias is not None and not bool(torch.isfinite(state[f"{lname}.bias"]).all()):
-            raise ValueError(f"{where}: layer {lname!r}: bias is not finite")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -757,10 +810,13 @@ def load_packed(path, map_location=None) -> nn.Module:
 
     Rebuilds the architecture from the file's metadata (``oqfl_ext.models.create`` plus the
     recorded integer and fake-quant layers), checks every tensor of the file against it
-    (format name and version, digest, the blobs' dtypes and sizes against the rebuilt model,
-    the packed code bytes and their range, positive finite scales, zero points inside the code
-    domain), re-blocks the weight codes for the kernels and returns the model in eval mode,
-    on ``map_location`` (default CPU).
+    (format name and version, digest; then, before building anything, the constructor
+    arguments against ``oqfl_ext.models.ARGUMENT_RANGES`` and the file's size against the
+    weights and BatchNorm layers they imply; the blobs' dtypes and sizes against the rebuilt
+    model, the packed code bytes and their range, finite floating-point entries, non-negative
+    BatchNorm running variances, positive scales, zero points inside the code domain),
+    re-blocks the weight codes for the kernels and returns the model in eval mode, on
+    ``map_location`` (default CPU).
 
     Raises:
         FileNotFoundError: no such file.
