@@ -181,7 +181,7 @@ fi
 
 # the report gets the reserved time whatever the budget did; it needs no torch, so any python
 # does where the steps' one cannot start
-timeout 60 "$PY" -c pass >/dev/null 2>&1 || REPORT_CMD[0]=python3
+timeout 10 "$PY" -c pass >/dev/null 2>&1 || REPORT_CMD[0]=python3
 rc=0
 timeout --kill-after=5 "$REPORT_RESERVE" "${REPORT_CMD[@]}" >"$WORK/report.log" 2>&1 || rc=$?
 if [ "$rc" != 0 ]; then
