@@ -173,7 +173,8 @@ def test_a_step_past_its_timeout_is_recorded_and_the_report_still_written(tmp_pa
     out = tmp_path / "out"
     # 40 s: 30 kept for the report, so the first step gets 10 s and the others none
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OQFL_PYTHON=str(py),
-               OQFL_DEVICE_BUDGET="40", OQFL_COMMIT="0123abcd", OUT=str(out))
+               OQFL_DEVICE_BUDGET="40", OQFL_COMMIT="0123abcd", OUT=str(out),
+               TMPDIR=str(tmp_path))  # the work folder of logs goes there too
     r = _run(["bash", str(tree / "scripts" / "device_check.sh")], env=env)
     assert r.returncode == 1, r.stderr
     reports = list((tree / "bench" / "results").glob("device-test-gpu-x1-*.md"))
