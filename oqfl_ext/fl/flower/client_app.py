@@ -8,11 +8,19 @@ trains, and replies with the encoded update blob (message layout: :mod:`.wire`).
 state between rounds (``Client.state_dict()``: the error-feedback residual) lives in the node's
 ``context.state`` (it never leaves the node). On ``query`` it replies with its partition, so
 that the ServerApp can map partitions to node ids.
+
+Fault injection (tests): with ``OQFL_FLOWER_HOLD="ROUND:PATH"`` in the SuperNode's
+environment, the ClientApp that gets the ``train`` message of round ROUND, once it has decoded
+the global state (the message was delivered in full), creates the file PATH and then waits
+(at most an hour) instead of training, so that a test can kill the node at exactly that point.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,6 +48,27 @@ def _partition(context: Context, exp: Experiment) -> int:
         raise ValueError(f"node config partition-id={pid} num-partitions={n} does not fit the "
                          f"run's num-clients={exp.num_clients}")
     return pid
+
+
+HOLD_ENV = "OQFL_FLOWER_HOLD"
+
+
+def _hold_if_asked(round_idx: int) -> None:
+    """The fault-injection point of the module docstring (``OQFL_FLOWER_HOLD``)."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    hold_round, sep, path = spec.partition(":")
+    if not sep or not hold_round.isdigit() or not path:
+        raise ValueError(f"{HOLD_ENV} expected ROUND:PATH, got {spec!r}")
+    if int(hold_round) != round_idx:
+        return
+    Path(path).write_text(f"round {round_idx} received by pid {os.getpid()}\n")
+    logger.warning("oqfl client: %s: holding round %d until killed", HOLD_ENV, round_idx)
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        time.sleep(1)
+    raise RuntimeError(f"{HOLD_ENV}: held round {round_idx} for an hour without being killed")
 
 
 @app.query()
@@ -75,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     state = downlink_codec(str(cfg["downlink"])).decode(
         array_bytes(msg.content["global"]["model"]), template)
 
+    _hold_if_asked(round_idx)
     if "oqfl" in context.state:  # the error-feedback residual of the previous round
         client.load_state_dict(load(array_bytes(context.state["oqfl"]["client"])))
 
