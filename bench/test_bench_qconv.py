@@ -14,14 +14,16 @@ this module, restored afterwards). Each group ``conv3x3-<C>ch-<H>x<W>-b<N>`` hol
     output range (that is how the op works), so its result carries half an output step of error.
 ``oqfl_int8``
     ``torch.ops.oqfl.qconv2d`` on the float32 channels_last input (quantized inside the op with
-    the same scale, zero point and 0..255 range as torch.ao), int8 weights with the same codes
+    the same scale, zero point and range as torch.ao), int8 weights with the same codes
     and per-channel scales as torch.ao, packed once (``oqfl_ext.ops.pack_conv_weight``, or the
     layout of csrc/qconv_args.h rebuilt here while the wrapper does not exist).
 ``oqfl_int4``
     The same with 4-bit weights (symmetric, codes -8..7, scale max|w| / 7 per channel).
 
-The input is ``randn + 0.5`` quantized asymmetrically (scale (max - min) / 255 and a non-zero
-zero point), the weight is Kaiming-normal. Packing and prepacking are not timed.
+The input is ``randn + 0.5`` quantized asymmetrically (scale (max - min) / (qmax - qmin), a
+non-zero zero point; on a CPU without VNNI the range is 0..127 for every path, as torch.ao's
+own ``reduce_range`` qconfig does there, see ``X_QMAX``), the weight is Kaiming-normal.
+Packing and prepacking are not timed.
 
 Before the first timing of a case (once per case, cached) the paths are checked against each
 other so that no ratio compares garbage: torch.ao and ours against the exact float64 convolution
@@ -54,7 +56,24 @@ BATCHES = (32, 1)
 IMPLS = ("float_conv2d", "torch_ao_int8", "oqfl_int8", "oqfl_int4")
 KERNEL = 3
 STRIDE, PADDING, DILATION = (1, 1), (1, 1), (1, 1)
-X_QMIN, X_QMAX = 0, 255
+
+
+def _cpu_has_vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 into int32 directly (AVX-512 VNNI or AVX-VNNI)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:  # not Linux: assume the older path (the 7-bit range is exact on both)
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# Without VNNI, torch.ao's x86 engine (FBGEMM's AVX2 path) adds u8 x s8 products in pairs into
+# saturating int16, so full-range activations give wrong results (measured 8 output steps off);
+# torch's own default x86 qconfig therefore quantizes activations with reduce_range (0..127).
+# Every path here uses the same activation range so that all of them compute the same thing.
+X_QMIN, X_QMAX = 0, (255 if _cpu_has_vnni() else 127)
 CHECK_IMAGES = 2  # images of the batch compared with the float64 reference
 # torch.ao requantizes its int32 result to quint8 (half a step) with float32 multipliers
 # (measured up to 0.59 steps here): allow one output step against it.
@@ -370,6 +389,7 @@ def test_qconv(benchmark, channels, size, batch, impl):
         "weight_bytes": _weight_bytes(impl, channels),
         "torch_num_threads": torch.get_num_threads(),
         "quantized_engine": torch.backends.quantized.engine,
+        "x_quant_range": [X_QMIN, X_QMAX],
         "loadavg": _loadavg(), "check": check,
     })
     if impl.startswith("oqfl"):
