@@ -220,10 +220,10 @@ def _load_model(folder: Path):
     model.safetensors (safetensors only; nothing is unpickled)."""
     from safetensors.torch import load
 
-    from oqfl_ext.fl.cli import _model_fn
+    from oqfl_ext.fl.experiment import ExperimentConfig, model_fn
     from oqfl_ext.fl.metrics import load_run
     cfg, _ = load_run(folder)
-    model = _model_fn(cfg, 1, 10, cfg["image_size"])()
+    model = model_fn(ExperimentConfig.from_record(cfg), 1, 10, cfg["image_size"])()
     model.load_state_dict(load((folder / "model.safetensors").read_bytes()))
     return cfg, model.eval()
 
@@ -480,7 +480,7 @@ def cmd_deploy(args) -> int:
 
     import torch
 
-    from oqfl_ext.fl.cli import _prepare_data
+    from oqfl_ext.fl.experiment import ExperimentConfig, load_data
     from oqfl_ext.nn.integer import ConversionWarning, convert, save_packed
     torch.set_num_threads(args.threads)
     rows = []
@@ -491,7 +491,8 @@ def cmd_deploy(args) -> int:
                 print(f"skipped {net}-{split}: the FP32, W8A8 and W4A4 runs are not all finished")
                 continue
             cfg, fp32 = _load_model(folders["fp32"])
-            _, _, vx, vy = _prepare_data(cfg, None, None)
+            data = load_data(ExperimentConfig.from_record(cfg))
+            vx, vy = data.test_x, data.test_y
             cl = torch.channels_last
             one, batch = vx[:1].contiguous(memory_format=cl), vx[:args.batch].contiguous(
                 memory_format=cl)
@@ -535,7 +536,7 @@ def cmd_deploy(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from oqfl_ext.fl.cli import _positive_int as _positive
+    from oqfl_ext.fl.experiment import parse_positive_int as _positive
     p = argparse.ArgumentParser(prog="paper_grid.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 

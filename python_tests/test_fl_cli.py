@@ -13,6 +13,11 @@ import torch
 from oqfl_ext.data import fashion_mnist_dir
 from oqfl_ext.fl import metrics
 from oqfl_ext.fl.cli import main
+from oqfl_ext.fl.experiment import ExperimentConfig, model_fn
+
+
+def _model_fn(record, in_channels, num_classes, image_size):
+    return model_fn(ExperimentConfig.from_record(record), in_channels, num_classes, image_size)
 
 needs_fmnist = pytest.mark.skipif(
     fashion_mnist_dir() is None,
@@ -129,7 +134,7 @@ def test_zlib_uplink_is_lossless_and_smaller(tmp_path):
 
 
 def test_quantizer_options_reach_every_quantizer():
-    from oqfl_ext.fl.cli import _model_fn, build_config, build_parser
+    from oqfl_ext.fl.cli import build_config, build_parser
     from oqfl_ext.nn import LSQQuantizer
     for argv, init, factor in (([], "mse", None),
                                (["--quant-init", "lsq", "--grad-scale", "none"], "lsq", 1.0)):
@@ -156,7 +161,7 @@ def test_quantizer_options_reach_every_quantizer():
 def test_first_last_bits_float_keeps_the_edge_layers_float():
     from torch import nn
 
-    from oqfl_ext.fl.cli import _model_fn, build_config, build_parser
+    from oqfl_ext.fl.cli import build_config, build_parser
     from oqfl_ext.nn import QuantConv2d, QuantLinear
     layers = {}
     for edge in ("float", "4", "8"):

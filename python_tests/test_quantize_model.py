@@ -171,3 +171,26 @@ def test_set_quantizers_enabled_gives_the_float_model():
     assert not any(m.is_initialized() for m in q.modules() if isinstance(m, LSQQuantizer))
     set_quantizers_enabled(q, True)
     assert not torch.allclose(q(x), model(x), atol=1e-4)
+
+
+def test_quantizer_options_reach_every_new_quantizer():
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    default = oqfl_ext.quantize_model(net)
+    lsq = oqfl_ext.quantize_model(net, init="lsq", grad_factor=1.0,
+                         overrides={"features.0.0": {"act_bits": None}})
+    pairs = {name: {(q.init, q.grad_factor) for q in m.modules() if isinstance(q, LSQQuantizer)}
+             for name, m in (("default", default), ("lsq", lsq))}
+    assert pairs == {"default": {("mse", None)}, "lsq": {("lsq", 1.0)}}
+    # the option is used: LSQ's init gives the first layer's weights 2 mean|w| / sqrt(qmax)
+    lsq(torch.randn(4, 1, 8, 8))
+    conv = lsq.features[0][0]
+    want = 2 * conv.weight.detach().abs().mean(dim=(1, 2, 3)) / (127 ** 0.5)
+    torch.testing.assert_close(conv.weight_quantizer.step_size.detach().flatten(), want)
+    for kwargs, match in (({"init": "max"}, "init expected one of"),
+                          ({"grad_factor": 0.0}, "grad_factor expected None or a positive"),
+                          ({"grad_factor": True}, "grad_factor expected"),
+                          ({"grad_factor": float("nan")}, "grad_factor expected")):
+        with pytest.raises(ValueError, match=match):
+            oqfl_ext.quantize_model(net, **kwargs)
+    with pytest.raises(TypeError):
+        oqfl_ext.quantize_model(net, 4, 4, 8, None, False, False, "lsq")  # keyword-only

@@ -55,7 +55,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .metrics import _check_rounds, _jsonable, atomic_write_bytes
+from .metrics import check_rounds, jsonable, atomic_write_bytes
 
 __all__ = ["CheckpointError", "CheckpointMismatch", "CheckpointWriteError", "Checkpoint",
            "CHECKPOINT_JSON", "RESUME_IGNORE", "save_checkpoint", "load_checkpoint", "restore", "resume",
@@ -124,7 +124,7 @@ def server_fingerprint(server) -> dict:
                 entry[attr] = v
         cfg = getattr(c, "config", None)
         if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-            entry["config"] = _jsonable(dataclasses.asdict(cfg))
+            entry["config"] = jsonable(dataclasses.asdict(cfg))
         clients.append(entry)
     model = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
              for k, v in server.model.state_dict().items()}
@@ -175,9 +175,9 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     ``ignore``) whose value differs between ``saved`` and ``current``. Keys of
     :data:`ADDED_SETTINGS` at their old value count as absent on both sides."""
     ignore = set(ignore)
-    a = {k: v for k, v in _without_added_defaults(_jsonable(dict(saved))).items()
+    a = {k: v for k, v in _without_added_defaults(jsonable(dict(saved))).items()
          if k not in ignore}
-    b = {k: v for k, v in _without_added_defaults(_jsonable(dict(current))).items()
+    b = {k: v for k, v in _without_added_defaults(jsonable(dict(current))).items()
          if k not in ignore}
     diff = _first_difference(a, b, "")
     if diff is not None:
@@ -256,10 +256,10 @@ def _write_checkpoint(folder, server, *, config, rounds, keep) -> Path:
     py_state = random.getstate()
     doc = {"format": FORMAT, "version": VERSION, "round": rnd, "tensors": name,
            "sha256": hashlib.sha256(data).hexdigest(),
-           "config": _jsonable(dict(config or {})), "server": _jsonable(server_fingerprint(server)),
+           "config": jsonable(dict(config or {})), "server": jsonable(server_fingerprint(server)),
            "clients": ids, "momentum": state.get("momentum") is not None,
            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
-           "rounds": _jsonable([dict(r) for r in rounds])}
+           "rounds": jsonable([dict(r) for r in rounds])}
     path = folder / CHECKPOINT_JSON
     atomic_write_bytes(path, json.dumps(doc, indent=1, allow_nan=False).encode() + b"\n")
     # older tensors files (and temporary files of a killed write) are no longer needed
@@ -310,7 +310,7 @@ def load_checkpoint(folder) -> Checkpoint:
         raise CheckpointError(f"{path}: damaged checkpoint, round {rnd} with "
                               f"{len(doc['rounds'])} metrics records")
     try:
-        records = _check_rounds(doc["rounds"])
+        records = check_rounds(doc["rounds"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint, {e}") from None
     for i, r in enumerate(records):  # Server.fit numbers its records 0, 1, ...

@@ -35,13 +35,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .._io import atomic_write_bytes
 
 __all__ = ["REQUIRED_KEYS", "METRICS_FILE", "PLOT_FILE", "MB", "save_run", "load_run",
            "write_metrics", "plot_run", "plot_runs", "cumulative_uplink_mb", "round_record",
-           "summarize", "format_table", "atomic_write_bytes"]
+           "summarize", "format_table", "atomic_write_bytes", "jsonable", "check_rounds",
+           "mean_train_loss"]
 
 REQUIRED_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "wall_time_s")
 METRICS_FILE = "metrics.json"
@@ -58,7 +59,7 @@ Runs = Union[Mapping[str, Sequence[Mapping[str, Any]]],
 # ----------------------------------------------------------------------------------------------
 # files
 
-def _jsonable(value):
+def jsonable(value):
     """Plain JSON types: non-finite floats -> None, tuples -> lists, numbers from numpy/torch
     scalars -> Python numbers; anything else raises TypeError naming its type."""
     if value is None or isinstance(value, (bool, str)):
@@ -68,21 +69,21 @@ def _jsonable(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     item = getattr(value, "item", None)  # numpy / torch scalars
     if callable(item):
         try:
-            return _jsonable(item())
+            return jsonable(item())
         except (TypeError, ValueError, RuntimeError):
             pass
     raise TypeError(f"metrics: value of type {type(value).__name__} is not JSON-serializable")
 
 
-def _check_rounds(rounds: Sequence[Mapping[str, Any]]) -> List[dict]:
+def check_rounds(rounds: Sequence[Mapping[str, Any]]) -> List[dict]:
     if isinstance(rounds, (str, bytes)) or not isinstance(rounds, Sequence):
         raise TypeError(f"rounds expected a list of dicts, got {type(rounds).__name__}")
     out = []
@@ -93,7 +94,7 @@ def _check_rounds(rounds: Sequence[Mapping[str, Any]]) -> List[dict]:
         if missing:
             raise ValueError(f"rounds[{i}] is missing the key(s) {', '.join(missing)} "
                              f"(required: {', '.join(REQUIRED_KEYS)})")
-        rec = _jsonable(dict(r))  # numpy / torch scalars -> Python numbers
+        rec = jsonable(dict(r))  # numpy / torch scalars -> Python numbers
         for key in REQUIRED_KEYS:
             v = rec[key]
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -116,8 +117,8 @@ def write_metrics(path: PathLike, config: Mapping[str, Any],
     path."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config expected a dict, got {type(config).__name__}")
-    doc = {"format": _FORMAT, "version": _VERSION, "config": _jsonable(dict(config)),
-           "rounds": _check_rounds(rounds)}
+    doc = {"format": _FORMAT, "version": _VERSION, "config": jsonable(dict(config)),
+           "rounds": check_rounds(rounds)}
     data = json.dumps(doc, indent=1, allow_nan=False).encode() + b"\n"
     atomic_write_bytes(path, data)
     return Path(path)
@@ -191,6 +192,15 @@ def round_record(result, *, downlink_bytes: int, **extra) -> dict:
         rec["aggregate_rejected"] = str(result.aggregate_rejected)
     rec.update(extra)
     return rec
+
+
+def mean_train_loss(losses: Iterable[Tuple[Optional[float], Any]]) -> Optional[float]:
+    """The sample-weighted mean of ``(training loss, num_samples)`` pairs, over the pairs
+    with a float loss and a non-zero count; None when there is none."""
+    kept = [(loss, n) for loss, n in losses if isinstance(loss, float) and n]
+    if not kept:
+        return None
+    return sum(loss * n for loss, n in kept) / sum(n for _, n in kept)
 
 
 def cumulative_uplink_mb(rounds: Sequence[Mapping[str, Any]]) -> List[float]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .layers import QuantConv2d, QuantLinear
-from .quantizer import LSQQuantizer, bit_range
+from .quantizer import INIT_METHODS, LSQQuantizer, bit_range
 
 __all__ = ["quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
            "edge_layers"]
@@ -62,7 +62,8 @@ def edge_layers(model: nn.Module) -> Tuple[str, str]:
 def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
                    act_bits: Optional[int] = 4, first_last_bits: Optional[int] = 8,
                    overrides: Optional[Dict[str, Override]] = None, inplace: bool = False,
-                   verbose: bool = False) -> nn.Module:
+                   verbose: bool = False, *, init: str = "mse",
+                   grad_factor: Optional[float] = None) -> nn.Module:
     """Replace every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` by ``QuantConv2d`` /
     ``QuantLinear`` with the same weights (see ``from_float``).
 
@@ -79,6 +80,10 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
             of the model is an error.
         inplace: modify ``model`` itself instead of a deep copy.
         verbose: print :func:`quantization_summary` of the result.
+        init: how every new quantizer sets its step size from the first batch, ``"mse"`` or
+            ``"lsq"`` (:class:`LSQQuantizer`'s ``init``).
+        grad_factor: gradient scale of every new quantizer's step size and offset; ``None``:
+            LSQ's ``1 / sqrt(elements x qmax)`` (:class:`LSQQuantizer`'s ``grad_factor``).
 
     Only modules whose type is exactly ``nn.Conv2d`` or ``nn.Linear`` are replaced; subclasses
     (which may not run their own ``forward``) are left alone and listed by the summary as
@@ -91,6 +96,12 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
                       ("first_last_bits", first_last_bits)):
         if bits is not None:
             bit_range(bits, True, arg)
+    if init not in INIT_METHODS:
+        raise ValueError(f"init expected one of {INIT_METHODS}, got {init!r}")
+    if grad_factor is not None and (isinstance(grad_factor, bool)
+                                    or not isinstance(grad_factor, (int, float))
+                                    or not 0 < grad_factor < float("inf")):
+        raise ValueError(f"grad_factor expected None or a positive number, got {grad_factor!r}")
     overrides = dict(overrides or {})
     if not inplace:
         model = copy.deepcopy(model)
@@ -120,6 +131,10 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
             if cfg is None:
                 continue
             new = _REPLACEMENTS[type(module)].from_float(module, **cfg)
+            for q in (new.weight_quantizer, new.act_quantizer):
+                if q is not None:
+                    q.init = init
+                    q.grad_factor = None if grad_factor is None else float(grad_factor)
             replaced[id(module)] = new
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
