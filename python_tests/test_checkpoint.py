@@ -377,7 +377,7 @@ class SlowClient(Client):
 
 
 class LateClient:
-    """Knows nothing of deadlines: returns a valid update after ``delay`` (virtual) seconds."""
+    """Ignores its deadline: returns a valid update after ``delay`` (virtual) seconds."""
 
     client_id = "late"
     num_samples = 40
@@ -385,7 +385,7 @@ class LateClient:
     def __init__(self, delay: float, clock: VirtualClock):
         self.delay, self.clock, self.blobs = delay, clock, []
 
-    def train(self, global_state, model_fn, *, round_idx=0):
+    def train(self, global_state, model_fn, *, round_idx=0, deadline=None):
         self.clock.sleep(self.delay)
         delta = {k: torch.zeros_like(v) for k, v in float_state(global_state).items()}
         blob = encode_update(delta, bits=32, round=round_idx, client_id=self.client_id,

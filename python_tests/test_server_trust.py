@@ -1,8 +1,10 @@
 """What the server takes on a client's word, and what it counts as delivered
 (oqfl_ext.fl.Server.run_round): a ``num_samples`` claim is capped at what the server assigned,
 a step that would leave the global model non-finite is never applied, and ``downlink_bytes``
-counts only the clients the global state reached (NotDelivered / DeliveryUnconfirmed). The
-references are float64 sums written out here and the downlink codec's own blob length."""
+counts only the clients the global state reached (NotDelivered / DeliveryUnconfirmed); a round
+driven by hand through begin_round / end_round is run_round's round, and end_round refuses
+replies it cannot place. The references are float64 sums written out here, the downlink codec's
+own blob length and run_round's result."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from oqfl_ext.fl import (DeliveryUnconfirmed, NotDelivered, Server, decode_update,
+from oqfl_ext.fl import (DeliveryUnconfirmed, Dropped, NotDelivered, Server, decode_update,
                          downlink_codec, encode_update)
 from oqfl_ext.fl.client import float_state
 from oqfl_ext.fl.metrics import round_record
@@ -131,3 +133,92 @@ def test_every_sampled_in_process_client_counts_as_delivered():
     blob = Scripted("c0", 0.01, 2).train(state, _model, round_idx=0)
     upd = decode_update(blob, float_state(state))
     assert all(torch.equal(v, torch.full_like(v, 0.01)) for v in upd.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# one round loop: begin_round / end_round with the transport outside it
+
+
+def _result_fields(res):
+    """A RoundResult without its wall time (the only field that depends on the clock)."""
+    import dataclasses
+    return {k: v for k, v in dataclasses.asdict(res).items() if k != "wall_time_s"}
+
+
+def _hand_clients():
+    return [Scripted(f"c{i}", 0.05 * (i + 1), 4 + i, assigned=4 + i) for i in range(4)] + \
+        [Scripted("liar", -0.2, 10**9, assigned=3),
+         Scripted("crashed", 0.0, 1, fails=RuntimeError("device lost"))]
+
+
+def test_a_round_driven_by_hand_equals_run_round():
+    kw = dict(fraction=0.7, server_momentum=0.5, norm_bound=1.0, downlink="int8")
+    auto, by_hand = _server(_hand_clients(), **kw), _server(_hand_clients(), **kw)
+    for r in range(3):
+        want = auto.run_round(r)
+        sampled, blob = by_hand.begin_round(r)
+        # the transport: what run_round's in-process clients do, written out here
+        received = downlink_codec("int8").decode(blob, by_hand.model.state_dict())
+        replies = {}
+        for c in sampled:
+            try:
+                replies[c.client_id] = c.train({k: v.clone() for k, v in received.items()},
+                                               by_hand.model_fn, round_idx=r)
+            except RuntimeError as e:
+                replies[c.client_id] = e
+        got = by_hand.end_round(r, replies)
+        assert len(sampled) == 4  # round(0.7 * 6): the sampling is exercised
+        assert _result_fields(got) == _result_fields(want)
+        assert got.downlink_bytes == len(blob) * len(sampled)
+        a, b = auto.model.state_dict(), by_hand.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert auto.round == by_hand.round == 3
+
+
+def test_a_reply_from_a_client_not_sampled_is_refused():
+    server = _server([Scripted(f"c{i}", 0.1, 2, assigned=2) for i in range(4)], fraction=0.5)
+    sampled, blob = server.begin_round(0)
+    ids = [c.client_id for c in sampled]
+    outsider = next(f"c{i}" for i in range(4) if f"c{i}" not in ids)
+    state = {k: v.clone() for k, v in server.model.state_dict().items()}
+    forged = Scripted(outsider, 9.0, 2).train(state, _model, round_idx=0)
+    replies = {c.client_id: c.train(state, _model, round_idx=0) for c in sampled}
+    with pytest.raises(ValueError, match=f"not sampled in round 0.*{outsider}"):
+        server.end_round(0, dict(replies, **{outsider: forged}))
+    after = server.model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)  # nothing applied
+    res = server.end_round(0, replies)  # the round stayed open
+    assert res.accepted == ids and server.round == 1
+
+
+def test_end_round_without_begin_round_errors_clearly():
+    server = _server([Scripted("a", 0.1, 2)])
+    with pytest.raises(RuntimeError, match=r"end_round\(0\) without begin_round\(0\).*no round"):
+        server.end_round(0, {})
+    server.begin_round(0)
+    with pytest.raises(RuntimeError, match=r"end_round\(1\).*round 0 is open"):
+        server.end_round(1, {})
+    server.end_round(0, {})
+    with pytest.raises(RuntimeError, match="no round is open"):
+        server.end_round(0, {})  # a round ends once
+    with pytest.raises(TypeError, match="replies expected a mapping"):
+        server.begin_round(1)
+        server.end_round(1, [b"blob"])
+
+
+def test_a_sampled_client_without_a_reply_counts_as_unconfirmed():
+    server = _server([Scripted("a", 0.1, 2, assigned=2), Scripted("b", 0.1, 2, assigned=2)])
+    sampled, blob = server.begin_round(0)
+    state = {k: v.clone() for k, v in server.model.state_dict().items()}
+    res = server.end_round(0, {"a": sampled[0].train(state, _model, round_idx=0)})
+    assert res.accepted == ["a"] and res.unconfirmed == ["b"]
+    assert res.downlink_bytes == len(blob) and res.downlink_unconfirmed_bytes == len(blob)
+    assert "no reply" in dict(res.dropped)["b"]
+
+
+def test_a_dropped_reply_keeps_its_reason_and_counts_as_delivered():
+    server = _server([Scripted("a", 0.1, 2, assigned=2)])
+    _, blob = server.begin_round(0)
+    res = server.end_round(0, {"a": Dropped("too slow for this round")})
+    assert res.dropped == [("a", "too slow for this round")] and res.accepted == []
+    assert res.downlink_bytes == len(blob) and res.unconfirmed == []

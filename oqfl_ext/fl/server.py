@@ -1,24 +1,27 @@
 """The federated server: client sampling, update checking, clipping, FedAvg(M), evaluation.
 
-Round ``t`` (:meth:`Server.run_round`):
+Round ``t`` is :meth:`Server.begin_round` (steps 1-2) and :meth:`Server.end_round` (steps 2-6),
+with the transport in between: :meth:`Server.run_round` with in-process clients, the Flower
+ServerApp (:mod:`oqfl_ext.fl.flower.server_app`) with Flower messages:
 
 1. sample ``max(1, round(fraction * K))`` of the ``K`` clients without replacement (a generator
    seeded from ``seed`` and ``t``), taken in the order of the ``clients`` list;
 2. the global state goes down to the sampled clients through the downlink codec (``downlink``:
    ``"float32"``, exact, or ``"int8"``; see :func:`downlink_codec`), encoded once per round and
    counted once per client that received it in ``downlink_bytes``; each sampled client trains
-   from a copy of the decoded state and returns a blob; a client that raises, or returns
-   something other than bytes, is dropped (reason logged). A client standing for a remote node
-   (the Flower ServerApp's mailboxes) raises :class:`NotDelivered` when the state never left
-   the server (the node was not connected: not counted, listed in ``not_delivered``) and
-   :class:`DeliveryUnconfirmed` when it was sent but nothing came back to show it arrived
-   (counted in ``downlink_unconfirmed_bytes``, listed in ``unconfirmed``); any other failure
-   means the client had the state (counted in ``downlink_bytes``). With ``client_time_limit_s``, each client's
-   ``train`` gets ``deadline=`` (a :func:`time.monotonic` time) when its signature accepts one,
-   so an in-process :class:`~oqfl_ext.fl.Client` stops between mini-batches once past it (it
-   raises :class:`~oqfl_ext.fl.ClientTimeout`); a client whose result arrives after its limit
-   anyway is dropped too and the late blob is discarded (not counted in ``uplink_bytes``).
-   The clients run one after the other, each with its own full budget. Time limits make a run
+   from the decoded state and replies with a blob. A reply that is an exception drops the
+   client (reason logged): :class:`NotDelivered` when the state never left the server (not
+   counted, listed in ``not_delivered``), :class:`DeliveryUnconfirmed` when it was sent but
+   nothing came back to show it arrived (counted in ``downlink_unconfirmed_bytes``, listed in
+   ``unconfirmed``; a sampled client without any reply counts as this); any other failure,
+   and a reply that is not bytes, means the client had the state (counted in
+   ``downlink_bytes``). In process (:meth:`Server.run_round`), each client's ``train`` gets a
+   copy of the decoded state, and with ``client_time_limit_s`` also ``deadline=`` (a
+   :func:`time.monotonic` time; such a client's ``train`` must accept it), so an in-process
+   :class:`~oqfl_ext.fl.Client` stops between mini-batches once past it (it raises
+   :class:`~oqfl_ext.fl.ClientTimeout`); a client whose result arrives after its limit anyway
+   is dropped too and the late blob is discarded (not counted in ``uplink_bytes``). The
+   clients run one after the other, each with its own full budget. Time limits make a run
    depend on the machine's speed: a run where no client hits its limit is deterministic;
 3. each blob is decoded with :func:`oqfl_ext.fl.codec.decode_update` against the global model's
    floating-point entries; a rejected blob (:class:`UpdateRejected`, or metadata naming another
@@ -61,12 +64,11 @@ residuals) is the whole state a run needs to continue bit-identically; :meth:`Se
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -78,8 +80,8 @@ from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
 from .codec import UpdateRejected, check_compression, decode_update
 
-__all__ = ["Server", "RoundResult", "DOWNLINK_CODECS", "downlink_codec", "NotDelivered",
-           "DeliveryUnconfirmed"]
+__all__ = ["Server", "RoundResult", "RoundStart", "RemoteClient", "Dropped", "DOWNLINK_CODECS",
+           "downlink_codec", "NotDelivered", "DeliveryUnconfirmed"]
 
 logger = logging.getLogger("oqfl_ext.fl")
 
@@ -93,6 +95,40 @@ class DeliveryUnconfirmed(RuntimeError):
     """Raised by a client's ``train`` when the global state was sent but nothing shows that it
     arrived (no reply, the node stopped answering): the client is dropped and its downlink is
     counted in ``downlink_unconfirmed_bytes``, not in ``downlink_bytes``."""
+
+
+class Dropped(Exception):
+    """A reply to :meth:`Server.end_round` that drops the client with this reason as it is
+    (the client had the global state: its downlink is counted)."""
+
+
+@dataclasses.dataclass
+class RemoteClient:
+    """A client the server knows by its id and the number of samples it was assigned (its
+    ``num_samples`` claims are capped at that); its training happens elsewhere, e.g. on a
+    Flower SuperNode (:meth:`Server.begin_round` / :meth:`Server.end_round`)."""
+
+    client_id: str
+    num_samples: int
+
+
+class RoundStart(NamedTuple):
+    """What :meth:`Server.begin_round` returns."""
+
+    sampled: List[Any]
+    """the sampled client objects, in the order of the ``clients`` list"""
+    downlink: bytes
+    """the downlink codec's blob of the global state, the same for every sampled client"""
+
+
+class _OpenRound(NamedTuple):
+    round: int
+    sampled: List[Any]
+    blob_bytes: int
+    t0: float
+
+
+_NO_REPLY = object()
 
 
 @dataclasses.dataclass
@@ -171,15 +207,6 @@ def downlink_codec(name: str) -> _Downlink:
     return _Downlink(name, None if name == "float32" else 8)
 
 
-def _accepts_deadline(fn) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "deadline" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
-                                       for p in params.values())
-
-
 def _assigned_samples(client) -> Optional[int]:
     """How many samples the server assigned ``client`` (its ``num_samples`` attribute when
     that is a non-negative int), or None when the server does not know."""
@@ -201,8 +228,11 @@ class Server:
         model_fn: builds the (float or quantized) model; called once here under
             ``torch.manual_seed(seed)`` for the global model, and by the clients.
         test_set: a ``TensorDataset`` or ``(inputs, labels)`` for evaluation.
-        clients: objects with a ``client_id`` and ``train(global_state, model_fn, round_idx=)``
-            returning bytes (e.g. :class:`oqfl_ext.fl.Client`).
+        clients: objects with a ``client_id``; for :meth:`run_round` also a
+            ``train(global_state, model_fn, round_idx=)`` returning bytes (with
+            ``client_time_limit_s``, ``train`` gets ``deadline=`` too), e.g.
+            :class:`oqfl_ext.fl.Client`; :class:`RemoteClient` s for clients that train
+            elsewhere (:meth:`begin_round` / :meth:`end_round`).
         fraction: share of the clients sampled per round, in (0, 1].
         server_lr: server learning rate applied to the averaged update (> 0).
         server_momentum: FedAvgM momentum in [0, 1); 0 is plain FedAvg.
@@ -270,6 +300,7 @@ class Server:
         self.evaluate_integer = bool(evaluate_integer)
         self.momentum: Optional[Dict[str, Tensor]] = None
         self.round = 0  # rounds completed (the last round index + 1)
+        self._open: Optional[_OpenRound] = None  # begun by begin_round, not yet ended
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -341,16 +372,45 @@ class Server:
         chosen = sorted(torch.randperm(k, generator=gen)[:m].tolist())
         return [self.clients[i] for i in chosen]
 
-    def run_round(self, round_idx: int, *,
-                  on_client: Optional[Callable[[int, int, str], None]] = None) -> RoundResult:
-        """Runs round ``round_idx`` (steps 1-6 of the module docstring). ``on_client(i, m,
-        client_id)`` is called before the i-th (0-based) of the m sampled clients trains and
-        once more with ``i == m`` before the aggregation (progress display)."""
+    def begin_round(self, round_idx: int) -> RoundStart:
+        """Opens round ``round_idx`` (steps 1-2 of the module docstring): samples the clients
+        and encodes the global state with the downlink codec. Returns ``(sampled clients,
+        downlink blob)``: the caller delivers the blob to every sampled client (in process,
+        or over a network) and hands their replies to :meth:`end_round`. A round begun and
+        not ended is abandoned by the next ``begin_round``."""
         if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
             raise ValueError(f"round_idx expected a non-negative integer, got {round_idx!r}")
         t0 = time.perf_counter()
-        template = float_state(self.model.state_dict())  # unchanged until the aggregate
         sampled = self.sample_clients(round_idx)
+        blob = self.downlink.encode(self._global_state(), round_idx)
+        self._open = _OpenRound(round_idx, sampled, len(blob), t0)
+        return RoundStart(sampled, blob)
+
+    def end_round(self, round_idx: int, replies: Mapping[str, Any]) -> RoundResult:
+        """Closes round ``round_idx`` opened by :meth:`begin_round` (steps 2-6 of the module
+        docstring) with ``replies``: ``{client_id: reply}`` of the sampled clients, where a
+        reply is the update blob (bytes) or what went wrong: :class:`NotDelivered` (the blob
+        never left the server), :class:`DeliveryUnconfirmed` (sent, nothing came back; also
+        what a sampled client without a reply counts as), :class:`Dropped` (dropped with
+        that reason; the client had the state) or any other exception (the client failed
+        after it had the state). A reply from a client that was not sampled in this round
+        raises ValueError and leaves the round open; so does a round that is not the open
+        one (RuntimeError)."""
+        opened = getattr(self, "_open", None)
+        if opened is None or opened.round != round_idx:
+            now = "no round is open" if opened is None else f"round {opened.round} is open"
+            raise RuntimeError(f"end_round({round_idx!r}) without begin_round({round_idx!r}) "
+                               f"({now})")
+        if not isinstance(replies, Mapping):
+            raise TypeError(f"replies expected a mapping client_id -> reply, got "
+                            f"{type(replies).__name__}")
+        ids = [c.client_id for c in opened.sampled]
+        strangers = [cid for cid in replies if cid not in ids]
+        if strangers:
+            raise ValueError(f"replies from clients not sampled in round {round_idx}: "
+                             f"{strangers[:5]!r:.200} (sampled: {ids[:20]})")
+        self._open = None
+        template = float_state(self.model.state_dict())  # unchanged until the aggregate
         accepted: List[Tuple[str, Dict[str, Tensor], int]] = []
         dropped: List[Tuple[str, str]] = []
         clipped: List[str] = []
@@ -358,48 +418,31 @@ class Server:
         not_delivered: List[str] = []
         unconfirmed: List[str] = []
         uplink = 0
-        server_state = {k: v.detach() for k, v in self.model.state_dict().items()}
-        down_blob = self.downlink.encode(server_state, round_idx)
-        received = self.downlink.decode(down_blob, server_state)
-        limit = self.client_time_limit_s
-        for i, client in enumerate(sampled):
+        for client in opened.sampled:
             cid = client.client_id
-            if on_client is not None:
-                on_client(i, len(sampled), cid)
-            global_state = {k: v.detach().clone() for k, v in received.items()}
-            kwargs: Dict[str, Any] = {"round_idx": round_idx}
-            start = time.monotonic()
-            if limit is not None and _accepts_deadline(client.train):
-                kwargs["deadline"] = start + limit
-            try:
-                blob = client.train(global_state, self.model_fn, **kwargs)
-            except NotDelivered as e:
+            reply = replies.get(cid, _NO_REPLY)
+            if reply is _NO_REPLY:
+                reply = DeliveryUnconfirmed("no reply")
+            if isinstance(reply, NotDelivered):
                 not_delivered.append(cid)
-                self._drop(dropped, cid, f"global state not delivered: {e}")
+                self._drop(dropped, cid, f"global state not delivered: {reply}")
                 continue
-            except DeliveryUnconfirmed as e:
+            if isinstance(reply, DeliveryUnconfirmed):
                 unconfirmed.append(cid)
-                self._drop(dropped, cid, f"no reply (delivery unconfirmed): {e}")
+                self._drop(dropped, cid, f"no reply (delivery unconfirmed): {reply}")
                 continue
-            except Exception as e:  # a failing client never stops the round
-                elapsed = time.monotonic() - start
-                if limit is not None and (isinstance(e, TimeoutError) or elapsed > limit):
-                    self._drop(dropped, cid, f"client exceeded its time limit of {limit:g} s "
-                                             f"({type(e).__name__}: {e}; {elapsed:.2f} s)")
-                else:
-                    self._drop(dropped, cid, f"client failed: {type(e).__name__}: {e}")
+            if isinstance(reply, Dropped):
+                self._drop(dropped, cid, str(reply))
                 continue
-            elapsed = time.monotonic() - start
-            if limit is not None and elapsed > limit:
-                self._drop(dropped, cid, f"client exceeded its time limit of {limit:g} s "
-                                         f"(took {elapsed:.2f} s); late update discarded")
+            if isinstance(reply, BaseException):
+                self._drop(dropped, cid, f"client failed: {type(reply).__name__}: {reply}")
                 continue
-            if not isinstance(blob, (bytes, bytearray, memoryview)):
-                self._drop(dropped, cid, f"client returned {type(blob).__name__}, not bytes")
+            if not isinstance(reply, (bytes, bytearray, memoryview)):
+                self._drop(dropped, cid, f"client returned {type(reply).__name__}, not bytes")
                 continue
-            uplink += len(blob)
+            uplink += len(reply)
             try:
-                update, info = decode_update(blob, template, return_info=True,
+                update, info = decode_update(reply, template, return_info=True,
                                              compression=self.uplink_compression)
             except UpdateRejected as e:
                 self._drop(dropped, cid, str(e))
@@ -429,8 +472,6 @@ class Server:
                                 round_idx, cid, norm, self.norm_bound)
             accepted.append((cid, update, num_samples))
 
-        if on_client is not None:
-            on_client(len(sampled), len(sampled), "")
         total = sum(n for _, _, n in accepted)
         rejected: Optional[str] = None
         if accepted and total > 0:
@@ -446,17 +487,62 @@ class Server:
         accuracy, loss = self.evaluate()
         integer_accuracy = self.evaluate_integer_model() if self.evaluate_integer else None
         self.round = max(self.round, round_idx + 1)
-        delivered = len(sampled) - len(not_delivered) - len(unconfirmed)
-        return RoundResult(round=round_idx, sampled=[c.client_id for c in sampled],
+        delivered = len(ids) - len(not_delivered) - len(unconfirmed)
+        return RoundResult(round=round_idx, sampled=ids,
                            accepted=[cid for cid, _, _ in accepted], dropped=dropped,
                            clipped=clipped, uplink_bytes=uplink, num_samples=total,
                            accuracy=accuracy, loss=loss,
-                           wall_time_s=time.perf_counter() - t0,
-                           downlink_bytes=len(down_blob) * delivered,
+                           wall_time_s=time.perf_counter() - opened.t0,
+                           downlink_bytes=opened.blob_bytes * delivered,
                            integer_accuracy=integer_accuracy, not_delivered=not_delivered,
                            unconfirmed=unconfirmed,
-                           downlink_unconfirmed_bytes=len(down_blob) * len(unconfirmed),
+                           downlink_unconfirmed_bytes=opened.blob_bytes * len(unconfirmed),
                            capped=capped, aggregate_rejected=rejected)
+
+    def run_round(self, round_idx: int, *,
+                  on_client: Optional[Callable[[int, int, str], None]] = None) -> RoundResult:
+        """Runs round ``round_idx`` with in-process clients: :meth:`begin_round`, each
+        sampled client's ``train`` on a copy of the decoded downlink state (step 2 of the
+        module docstring), :meth:`end_round`. ``on_client(i, m, client_id)`` is called before
+        the i-th (0-based) of the m sampled clients trains and once more with ``i == m``
+        before the aggregation (progress display)."""
+        sampled, blob = self.begin_round(round_idx)
+        received = self.downlink.decode(blob, self._global_state())
+        replies: Dict[str, Any] = {}
+        for i, client in enumerate(sampled):
+            if on_client is not None:
+                on_client(i, len(sampled), client.client_id)
+            replies[client.client_id] = self._train_in_process(client, received, round_idx)
+        if on_client is not None:
+            on_client(len(sampled), len(sampled), "")
+        return self.end_round(round_idx, replies)
+
+    def _train_in_process(self, client, received: Dict[str, Tensor], round_idx: int) -> Any:
+        """One in-process client's reply: its blob, or the exception it raised, or
+        :class:`Dropped` when it ran past ``client_time_limit_s``."""
+        global_state = {k: v.detach().clone() for k, v in received.items()}
+        kwargs: Dict[str, Any] = {"round_idx": round_idx}
+        limit = self.client_time_limit_s
+        start = time.monotonic()
+        if limit is not None:
+            kwargs["deadline"] = start + limit
+        try:
+            blob = client.train(global_state, self.model_fn, **kwargs)
+        except Exception as e:  # a failing client never stops the round
+            elapsed = time.monotonic() - start
+            if limit is not None and not isinstance(e, (NotDelivered, DeliveryUnconfirmed)) \
+                    and (isinstance(e, TimeoutError) or elapsed > limit):
+                return Dropped(f"client exceeded its time limit of {limit:g} s "
+                               f"({type(e).__name__}: {e}; {elapsed:.2f} s)")
+            return e
+        elapsed = time.monotonic() - start
+        if limit is not None and elapsed > limit:
+            return Dropped(f"client exceeded its time limit of {limit:g} s (took "
+                           f"{elapsed:.2f} s); late update discarded")
+        return blob
+
+    def _global_state(self) -> Dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def fit(self, rounds: int, *, checkpoint_dir=None, config: Optional[Mapping[str, Any]] = None,
             resume: bool = False, keep: int = 1,
@@ -480,7 +566,7 @@ class Server:
         from pathlib import Path
 
         from . import checkpoint as ckpt
-        from .metrics import round_record
+        from .metrics import mean_train_loss, round_record
 
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"rounds expected a non-negative integer, got {rounds!r}")
@@ -509,12 +595,9 @@ class Server:
         for r in range(self.round, rounds):
             result = self.run_round(r, on_client=on_client)
             by_id = {c.client_id: c for c in self.clients}
-            losses = [(getattr(by_id[cid], "last_loss", None), getattr(by_id[cid], "num_samples",
-                                                                      1))
-                      for cid in result.accepted]
-            losses = [(l, n) for l, n in losses if isinstance(l, float) and n]
-            train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)
-                          if losses else None)
+            train_loss = mean_train_loss(
+                (getattr(by_id[cid], "last_loss", None), getattr(by_id[cid], "num_samples", 1))
+                for cid in result.accepted)
             extra = ({} if result.integer_accuracy is None
                      else {"integer_accuracy": result.integer_accuracy})
             record = round_record(result, downlink_bytes=result.downlink_bytes,
