@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -158,6 +159,59 @@ void check_limits(const char* op, const QConvGeometry& g, const std::string& got
                  ") for ", got);
 }
 
+// The epilogue arguments (qconv_args.h), checked once the output's shape `out_sizes` is known.
+void check_qconv_epilogue(const char* op, QConvGeometry& g, const at::Tensor& x,
+                          at::IntArrayRef out_sizes, const QConvEpilogueArgs& e) {
+  if (e.residual.has_value()) {
+    const at::Tensor& r = *e.residual;
+    OQFL_CHECK_DTYPE(r.scalar_type() == at::kFloat, op, "residual", "dtype float32",
+                     r.scalar_type());
+    OQFL_CHECK_ARG(r.sizes().equals(out_sizes), op, "residual",
+                   "the output's shape " + c10::str(out_sizes), "shape ", r.sizes());
+    check_same_device(op, "residual", r, x);
+    g.has_residual = true;
+  }
+  if (e.clamp_max.has_value()) {
+    const double c = *e.clamp_max;
+    OQFL_CHECK_ARG(std::isfinite(c) && std::fabs(c) <= std::numeric_limits<float>::max(), op,
+                   "clamp_max", "a finite float32 value", c);
+    OQFL_CHECK_ARG(!g.relu || c >= 0.0, op, "clamp_max", "a value >= 0 when relu=True", c);
+    g.has_clamp = true;
+    g.clamp_max = static_cast<float>(c);
+  }
+  OQFL_CHECK_ARG(e.out_scale.has_value() || !e.out_zero_point.has_value(), op, "out_scale",
+                 "a tensor when out_zero_point is given (code output)", "None");
+  if (!e.out_scale.has_value()) return;
+  const at::Tensor& s = *e.out_scale;
+  OQFL_CHECK_DTYPE(s.scalar_type() == at::kFloat, op, "out_scale", "dtype float32",
+                   s.scalar_type());
+  OQFL_CHECK_ARG(s.numel() == 1 && s.dim() <= 1, op, "out_scale",
+                 "a single value (shape [] or [1])", "shape ", s.sizes());
+  check_same_device(op, "out_scale", s, x);
+  OQFL_CHECK_ARG(e.out_zero_point.has_value(), op, "out_zero_point",
+                 "a tensor when out_scale is given (code output)", "None");
+  const at::Tensor& z = *e.out_zero_point;
+  OQFL_CHECK_DTYPE(z.scalar_type() == at::kInt || z.scalar_type() == at::kLong, op,
+                   "out_zero_point", "an integer dtype (int32 or int64)", z.scalar_type());
+  OQFL_CHECK_ARG(z.numel() == 1 && z.dim() <= 1, op, "out_zero_point",
+                 "a single value (shape [] or [1])", "shape ", z.sizes());
+  check_same_device(op, "out_zero_point", z, x);
+  const int64_t lo = e.out_quant_min, hi = e.out_quant_max;
+  OQFL_CHECK_ARG(lo <= hi, op, "out_quant_min",
+                 "at most out_quant_max (" + std::to_string(hi) + ")", lo);
+  if (lo < 0) {
+    OQFL_CHECK_ARG(lo >= -128 && hi <= 127, op, "out_quant_min/out_quant_max",
+                   "a range inside -128..127 (int8 codes, out_quant_min < 0)", lo, "..", hi);
+  } else {
+    OQFL_CHECK_ARG(hi <= 255, op, "out_quant_max",
+                   "at most 255 (uint8 codes, out_quant_min >= 0)", hi);
+  }
+  g.code_output = true;
+  g.out_signed = lo < 0;
+  g.out_quant_min = lo;
+  g.out_quant_max = hi;
+}
+
 }  // namespace
 
 int64_t qconv_max_reduction(int64_t w_bits) {
@@ -170,7 +224,8 @@ QConvGeometry check_qconv2d_args(const char* op, const at::Tensor& x, const at::
                                  const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                                  int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, int64_t groups, bool relu,
-                                 int64_t x_quant_min, int64_t x_quant_max) {
+                                 int64_t x_quant_min, int64_t x_quant_max,
+                                 const QConvEpilogueArgs& epilogue) {
   QConvGeometry g;
   OQFL_CHECK_ARG(x.dim() == 4, op, "x", "a 4-d tensor [N, C, H, W]", "shape ", x.sizes());
   check_common(op, g, x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits, relu,
@@ -250,6 +305,7 @@ QConvGeometry check_qconv2d_args(const char* op, const at::Tensor& x, const at::
   g.out_h = span_h / g.stride_h + 1;  // span <= INT64_MAX - 1 (eff >= 1): no overflow
   g.out_w = span_w / g.stride_w + 1;
   check_limits(op, g, "shape " + c10::str(x.sizes()) + " with padding " + c10::str(padding));
+  check_qconv_epilogue(op, g, x, {g.batch, g.out_channels, g.out_h, g.out_w}, epilogue);
   return g;
 }
 
@@ -257,7 +313,7 @@ QConvGeometry check_qlinear_args(const char* op, const at::Tensor& x, const at::
                                  const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                                  const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                                  int64_t w_bits, bool relu, int64_t x_quant_min,
-                                 int64_t x_quant_max) {
+                                 int64_t x_quant_max, const QConvEpilogueArgs& epilogue) {
   QConvGeometry g;
   OQFL_CHECK_ARG(x.dim() >= 1, op, "x", "at least one dimension ([..., IC])", "shape ",
                  x.sizes());
@@ -285,12 +341,15 @@ QConvGeometry check_qlinear_args(const char* op, const at::Tensor& x, const at::
                  "shape ", w_packed.sizes());
   g.channels_last = true;
   check_limits(op, g, "shape " + c10::str(x.sizes()));
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = g.out_channels;
+  check_qconv_epilogue(op, g, x, out_sizes, epilogue);
   return g;
 }
 
 QConvScalars check_qconv_scalars_cpu(const char* op, const QConvGeometry& g,
                                      const at::Tensor& x_scale, const at::Tensor& x_zero_point,
-                                     const at::Tensor& w_scale) {
+                                     const at::Tensor& w_scale, const QConvEpilogueArgs& epilogue) {
   QConvScalars s;
   s.x_scale = x_scale.item<float>();
   OQFL_CHECK_ARG(step_is_valid(s.x_scale), op, "x_scale", "a positive finite value", s.x_scale);
@@ -306,14 +365,30 @@ QConvScalars check_qconv_scalars_cpu(const char* op, const QConvGeometry& g,
   for (int64_t i = 0; i < ws.numel(); ++i)
     OQFL_CHECK_ARG(step_is_valid(w[i]), op, "w_scale", "positive finite step sizes", w[i],
                    " at index ", i);
+  if (!g.code_output) return s;
+  s.out_scale = epilogue.out_scale->item<float>();
+  OQFL_CHECK_ARG(step_is_valid(s.out_scale), op, "out_scale", "a positive finite value",
+                 s.out_scale);
+  const int64_t ozp = epilogue.out_zero_point->item<int64_t>();
+  const int64_t olo = g.out_signed ? -128 : 0, ohi = g.out_signed ? 127 : 255;
+  OQFL_CHECK_ARG(ozp >= olo && ozp <= ohi, op, "out_zero_point",
+                 "a code inside " + std::to_string(olo) + ".." + std::to_string(ohi) +
+                     (g.out_signed ? " (int8 output codes)" : " (uint8 output codes)"),
+                 ozp);
+  s.out_zero_point = static_cast<int32_t>(ozp);
   return s;
 }
 
+at::ScalarType qconv_output_dtype(const QConvGeometry& g) {
+  if (!g.code_output) return at::kFloat;
+  return g.out_signed ? at::kChar : at::kByte;
+}
+
 at::Tensor qconv_empty_output(const QConvGeometry& g, const at::Tensor& x) {
+  const bool nhwc = g.code_output || g.channels_last;
   return at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                   x.options().dtype(at::kFloat),
-                   g.channels_last ? at::MemoryFormat::ChannelsLast
-                                   : at::MemoryFormat::Contiguous);
+                   x.options().dtype(qconv_output_dtype(g)),
+                   nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 }  // namespace oqfl

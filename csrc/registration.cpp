@@ -36,16 +36,21 @@ TORCH_LIBRARY(oqfl, m) {
       "int[] shape, int? axis=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
-  // Integer inference (contract and weight layout in qconv_args.h). Not differentiable.
+  // Integer inference (contract, fused epilogue and weight layout in qconv_args.h). Not
+  // differentiable.
   m.def(
       "qconv2d(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor w_packed, Tensor w_scale, "
       "Tensor? bias=None, *, int w_bits, int[2] stride=1, int[2] padding=0, int[2] dilation=1, "
-      "int groups=1, bool relu=False, int x_quant_min=0, int x_quant_max=255) -> Tensor",
+      "int groups=1, bool relu=False, int x_quant_min=0, int x_quant_max=255, "
+      "Tensor? residual=None, float? clamp_max=None, Tensor? out_scale=None, "
+      "Tensor? out_zero_point=None, int out_quant_min=0, int out_quant_max=255) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "qlinear(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor w_packed, Tensor w_scale, "
       "Tensor? bias=None, *, int w_bits, bool relu=False, int x_quant_min=0, "
-      "int x_quant_max=255) -> Tensor",
+      "int x_quant_max=255, Tensor? residual=None, float? clamp_max=None, "
+      "Tensor? out_scale=None, Tensor? out_zero_point=None, int out_quant_min=0, "
+      "int out_quant_max=255) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
   // Which CPU instruction set the kernels use (see cpu/cpu_capability.h).

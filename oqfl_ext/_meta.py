@@ -7,6 +7,7 @@ values) because they also guard memory.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -271,6 +272,53 @@ def _qconv_check_limits(op: str, n, hp, wp, groups: int, icb, oc, oh, ow, icg, k
                f"KH = {kh}, KW = {kw}) for {got}")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _qconv_check_epilogue(op: str, x: Tensor, out_shape, relu: bool,
+                          residual: Optional[Tensor], clamp_max: Optional[float],
+                          out_scale: Optional[Tensor], out_zero_point: Optional[Tensor],
+                          out_quant_min: int, out_quant_max: int) -> torch.dtype:
+    """check_qconv_epilogue of qconv_args.cpp; returns the output dtype."""
+    if residual is not None:
+        _qconv_dtype(residual.dtype == torch.float32, op, "residual", "dtype float32",
+                     residual.dtype)
+        _qconv_arg(list(residual.shape) == list(out_shape), op, "residual",
+                   f"the output's shape {_dims(out_shape)}", f"shape {_dims(residual.shape)}")
+        _qconv_same_device(op, "residual", residual, x)
+    if clamp_max is not None:
+        _qconv_arg(math.isfinite(clamp_max) and abs(clamp_max) <= _FLOAT32_MAX, op,
+                   "clamp_max", "a finite float32 value", str(clamp_max))
+        _qconv_arg(not relu or clamp_max >= 0, op, "clamp_max", "a value >= 0 when relu=True",
+                   str(clamp_max))
+    _qconv_arg(out_scale is not None or out_zero_point is None, op, "out_scale",
+               "a tensor when out_zero_point is given (code output)", "None")
+    if out_scale is None:
+        return torch.float32
+    _qconv_dtype(out_scale.dtype == torch.float32, op, "out_scale", "dtype float32",
+                 out_scale.dtype)
+    _qconv_arg(out_scale.numel() == 1 and out_scale.dim() <= 1, op, "out_scale",
+               "a single value (shape [] or [1])", f"shape {_dims(out_scale.shape)}")
+    _qconv_same_device(op, "out_scale", out_scale, x)
+    _qconv_arg(out_zero_point is not None, op, "out_zero_point",
+               "a tensor when out_scale is given (code output)", "None")
+    _qconv_dtype(out_zero_point.dtype in (torch.int32, torch.int64), op, "out_zero_point",
+                 "an integer dtype (int32 or int64)", out_zero_point.dtype)
+    _qconv_arg(out_zero_point.numel() == 1 and out_zero_point.dim() <= 1, op,
+               "out_zero_point", "a single value (shape [] or [1])",
+               f"shape {_dims(out_zero_point.shape)}")
+    _qconv_same_device(op, "out_zero_point", out_zero_point, x)
+    lo, hi = out_quant_min, out_quant_max
+    _qconv_arg(lo <= hi, op, "out_quant_min", f"at most out_quant_max ({hi})", str(lo))
+    if lo < 0:
+        _qconv_arg(lo >= -128 and hi <= 127, op, "out_quant_min/out_quant_max",
+                   "a range inside -128..127 (int8 codes, out_quant_min < 0)", f"{lo}..{hi}")
+        return torch.int8
+    _qconv_arg(hi <= 255, op, "out_quant_max", "at most 255 (uint8 codes, out_quant_min >= 0)",
+               str(hi))
+    return torch.uint8
+
+
 def _has_op(name: str) -> bool:
     # A _C built before these schemas existed (a stale development build) still imports; the
     # fake kernels are then skipped rather than failing every import of the package.
@@ -279,7 +327,8 @@ def _has_op(name: str) -> bool:
 
 def _qconv2d_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits,
                   stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, relu=False,
-                  x_quant_min=0, x_quant_max=255):
+                  x_quant_min=0, x_quant_max=255, residual=None, clamp_max=None,
+                  out_scale=None, out_zero_point=None, out_quant_min=0, out_quant_max=255):
     op = "qconv2d"
     _qconv_arg(x.dim() == 4, op, "x", "a 4-d tensor [N, C, H, W]", f"shape {_dims(x.shape)}")
     oc = _qconv_check_common(op, x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits,
@@ -328,16 +377,19 @@ def _qconv2d_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_b
     _qconv_check_limits(op, n, hp, wp, groups, icb, oc, oh, ow, c // groups, kh, kw, w_bits,
                         ph > 0 or pw > 0,
                         f"shape {_dims(x.shape)} with padding {_dims(padding)}")
-    # channels_last in, channels_last out (x.suggest_memory_format() in C++)
+    dtype = _qconv_check_epilogue(op, x, [n, oc, oh, ow], relu, residual, clamp_max, out_scale,
+                                  out_zero_point, out_quant_min, out_quant_max)
+    # channels_last in, channels_last out (x.suggest_memory_format() in C++); codes always
+    # channels_last
     from torch._prims_common import suggest_memory_format
-    fmt = torch.channels_last if suggest_memory_format(x) == torch.channels_last \
-        else torch.contiguous_format
-    return torch.empty((n, oc, oh, ow), dtype=torch.float32,
-                       device=x.device, memory_format=fmt)
+    fmt = torch.channels_last if dtype != torch.float32 or \
+        suggest_memory_format(x) == torch.channels_last else torch.contiguous_format
+    return torch.empty((n, oc, oh, ow), dtype=dtype, device=x.device, memory_format=fmt)
 
 
 def _qlinear_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits,
-                  relu=False, x_quant_min=0, x_quant_max=255):
+                  relu=False, x_quant_min=0, x_quant_max=255, residual=None, clamp_max=None,
+                  out_scale=None, out_zero_point=None, out_quant_min=0, out_quant_max=255):
     op = "qlinear"
     _qconv_arg(x.dim() >= 1, op, "x", "at least one dimension ([..., IC])",
                f"shape {_dims(x.shape)}")
@@ -356,7 +408,10 @@ def _qlinear_fake(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_b
         m *= d
     _qconv_check_limits(op, m, 1, 1, 1, expected[1], oc, 1, 1, ic, 1, 1, w_bits, False,
                         f"shape {_dims(x.shape)}")
-    return torch.empty((*x.shape[:-1], oc), dtype=torch.float32, device=x.device)
+    out_shape = [*x.shape[:-1], oc]
+    dtype = _qconv_check_epilogue(op, x, out_shape, relu, residual, clamp_max, out_scale,
+                                  out_zero_point, out_quant_min, out_quant_max)
+    return torch.empty(out_shape, dtype=dtype, device=x.device)
 
 
 if _has_op("qconv2d"):

@@ -278,6 +278,12 @@ def qconv2d(
     relu: bool = False,
     x_quant_min: int = 0,
     x_quant_max: int = 255,
+    residual: Optional[Tensor] = None,
+    clamp_max: Optional[float] = None,
+    out_scale: Optional[Tensor] = None,
+    out_zero_point: Optional[Tensor] = None,
+    out_quant_min: int = 0,
+    out_quant_max: int = 255,
 ) -> Tensor:
     """Integer 2-D convolution: quantized activations times packed per-channel weight codes.
 
@@ -291,11 +297,18 @@ def qconv2d(
                  (a padding tap holds the code x_zero_point, i.e. the real value 0)
         wsum_o = sum of the weight codes of output channel o
         out    = float(acc - x_zero_point * wsum_o) * (x_scale * w_scale[o]) + bias[o]
-        out    = max(out, 0)  when relu
+        out    = out + residual           when residual is given
+        out    = max(out, 0)              when relu
+        out    = min(out, clamp_max)      when clamp_max is given (relu + 6: ReLU6)
+        codes  = clamp(round_half_to_even(out / out_scale + out_zero_point),
+                       out_quant_min, out_quant_max)   when out_scale is given
 
     i.e. ``sum((u - x_zero_point) * w)`` rescaled: the convolution of the dequantized tensors,
     computed exactly in integers (``F.conv2d(dequantized x, dequantized w, bias, ...)`` up to
-    float rounding).
+    float rounding). The epilogue (residual add, relu, clamp, requantization) is fused: a
+    network of integer layers needs no float pass between them, and with ``out_scale`` a layer
+    writes the codes its consumer takes as ``x`` (with the consumer's ``x_scale`` and
+    ``x_zero_point``); the codes equal quantizing the float output, bit for bit.
 
     Args:
         x: ``[N, C, H, W]`` in NCHW (contiguous) or channels_last memory format; other strides
@@ -320,11 +333,25 @@ def qconv2d(
         x_quant_min, x_quant_max: the code range of a float ``x`` (``x_quant_min <
             x_quant_max``), inside 0..255, or inside -128..127 when ``x_quant_min < 0`` (e.g.
             [0, 255], [0, 15], [-8, 7]). Ignored when ``x`` holds codes.
+        residual: float32, exactly the output's shape ``[N, OC, OH, OW]``, on ``x``'s device,
+            added before relu (a residual connection). Any strides; contiguous and
+            channels_last are read in place, others copied first.
+        clamp_max: a finite value (rounded to float32), ``>= 0`` when ``relu``: the output is
+            ``min(out, clamp_max)`` after relu. NaN stays NaN (as in ``torch.clamp``).
+        out_scale, out_zero_point: requantize the output: ``out_scale`` float32, one element,
+            positive and finite; ``out_zero_point`` (required with it) int32 or int64, one
+            element, inside the code domain of the output (0..255 or -128..127).
+        out_quant_min, out_quant_max: the code range of the output codes (``out_quant_min <=
+            out_quant_max``), inside 0..255 (uint8 codes), or inside -128..127 when
+            ``out_quant_min < 0`` (int8 codes). Ignored without ``out_scale``.
 
     Returns:
         float32 ``[N, OC, OH, OW]``, ``OH = (H + 2 * pad_h - dil_h * (KH - 1) - 1) // stride_h
         + 1`` (likewise OW), in ``x``'s memory format (channels_last in, channels_last out),
-        on ``x``'s device. The output must not be empty (OH, OW >= 1).
+        on ``x``'s device. The output must not be empty (OH, OW >= 1). With ``out_scale``:
+        the codes instead, uint8 (``out_quant_min >= 0``) or int8, ``[N, OC, OH, OW]`` in
+        channels_last memory format whatever ``x``'s (the layout a consumer reads fastest); a
+        NaN output value gives the code 0.
 
     Limits: every size derived from the arguments (dilated kernel, padded input, the padded
     code buffer, the output) must fit in int64, and the reduction length ``K = C / groups *
@@ -333,18 +360,21 @@ def qconv2d(
     (4-bit), so that the int32 accumulation is exact (``|u - x_zero_point| <= 255``).
     Larger arguments raise ValueError instead of wrapping.
 
-    Not differentiable. On CPU the scales and the zero point are checked (a non-positive or
+    Not differentiable. On CPU the scales and the zero points are checked (a non-positive or
     non-finite scale, or a zero point outside the code domain, raises ValueError). On CUDA they
     are not read on the host (that would synchronize): an output channel whose ``w_scale`` is
     invalid comes out NaN, and the whole output when ``x_scale`` or ``x_zero_point`` is (relu
-    keeps the NaN).
+    and clamp_max keep the NaN); with code output an invalid ``out_scale`` or
+    ``out_zero_point`` makes every value NaN, and so every code 0.
     """
     op = "qconv2d"
     return torch.ops.oqfl.qconv2d(
         x, x_scale, x_zero_point, w_packed, w_scale, bias,
         w_bits=w_bits, stride=_pair(op, "stride", stride), padding=_pair(op, "padding", padding),
         dilation=_pair(op, "dilation", dilation), groups=groups, relu=relu,
-        x_quant_min=x_quant_min, x_quant_max=x_quant_max,
+        x_quant_min=x_quant_min, x_quant_max=x_quant_max, residual=residual,
+        clamp_max=clamp_max, out_scale=out_scale, out_zero_point=out_zero_point,
+        out_quant_min=out_quant_min, out_quant_max=out_quant_max,
     )
 
 
@@ -360,6 +390,12 @@ def qlinear(
     relu: bool = False,
     x_quant_min: int = 0,
     x_quant_max: int = 255,
+    residual: Optional[Tensor] = None,
+    clamp_max: Optional[float] = None,
+    out_scale: Optional[Tensor] = None,
+    out_zero_point: Optional[Tensor] = None,
+    out_quant_min: int = 0,
+    out_quant_max: int = 255,
 ) -> Tensor:
     """Integer linear layer: :func:`qconv2d` with a 1x1 kernel over the last dimension of ``x``.
 
@@ -368,21 +404,27 @@ def qlinear(
         u      = clamp(round_half_to_even(x / x_scale + x_zero_point), x_quant_min, x_quant_max)
         acc    = sum over i of u[..., i] * w[o, i]                      (int32)
         out    = float(acc - x_zero_point * sum_i w[o, i]) * (x_scale * w_scale[o]) + bias[o]
-        out    = max(out, 0)  when relu
+        then the epilogue of :func:`qconv2d`: + residual, relu, min(., clamp_max), and the
+        codes when out_scale is given
 
     Args:
         x: ``[..., IC]`` (at least 1-D; any strides, copied when not contiguous): float32
             values, or uint8 / int8 codes, as in :func:`qconv2d`.
-        x_scale, x_zero_point, x_quant_min, x_quant_max, w_bits, relu: as in :func:`qconv2d`.
+        x_scale, x_zero_point, x_quant_min, x_quant_max, w_bits, relu, clamp_max, out_scale,
+            out_zero_point, out_quant_min, out_quant_max: as in :func:`qconv2d`.
         w_packed: the weight codes in the layout of :func:`pack_linear_weight`: int8
             ``[OCB, ICB, 16, 4]`` (``w_bits=8``) or uint8 ``[OCB, ICB, 16, 2]`` (``w_bits=4``),
             ``OCB = ceil(OC / 16)``, ``ICB = ceil(IC / 4)``.
         w_scale: float32 ``[OC]``, positive and finite.
         bias: float32 ``[OC]`` or None.
+        residual: float32 ``[..., OC]`` (the output's shape, any strides) or None, added
+            before relu.
 
     Returns:
         A contiguous float32 tensor ``[..., OC]`` on ``x``'s device (``[OC]`` for a 1-D
-        ``x``). Invalid scales and zero points are handled as in :func:`qconv2d`.
+        ``x``); with ``out_scale`` the codes instead (contiguous uint8, or int8 when
+        ``out_quant_min < 0``). Invalid scales and zero points are handled as in
+        :func:`qconv2d`.
 
     Limits as in :func:`qconv2d` with ``K = IC``: ``IC <= 65793`` for ``w_bits=8``,
     ``IC <= 1052688`` for ``w_bits=4`` (``IC * 255 * max|w|`` must fit in int32).
@@ -390,6 +432,8 @@ def qlinear(
     return torch.ops.oqfl.qlinear(
         x, x_scale, x_zero_point, w_packed, w_scale, bias,
         w_bits=w_bits, relu=relu, x_quant_min=x_quant_min, x_quant_max=x_quant_max,
+        residual=residual, clamp_max=clamp_max, out_scale=out_scale,
+        out_zero_point=out_zero_point, out_quant_min=out_quant_min, out_quant_max=out_quant_max,
     )
 
 

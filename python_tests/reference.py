@@ -224,18 +224,47 @@ def quantize_activation_ref(x: Tensor, x_scale: Tensor, x_zero_point: Tensor, *,
     return torch.round(v).clamp(x_quant_min, x_quant_max).to(torch.int64)
 
 
+def quantize_output_ref(v: Tensor, out_scale: Tensor, out_zero_point: Tensor, *,
+                        out_quant_min: int, out_quant_max: int) -> Tensor:
+    """int64 output codes of qconv2d / qlinear with ``out_scale`` (qconv_args.h): float32
+    ``clamp(round(v / s + zp), qmin, qmax)`` one float32 operation at a time (as
+    :func:`quantize_activation_ref`), a NaN value giving code 0."""
+    v = v.detach().cpu().to(torch.float32)
+    s = out_scale.detach().cpu().reshape(()).to(torch.float32)
+    z = out_zero_point.detach().cpu().reshape(()).to(torch.float32)
+    q = torch.round(v / s + z).clamp(out_quant_min, out_quant_max)
+    return torch.where(q.isnan(), torch.zeros_like(q), q).to(torch.int64)
+
+
 def _requantize_ref(centered: Tensor, x_scale: Tensor, w_scale: Tensor,
-                    bias: Optional[Tensor], relu: bool, channel_shape) -> Tensor:
-    """float32 float(acc - zp * wsum) * (x_scale * w_scale) + bias, each op rounded on its own
-    (``centered`` = acc - zp * wsum, exact in int64)."""
+                    bias: Optional[Tensor], relu: bool, channel_shape,
+                    residual: Optional[Tensor] = None,
+                    clamp_max: Optional[float] = None) -> Tensor:
+    """float32 float(acc - zp * wsum) * (x_scale * w_scale) + bias (+ residual), then relu and
+    min(., clamp_max), each op rounded on its own (``centered`` = acc - zp * wsum, exact in
+    int64). NaN propagates through relu and the clamp (torch.clamp_min / torch.minimum)."""
     scale = x_scale.detach().cpu().reshape(()).to(torch.float32) * \
         w_scale.detach().cpu().to(torch.float32)               # one float32 product per channel
     out = centered.to(torch.float32) * scale.reshape(channel_shape)
     if bias is not None:
         out = out + bias.detach().cpu().to(torch.float32).reshape(channel_shape)
+    if residual is not None:
+        out = out + residual.detach().cpu().to(torch.float32)
     if relu:
         out = torch.clamp_min(out, 0.0)
+    if clamp_max is not None:
+        out = torch.minimum(out, torch.tensor(clamp_max, dtype=torch.float32))
     return out
+
+
+def _output_ref(out: Tensor, out_scale, out_zero_point, out_quant_min, out_quant_max):
+    """The float output, or its codes (uint8 when out_quant_min >= 0, else int8) when
+    out_scale is given."""
+    if out_scale is None:
+        return out
+    q = quantize_output_ref(out, out_scale, out_zero_point, out_quant_min=out_quant_min,
+                            out_quant_max=out_quant_max)
+    return q.to(torch.int8 if out_quant_min < 0 else torch.uint8)
 
 
 def _pair_ref(v):
@@ -275,7 +304,8 @@ def qconv2d_acc_ref(u: Tensor, zp: int, w_codes: Tensor, *, stride=1, padding=0,
 
 def qconv2d_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits, stride=1,
                 padding=0, dilation=1, groups=1, relu=False, x_quant_min=0,
-                x_quant_max=255) -> Tensor:
+                x_quant_max=255, residual=None, clamp_max=None, out_scale=None,
+                out_zero_point=None, out_quant_min=0, out_quant_max=255) -> Tensor:
     """The contract of ``oqfl::qconv2d`` (qconv_args.h) in plain PyTorch, on the CPU.
 
     Activation codes from :func:`quantize_activation_ref`, weight codes from
@@ -285,8 +315,9 @@ def qconv2d_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bit
     exact as well, every partial sum being an integer of magnitude below
     255 * 128 * IC * KH * KW << 2**53, but int64 needs no such argument and shares no code with
     the convolution the float comparison uses. The rescale is done as separate float32
-    operations: ``float(acc - zp * wsum) * (x_scale * w_scale) + bias``, then relu. Returns a
-    contiguous float32 NCHW tensor on the CPU.
+    operations: ``float(acc - zp * wsum) * (x_scale * w_scale) + bias``, then the residual,
+    relu and clamp_max, and with ``out_scale`` the codes of :func:`quantize_output_ref`.
+    Returns a contiguous NCHW tensor on the CPU: float32, or the codes as uint8 / int8.
     """
     from oqfl_ext.ops import unpack_conv_weight  # lazy: reference.py imports without _C
 
@@ -298,14 +329,18 @@ def qconv2d_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bit
                                 x_quant_max=x_quant_max)
     centered = qconv2d_acc_ref(u, zp, wc, stride=stride, padding=padding, dilation=dilation,
                                groups=groups)
-    return _requantize_ref(centered, x_scale, w_scale, bias, relu, (1, oc, 1, 1))
+    out = _requantize_ref(centered, x_scale, w_scale, bias, relu, (1, oc, 1, 1), residual,
+                          clamp_max)
+    return _output_ref(out, out_scale, out_zero_point, out_quant_min, out_quant_max)
 
 
 def qlinear_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bits, relu=False,
-                x_quant_min=0, x_quant_max=255) -> Tensor:
+                x_quant_min=0, x_quant_max=255, residual=None, clamp_max=None, out_scale=None,
+                out_zero_point=None, out_quant_min=0, out_quant_max=255) -> Tensor:
     """The contract of ``oqfl::qlinear``: ``[..., IC]`` times the codes of
-    ``oqfl_ext.ops.unpack_linear_weight`` (int64 matmul, exact), rescaled as in
-    :func:`qconv2d_ref`. Returns a contiguous float32 ``[..., OC]`` tensor on the CPU."""
+    ``oqfl_ext.ops.unpack_linear_weight`` (int64 matmul, exact), rescaled and finished (residual,
+    relu, clamp_max, codes) as in :func:`qconv2d_ref`. Returns a contiguous ``[..., OC]``
+    tensor on the CPU (float32, or uint8 / int8 codes)."""
     from oqfl_ext.ops import unpack_linear_weight
 
     oc, ic = w_scale.shape[0], x.shape[-1]
@@ -314,7 +349,9 @@ def qlinear_ref(x, x_scale, x_zero_point, w_packed, w_scale, bias=None, *, w_bit
     u = quantize_activation_ref(x, x_scale, x_zero_point, x_quant_min=x_quant_min,
                                 x_quant_max=x_quant_max).reshape(-1, ic)
     centered = u @ wc.t() - zp * wc.sum(dim=1)
-    out = _requantize_ref(centered, x_scale, w_scale, bias, relu, (1, oc))
+    res = None if residual is None else residual.reshape(-1, oc)
+    out = _requantize_ref(centered, x_scale, w_scale, bias, relu, (1, oc), res, clamp_max)
+    out = _output_ref(out, out_scale, out_zero_point, out_quant_min, out_quant_max)
     return out.reshape(*x.shape[:-1], oc)
 
 

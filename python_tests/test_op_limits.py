@@ -250,21 +250,26 @@ def test_fake_quant_backward_grad_output_on_another_device_is_refused(x_device, 
     assert _names(str(info.value), "grad_output"), str(info.value)
 
 
-@pytest.mark.parametrize("moved", ["x_scale", "x_zero_point", "w_packed", "w_scale", "bias"])
+@pytest.mark.parametrize("moved", ["x_scale", "x_zero_point", "w_packed", "w_scale", "bias",
+                                   "residual", "out_scale", "out_zero_point"])
 @pytest.mark.parametrize("op", ["qconv2d", "qlinear"])
 def test_qconv_tensors_on_another_device_are_refused(op, moved):
     args = dict(x_scale=torch.tensor(.01), x_zero_point=torch.tensor(0),
-                w_scale=torch.full((16,), .02), bias=torch.zeros(16))
+                w_scale=torch.full((16,), .02), bias=torch.zeros(16),
+                out_scale=torch.tensor(.05), out_zero_point=torch.tensor(3))
     if op == "qconv2d":
         x = torch.rand(1, 4, 6, 6)
         args["w_packed"] = oq.pack_conv_weight(torch.zeros(16, 4, 3, 3, dtype=torch.int8), 8)
+        args["residual"] = torch.zeros(1, 16, 4, 4)
     else:
         x = torch.rand(3, 4)
         args["w_packed"] = oq.pack_linear_weight(torch.zeros(16, 4, dtype=torch.int8), 8)
+        args["residual"] = torch.zeros(3, 16)
     args[moved] = args[moved].to("meta")
     fn = getattr(oq, op)
     with pytest.raises(ValueError) as info:
         fn(x, args["x_scale"], args["x_zero_point"], args["w_packed"], args["w_scale"],
-           args["bias"], w_bits=8)
+           args["bias"], w_bits=8, residual=args["residual"], out_scale=args["out_scale"],
+           out_zero_point=args["out_zero_point"])
     msg = str(info.value)
     assert _names(msg, moved) and "on the device of x (cpu)" in msg, msg

@@ -137,3 +137,56 @@ def test_opcheck_layouts(plain_device, layout, axis):
     dy = torch.ones_like(x)
     torch.library.opcheck(torch.ops.oqfl.fake_quant_backward.default,
                           (dy, x.detach(), s.detach(), None), dict(kw, output_mask=[True] * 3))
+
+
+def _qconv_epilogue_inputs(device, channels_last):
+    torch.manual_seed(7)
+    x = torch.rand(2, 8, 6, 5, device=device) * 4 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (12, 4, 3, 3), dtype=torch.int8)
+    args = (x, torch.tensor(2.0 ** -5, device=device), torch.tensor(32, device=device),
+            oq.pack_conv_weight(w, 8, groups=2).to(device),
+            (torch.rand(12) * 0.01 + 1e-3).to(device), torch.randn(12, device=device))
+    return args, torch.randn(2, 12, 6, 5, device=device)
+
+
+# the fused epilogue (qconv_args.h): residual, relu + clamp_max, float or uint8 / int8 codes
+EPILOGUE_KWARGS = [
+    dict(relu=True, clamp_max=6.0),
+    dict(residual=True),
+    dict(residual=True, relu=True, out_scale=0.05, out_zero_point=3),
+    dict(clamp_max=0.5, out_scale=0.02, out_zero_point=-2, out_quant_min=-8, out_quant_max=7),
+]
+
+
+def _epilogue_kwargs(spec, residual, device):
+    kw = dict(spec)
+    if kw.pop("residual", False):
+        kw["residual"] = residual
+    if "out_scale" in kw:
+        kw["out_scale"] = torch.tensor(kw["out_scale"], device=device)
+        kw["out_zero_point"] = torch.tensor(kw["out_zero_point"], device=device)
+    return kw
+
+
+@pytest.mark.parametrize("spec", EPILOGUE_KWARGS, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_opcheck_qconv2d_epilogue(plain_device, channels_last, spec):
+    args, residual = _qconv_epilogue_inputs(plain_device, channels_last)
+    kw = dict(w_bits=8, stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=2,
+              **_epilogue_kwargs(spec, residual, plain_device))
+    torch.library.opcheck(torch.ops.oqfl.qconv2d.default, args, kw)
+
+
+@pytest.mark.parametrize("spec", EPILOGUE_KWARGS, ids=str)
+def test_opcheck_qlinear_epilogue(plain_device, spec):
+    torch.manual_seed(8)
+    x = torch.rand(3, 4, 20, device=plain_device)
+    w = torch.randint(-8, 8, (12, 20), dtype=torch.int8)
+    args = (x, torch.tensor(2.0 ** -6, device=plain_device),
+            torch.tensor(0, device=plain_device), oq.pack_linear_weight(w, 4).to(plain_device),
+            torch.full((12,), 0.05, device=plain_device), None)
+    residual = torch.randn(3, 4, 12, device=plain_device)
+    kw = dict(w_bits=4, **_epilogue_kwargs(spec, residual, plain_device))
+    torch.library.opcheck(torch.ops.oqfl.qlinear.default, args, kw)

@@ -474,6 +474,292 @@ def test_qlinear_matches_float_linear(plain_device, case):
     _check_close_to_float(out, lin, b, F.linear(xd.abs(), wd.abs()), str(case))
 
 
+# ------------------------------------------------------------------ fused epilogue
+
+@dataclass(frozen=True)
+class Epi:
+    """The epilogue arguments of one call (qconv_args.h): a residual in some layout, relu
+    (None: the case's own), clamp_max, and the output code range (None: float output)."""
+    residual: Optional[str] = None   # None, "contiguous", "channels_last", "strided"
+    relu: Optional[bool] = None
+    clamp_max: Optional[float] = None
+    codes: Optional[Pair] = None
+
+    def __str__(self):
+        return (f"res-{self.residual}-relu{self.relu}-clamp{self.clamp_max}-"
+                f"{'float' if self.codes is None else f'codes{self.codes[0]}_{self.codes[1]}'}")
+
+
+EPI_MODES = [
+    Epi("contiguous"),                                          # float + residual
+    Epi("channels_last", relu=True, clamp_max=6.0),             # ReLU6 after a residual add
+    Epi(None, relu=True, clamp_max=6.0),                        # ReLU6
+    Epi(None, codes=(0, 255)),                                  # uint8 codes
+    Epi("strided", relu=True, codes=(0, 255)),                  # residual copied first
+    Epi("channels_last", relu=False, codes=(-128, 127)),        # int8 codes
+    Epi(None, relu=True, clamp_max=6.0, codes=(0, 15)),
+    Epi("contiguous", relu=False, clamp_max=-0.25, codes=(-8, 7)),  # a clamp without relu
+]
+
+# groups 1/2/depthwise, strides, dilation, int4 and int8 weights, float / uint8 / int8 input,
+# NCHW and channels_last input
+EPI_CASES = [HAND_CASES[1], HAND_CASES[2], HAND_CASES[3], HAND_CASES[5], HAND_CASES[9],
+             HAND_CASES[13]]
+
+
+def _residual(shape, layout, magnitude):
+    r = torch.randn(shape) * magnitude
+    if layout == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        r = torch.stack([r, torch.full_like(r, float("nan"))], dim=-1)[..., 0]
+        assert not r.is_contiguous() and not r.is_contiguous(memory_format=torch.channels_last)
+    return r
+
+
+def _out_grid(values, qrange):
+    """out_scale / out_zero_point that map the values' range onto slightly less than qrange,
+    so both ends clamp (a float32 scale, an int64 zero point inside the code domain)."""
+    lo, hi = float(values.min()), float(values.max())
+    span = max(hi - lo, 1e-3)
+    scale = torch.tensor(span / (qrange[1] - qrange[0]) * 0.9, dtype=torch.float32)
+    zp = qrange[0] + round(-lo / float(scale)) - 1
+    domain = (-128, 127) if qrange[0] < 0 else (0, 255)
+    return scale, torch.tensor(min(max(zp, domain[0]), domain[1]))
+
+
+def _epilogue_kwargs(base_kwargs, epi, out_shape, base_out, relu_default, ref_fn, args):
+    """The keyword arguments of a fused call: base_kwargs plus the epilogue of `epi`, with a
+    residual of about the output's magnitude and an output grid fitted to the values."""
+    kw = dict(base_kwargs, relu=relu_default if epi.relu is None else epi.relu)
+    if epi.residual is not None:
+        kw["residual"] = _residual(out_shape, epi.residual, float(base_out.abs().mean()) + 0.1)
+    if epi.clamp_max is not None:
+        kw["clamp_max"] = epi.clamp_max
+    if epi.codes is not None:
+        values = ref_fn(*args, **kw)
+        kw["out_scale"], kw["out_zero_point"] = _out_grid(values, epi.codes)
+        kw["out_quant_min"], kw["out_quant_max"] = epi.codes
+    return kw
+
+
+def _on(kw, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def _float_only(kw):
+    return {k: v for k, v in kw.items()
+            if k not in ("out_scale", "out_zero_point", "out_quant_min", "out_quant_max")}
+
+
+def _assert_codes(got, want, epi, what):
+    dtype = torch.int8 if epi.codes[0] < 0 else torch.uint8
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert tuple(got.shape) == tuple(want.shape), what
+    got = got.cpu().to(torch.int64)
+    assert got.min() >= epi.codes[0] and got.max() <= epi.codes[1], what
+    if not torch.equal(got, want.to(torch.int64)):
+        bad = (got != want.to(torch.int64)).nonzero()
+        idx = tuple(bad[0].tolist())
+        raise AssertionError(f"{what}: {bad.shape[0]} of {want.numel()} codes differ; first at "
+                             f"{idx}: got {got[idx].item()}, expected {want[idx].item()}")
+
+
+def _fused_conv(case, epi, device):
+    """(fused output, the reference, the unfused float output of the op, kwargs)."""
+    inp = _conv_inputs(case)
+    oh, ow = case.out_hw()
+    base = ref.qconv2d_ref(*inp.args, **dict(inp.kwargs, relu=False))
+    kw = _epilogue_kwargs(inp.kwargs, epi, (case.n, case.oc, oh, ow), base, case.relu,
+                          ref.qconv2d_ref, inp.args)
+    want = ref.qconv2d_ref(*inp.args, **kw)
+    got = oq.qconv2d(*inp.to(device), **_on(kw, device))
+    unfused = oq.qconv2d(*inp.to(device), **_on(_float_only(kw), device))
+    return got, want, unfused, kw
+
+
+@pytest.mark.parametrize("epi", EPI_MODES, ids=str)
+@pytest.mark.parametrize("case", EPI_CASES, ids=str)
+def test_qconv2d_epilogue_matches_reference(device, case, epi):
+    got, want, unfused, kw = _fused_conv(case, epi, device)
+    what = f"{case} {epi}"
+    assert got.device.type == torch.device(device).type
+    if epi.codes is None:
+        fmt = _expected_format(_conv_inputs(case).args[0])
+        assert got.is_contiguous(memory_format=fmt), f"{what}: strides {got.stride()}"
+        _assert_equal(got, want, what)
+        return
+    # codes: channels_last whatever x's layout, equal to the reference's codes and, bit for
+    # bit, to quantizing the op's own float output (the fused graph is the unfused one)
+    assert got.is_contiguous(memory_format=torch.channels_last), f"{what}: {got.stride()}"
+    _assert_codes(got, want, epi, what)
+    requantized = ref.quantize_output_ref(unfused, kw["out_scale"], kw["out_zero_point"],
+                                          out_quant_min=epi.codes[0],
+                                          out_quant_max=epi.codes[1])
+    _assert_codes(got, requantized, epi, what + " vs the unfused op")
+    # the grid was fitted so that both clamps and several codes in between occur
+    codes = got.cpu().to(torch.int64)
+    assert (codes == epi.codes[1]).any() and codes.unique().numel() > 2, what
+
+
+@pytest.mark.parametrize("case", [HAND_CASES[1], HAND_CASES[3], HAND_CASES[6]], ids=str)
+def test_qconv2d_epilogue_matches_float64(plain_device, case):
+    # independent of the int64 reference: F.conv2d in float64 on the dequantized tensors, the
+    # residual add, relu and clamp in float64, and the codes of that result computed in float64
+    # within one code (the op rounds in float32)
+    case = replace(case, relu=False)
+    inp = _conv_inputs(case)
+    x, x_scale, x_zp, w_packed, w_scale, bias = inp.args
+    lo, hi = case.qrange if case.x_kind == "float" else (-128, 255)
+    xd, wd = ref.qconv_dequantized_inputs(x, x_scale, x_zp, inp.w_codes, w_scale,
+                                          x_quant_min=lo, x_quant_max=hi)
+    ckw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
+               groups=case.groups)
+    conv = F.conv2d(xd, wd, None, **ckw)
+    abs_terms = F.conv2d(xd.abs(), wd.abs(), None, **ckw)
+    b = 0 if bias is None else bias.to(torch.float64).reshape(1, -1, 1, 1)
+    residual = _residual(conv.shape, "channels_last", float(conv.abs().mean()))
+    pre = conv + b + residual.to(torch.float64)
+    top = float(torch.tensor(float(pre.max()) / 2, dtype=torch.float32))  # a float32 value
+    kw = dict(inp.kwargs, residual=residual, relu=True, clamp_max=top)
+    out = oq.qconv2d(*inp.to(plain_device), **_on(kw, plain_device)).cpu().to(torch.float64)
+    exact = pre.clamp(0, top)
+    # 4 roundings of the conv and bias terms (as _check_close_to_float) plus the residual add
+    mag = conv.abs() + (b.abs() if bias is not None else 0) + residual.abs().to(torch.float64)
+    tol = 8 * 2.0 ** -24 * mag + 2.0 ** -45 * abs_terms + 1e-30
+    assert ((out - exact).abs() <= tol).all(), case
+    assert (exact == 0).any() and (exact == top).any()   # relu and clamp both mattered
+    scale, zp = _out_grid(exact, (0, 255))
+    codes = oq.qconv2d(*inp.to(plain_device),
+                       **_on(dict(kw, out_scale=scale, out_zero_point=zp), plain_device)).cpu()
+    codes64 = (torch.round(exact / float(scale)) + int(zp)).clamp(0, 255)   # in float64
+    assert (codes.to(torch.int64) - codes64.to(torch.int64)).abs().max() <= 1, case
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_qconv2d_chain_codes_equal_unfused_chain(device, signed):
+    # producer conv (residual, relu) writing the consumer's input codes, consumer conv (groups,
+    # stride) reading them, then a qlinear head reading the consumer's codes: equal to the
+    # chain of float outputs that each consumer quantizes itself
+    qrange = (-128, 127) if signed else (0, 255)
+    prod = _conv_inputs(ConvCase(2, 8, (11, 10), 12, (3, 3), padding=(1, 1), bias=True,
+                                 relu=True, channels_last=False))
+    cons_case = ConvCase(2, 12, (11, 10), 6, (3, 3), stride=(2, 2), padding=(1, 1), groups=3,
+                         w_bits=4, bias=True)
+    cons = _conv_inputs(cons_case, salt=1)
+    residual = torch.randn(2, 12, 11, 10)
+    pkw = dict(prod.kwargs, residual=residual)
+    y = oq.qconv2d(*prod.to(device), **_on(pkw, device))
+    s2, z2 = _out_grid(y.cpu(), qrange)
+    ckw = dict(cons.kwargs, x_quant_min=qrange[0], x_quant_max=qrange[1])
+    _, _, _, cw, cws, cb = cons.to(device)
+    unfused = oq.qconv2d(y, s2.to(device), z2.to(device), cw, cws, cb, **ckw)
+    y_codes = oq.qconv2d(*prod.to(device), **_on(dict(pkw, out_scale=s2, out_zero_point=z2,
+                                                      out_quant_min=qrange[0],
+                                                      out_quant_max=qrange[1]), device))
+    assert y_codes.dtype == (torch.int8 if signed else torch.uint8)
+    fused = oq.qconv2d(y_codes, s2.to(device), z2.to(device), cw, cws, cb, **ckw)
+    _assert_equal(fused, unfused.cpu(), "consumer of codes vs consumer of floats")
+    # the consumer's codes into a qlinear over the channels (NHWC rows)
+    s3, z3 = _out_grid(unfused.cpu(), qrange)
+    lin = _linear_inputs(LinearCase((1, 6), 10, bias=True), salt=2)
+    _, _, _, lw, lws, lb = lin.to(device)
+    z_codes = oq.qconv2d(y_codes, s2.to(device), z2.to(device), cw, cws, cb,
+                         **_on(dict(ckw, out_scale=s3, out_zero_point=z3,
+                                    out_quant_min=qrange[0], out_quant_max=qrange[1]), device))
+    rows = z_codes.permute(0, 2, 3, 1)           # NHWC: a view, channels innermost
+    assert rows.is_contiguous()
+    head = oq.qlinear(rows, s3.to(device), z3.to(device), lw, lws, lb, w_bits=8)
+    head_unfused = oq.qlinear(unfused.permute(0, 2, 3, 1), s3.to(device), z3.to(device), lw,
+                              lws, lb, w_bits=8, x_quant_min=qrange[0], x_quant_max=qrange[1])
+    _assert_equal(head, head_unfused.cpu(), "qlinear on codes vs on floats")
+
+
+LINEAR_EPI_CASES = [LINEAR_CASES[1], LINEAR_CASES[3], LINEAR_CASES[4], LINEAR_CASES[9]]
+
+
+@pytest.mark.parametrize("epi", [e for e in EPI_MODES if e.residual != "channels_last"] +
+                         [Epi("transposed", relu=True, clamp_max=6.0, codes=(0, 255))],
+                         ids=str)
+@pytest.mark.parametrize("case", LINEAR_EPI_CASES, ids=str)
+def test_qlinear_epilogue_matches_reference(device, case, epi):
+    inp = _linear_inputs(case)
+    out_shape = (*case.x_shape[:-1], case.oc)
+    base = ref.qlinear_ref(*inp.args, **dict(inp.kwargs, relu=False))
+    layout = epi.residual
+    epi_made = replace(epi, residual=None if layout is None else "contiguous")
+    kw = _epilogue_kwargs(inp.kwargs, epi_made, out_shape, base, case.relu, ref.qlinear_ref,
+                          inp.args)
+    if layout == "strided":
+        kw["residual"] = torch.stack([kw["residual"], -kw["residual"]], dim=-1)[..., 0]
+    elif layout == "transposed" and len(out_shape) >= 2:
+        kw["residual"] = kw["residual"].transpose(0, -1).contiguous().transpose(0, -1)
+    want = ref.qlinear_ref(*inp.args, **kw)
+    got = oq.qlinear(*inp.to(device), **_on(kw, device))
+    assert got.is_contiguous()
+    what = f"{case} {epi}"
+    if epi.codes is None:
+        _assert_equal(got, want, what)
+        return
+    _assert_codes(got, want, epi, what)
+    unfused = oq.qlinear(*inp.to(device), **_on(_float_only(kw), device))
+    requantized = ref.quantize_output_ref(unfused, kw["out_scale"], kw["out_zero_point"],
+                                          out_quant_min=epi.codes[0],
+                                          out_quant_max=epi.codes[1])
+    _assert_codes(got, requantized, epi, what + " vs the unfused op")
+
+
+@pytest.mark.parametrize("op", ["qconv2d", "qlinear"])
+def test_epilogue_nan_and_inf(device, op):
+    # NaN in the residual stays NaN through relu and the clamp (as torch.relu / torch.clamp)
+    # and becomes code 0; +-inf saturates: relu6 gives 6 and 0, the codes hit their bounds
+    tensors, kw = _build(op, {}, {})
+    shape = _call(op, tensors, kw, "meta").shape
+    residual = torch.zeros(shape)
+    idx = [(0,) * (len(shape) - 1) + (i,) for i in range(3)]
+    for i, v in zip(idx, (float("nan"), float("inf"), -float("inf"))):
+        residual[i] = v
+    ref_fn = ref.qconv2d_ref if op == "qconv2d" else ref.qlinear_ref
+    kw = dict(kw, relu=True, clamp_max=6.0, residual=residual)
+    got = _call(op, tensors, _on(kw, device), device).cpu()
+    assert got[idx[0]].isnan() and got[idx[1]] == 6.0 and got[idx[2]] == 0.0
+    torch.testing.assert_close(got, ref_fn(*[tensors[k] for k in _TENSORS], **kw), rtol=0,
+                               atol=0, equal_nan=True)
+    kw = dict(kw, relu=False, clamp_max=None, out_scale=torch.tensor(0.05),
+              out_zero_point=torch.tensor(-3), out_quant_min=-100, out_quant_max=90)
+    codes = _call(op, tensors, _on(kw, device), device).cpu()
+    assert codes.dtype == torch.int8 and [int(codes[i]) for i in idx] == [0, 90, -100]
+    want = ref_fn(*[tensors[k] for k in _TENSORS], **kw)
+    assert torch.equal(codes, want)
+
+
+def test_qconv2d_epilogue_all_capabilities_agree(use_capability):
+    # every CPU path, back to back, gives the same codes and the same floats
+    from conftest import supported_capabilities
+    for epi in (EPI_MODES[1], EPI_MODES[4], EPI_MODES[5]):
+        outs = []
+        for cap in supported_capabilities():
+            use_capability(cap)
+            torch.manual_seed(5)   # the same inputs on every path
+            outs.append(_fused_conv(HAND_CASES[5], epi, "cpu")[0])
+        for o in outs[1:]:
+            assert o.dtype == outs[0].dtype and torch.equal(o, outs[0]), epi
+
+
+def test_qconv2d_epilogue_threads_and_schedules_agree(restore_threads):
+    # 6 images: one thread takes the per-image schedule (N >= 4 threads), two threads the
+    # split one; both give the reference's codes
+    case = ConvCase(6, 20, (6, 7), 40, (3, 3), padding=(1, 1), bias=True, channels_last=True)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        torch.manual_seed(11)   # the same inputs for both
+        got, want, _, _ = _fused_conv(case, EPI_MODES[4], "cpu")
+        _assert_codes(got, want, EPI_MODES[4], f"threads={threads}")
+        outs.append(got)
+    assert torch.equal(outs[0], outs[1])
+
+
 # ------------------------------------------------------------------ weight layout
 
 def test_pack_conv_weight_golden_bytes(plain_device):
@@ -662,6 +948,27 @@ def test_fake_kernels_predict_outputs(plain_device):
     assert meta.shape == real.shape and meta.stride() == real.stride()
 
 
+@pytest.mark.parametrize("epi", [EPI_MODES[0], EPI_MODES[4], EPI_MODES[5]], ids=str)
+@pytest.mark.parametrize("case", [HAND_CASES[1], HAND_CASES[6]], ids=str)
+def test_fake_kernels_predict_epilogue_outputs(plain_device, case, epi):
+    # code output: uint8 / int8, channels_last even for an NCHW x (HAND_CASES[6])
+    _, _, _, kw = _fused_conv(case, epi, "cpu")
+    inp = _conv_inputs(case)
+    real = oq.qconv2d(*inp.to(plain_device), **_on(kw, plain_device))
+    meta = oq.qconv2d(*[None if a is None else a.to("meta") for a in inp.args],
+                      **_on(kw, "meta"))
+    assert meta.shape == real.shape and meta.dtype == real.dtype
+    assert meta.stride() == real.stride(), (meta.stride(), real.stride())
+    lin = _linear_inputs(LINEAR_CASES[3])
+    lkw = dict(lin.kwargs, out_scale=torch.tensor(0.1), out_zero_point=torch.tensor(-4),
+               out_quant_min=-8, out_quant_max=7, residual=torch.randn(2, 3, 40))
+    real = oq.qlinear(*lin.to(plain_device), **_on(lkw, plain_device))
+    meta = oq.qlinear(*[None if a is None else a.to("meta") for a in lin.args],
+                      **_on(lkw, "meta"))
+    assert real.dtype == meta.dtype == torch.int8
+    assert meta.shape == real.shape and meta.stride() == real.stride()
+
+
 def test_compile_qconv_block(plain_device):
     # a quantized conv block as inference code would write it, compiled with fullgraph
     torch._dynamo.reset()
@@ -706,7 +1013,7 @@ _TENSORS = ("x", "x_scale", "x_zero_point", "w_packed", "w_scale", "bias")
 
 def _call(op, tensors, kw, device):
     args = [None if tensors[k] is None else tensors[k].to(device) for k in _TENSORS]
-    return getattr(torch.ops.oqfl, op)(*args, **kw)
+    return getattr(torch.ops.oqfl, op)(*args, **_on(kw, device))
 
 
 def _expect(exc, name, fn):
@@ -808,14 +1115,71 @@ META_ERRORS = [
      "x_quant_min"),
     ("x_quant_max_128_signed", "both", {}, dict(x_quant_min=-8, x_quant_max=128), ValueError,
      "x_quant_max"),
+    # the fused epilogue (check_qconv_epilogue in qconv_args.cpp)
+    ("residual_float64", "both", _t(residual=lambda t: _out_like(t).double()), {}, TypeError,
+     "residual"),
+    ("residual_uint8", "both", _t(residual=lambda t: _out_like(t).to(torch.uint8)), {},
+     TypeError, "residual"),
+    ("residual_shape", "both", _t(residual=lambda t: _out_like(t)[..., :-1]), {}, ValueError,
+     "residual"),
+    ("residual_broadcast", "both", _t(residual=lambda t: _out_like(t)[:1]), {}, ValueError,
+     "residual"),
+    ("clamp_max_nan", "both", {}, dict(clamp_max=float("nan")), ValueError, "clamp_max"),
+    ("clamp_max_inf", "both", {}, dict(clamp_max=float("inf")), ValueError, "clamp_max"),
+    ("clamp_max_float32_overflow", "both", {}, dict(clamp_max=1e39), ValueError, "clamp_max"),
+    ("clamp_max_negative_relu", "both", {}, dict(clamp_max=-1.0, relu=True), ValueError,
+     "clamp_max"),
+    ("out_scale_float64", "both", {}, dict(out_scale=torch.tensor(.1, dtype=torch.float64),
+                                           out_zero_point=torch.tensor(0)), TypeError,
+     "out_scale"),
+    ("out_scale_shape2", "both", {}, dict(out_scale=torch.tensor([.1, .1]),
+                                          out_zero_point=torch.tensor(0)), ValueError,
+     "out_scale"),
+    ("out_zero_point_missing", "both", {}, dict(out_scale=torch.tensor(.1)), ValueError,
+     "out_zero_point"),
+    ("out_zero_point_alone", "both", {}, dict(out_zero_point=torch.tensor(0)), ValueError,
+     "out_scale"),
+    ("out_zero_point_float", "both", {}, dict(out_scale=torch.tensor(.1),
+                                              out_zero_point=torch.tensor(0.)), TypeError,
+     "out_zero_point"),
+    ("out_zero_point_shape2", "both", {}, dict(out_scale=torch.tensor(.1),
+                                               out_zero_point=torch.tensor([0, 0])),
+     ValueError, "out_zero_point"),
+    ("out_quant_min_gt_max", "both", {}, dict(out_scale=torch.tensor(.1),
+                                              out_zero_point=torch.tensor(0),
+                                              out_quant_min=10, out_quant_max=3), ValueError,
+     "out_quant_min"),
+    ("out_quant_max_256", "both", {}, dict(out_scale=torch.tensor(.1),
+                                           out_zero_point=torch.tensor(0), out_quant_max=256),
+     ValueError, "out_quant_max"),
+    ("out_quant_min_m129", "both", {}, dict(out_scale=torch.tensor(.1),
+                                            out_zero_point=torch.tensor(0),
+                                            out_quant_min=-129, out_quant_max=127),
+     ValueError, "out_quant_min"),
+    ("out_quant_max_128_signed", "both", {}, dict(out_scale=torch.tensor(.1),
+                                                  out_zero_point=torch.tensor(0),
+                                                  out_quant_min=-8, out_quant_max=128),
+     ValueError, "out_quant_max"),
 ]
+
+
+def _out_like(tensors):
+    """A float32 tensor of the base call's output shape (a valid residual)."""
+    if tensors["x"].dim() == 4:
+        n, _, h, w = tensors["x"].shape
+        return torch.randn(n, tensors["w_scale"].shape[0], h, w)   # 3x3, padding 1
+    return torch.randn(*tensors["x"].shape[:-1], tensors["w_scale"].shape[0])
 
 
 def _build(op, overrides, kw_over):
     tensors, kw = _base_conv() if op == "qconv2d" else _base_linear()
     kw = dict(kw, **kw_over)
     for k, v in overrides.items():
-        tensors[k] = v(tensors) if callable(v) else v
+        if k in tensors:
+            tensors[k] = v(tensors) if callable(v) else v
+    for k, v in overrides.items():   # keyword tensors (residual) built from the others
+        if k not in tensors:
+            kw[k] = v(tensors) if callable(v) else v
     return tensors, kw
 
 
@@ -861,6 +1225,33 @@ def test_bad_scale_values_cpu(op, value):
     w_scale[-1] = value   # the last channel only: every value is read
     bad_w = dict(tensors, w_scale=w_scale)
     _expect(ValueError, "w_scale", lambda: _call(op, bad_w, kw, "cpu"))
+
+
+@pytest.mark.parametrize("op", ["qconv2d", "qlinear"])
+@pytest.mark.parametrize("value", BAD_STEPS, ids=str)
+def test_bad_out_scale_values_cpu(op, value):
+    tensors, kw = _build(op, {}, dict(out_scale=torch.tensor(value),
+                                      out_zero_point=torch.tensor(0)))
+    _expect(ValueError, "out_scale", lambda: _call(op, tensors, kw, "cpu"))
+
+
+@pytest.mark.parametrize("op", ["qconv2d", "qlinear"])
+@pytest.mark.parametrize("qmin,qmax,bad,good", [(0, 15, [-1, 256], [0, 255]),
+                                                (-8, 7, [-129, 128], [-128, 127])],
+                         ids=["uint8", "int8"])
+def test_out_zero_point_domain_cpu(op, qmin, qmax, bad, good):
+    # the zero point lies in the output's code domain (not necessarily inside its range)
+    tensors, kw = _build(op, {}, dict(out_scale=torch.tensor(0.03), out_quant_min=qmin,
+                                      out_quant_max=qmax))
+    for zp in bad:
+        t = dict(kw, out_zero_point=torch.tensor(zp))
+        _expect(ValueError, "out_zero_point", lambda: _call(op, tensors, t, "cpu"))
+    for zp in good:
+        t = dict(kw, out_zero_point=torch.tensor(zp, dtype=torch.int32))
+        out = _call(op, tensors, t, "cpu")
+        want = (ref.qconv2d_ref if op == "qconv2d" else ref.qlinear_ref)(
+            *[tensors[k] for k in _TENSORS], **t)
+        assert out.dtype == want.dtype and torch.equal(out, want), f"zp={zp}"
 
 
 ZP_DOMAIN = [

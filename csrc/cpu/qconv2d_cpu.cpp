@@ -9,8 +9,9 @@
 // 2. An implicit GEMM over that buffer by the kernels of the active instruction set
 //    (isa/qconv2d_table.h, chosen by cpu/cpu_capability.h): runs of output pixels of one output
 //    row x 32 output channels (two 16-channel weight slabs), the epilogue (zero-point
-//    correction, scale, bias, relu) fused, float32 stored in the output's memory format
-//    (non-temporal stores when the output is larger than the caches).
+//    correction, scale, bias, residual, relu, clamp) fused, float32 stored in the output's
+//    memory format (non-temporal stores when the output is larger than the caches), or the
+//    output codes stored NHWC.
 // Two schedules (run_qconv): with many images each thread quantizes and convolves whole images
 // (the padded image stays in its L2); with few images one parallel pass quantizes the batch and
 // the threads split the output channels (then the rows), so batch 1 also uses every core.
@@ -27,7 +28,6 @@
 
 #include "common/checks.h"
 #include "cpu/cpu_capability.h"
-#include "ops.h"
 #include "qconv_args.h"
 
 namespace oqfl {
@@ -129,14 +129,25 @@ void fill_rows(const QConvKernelTable& k, const Problem& p, const at::Tensor& x,
   }
 }
 
+// Where run_qconv writes: float32 values to `out` or codes to `codes` (exactly one is set),
+// dense NHWC when `nhwc` else dense NCHW; and the residual it adds (or null), dense NHWC when
+// `res_nhwc` else dense NCHW.
+struct QConvOutput {
+  float* out = nullptr;
+  uint8_t* codes = nullptr;
+  bool nhwc = false;
+  const float* residual = nullptr;
+  bool res_nhwc = false;
+};
+
 // Everything the pixel loops need besides the input buffer and the weights.
 struct ConvPlan {
   const Problem* p;
   const QConvKernelTable* k;
-  float* out;
-  bool out_nhwc;
+  QConvOutput o;
   const float* scale;  // [G * OCB * 16]
   const float* bias;   // [G * OCB * 16] or null
+  const QConvScalars* sc;
   int64_t pieces, piece_w;
   bool stream;  // output larger than the caches: non-temporal stores
 };
@@ -165,10 +176,18 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   a.scale = c.scale + pad0;
   a.bias = c.bias ? c.bias + pad0 : nullptr;
   a.noc = std::min<int64_t>(OCg - ob * 16, w1 ? 32 : 16);
+  a.res_pix_stride = c.o.res_nhwc ? OC : 1;
+  a.res_oc_stride = c.o.res_nhwc ? 1 : OH * OW;
   a.relu = g.relu;
+  a.has_clamp = g.has_clamp;
+  a.clamp_max = g.clamp_max;
   a.stream = c.stream;
-  a.out_pix_stride = c.out_nhwc ? OC : 1;
-  a.out_oc_stride = c.out_nhwc ? 1 : OH * OW;
+  a.out_scale = c.sc->out_scale;
+  a.out_zero_point = static_cast<float>(c.sc->out_zero_point);
+  a.out_qmin = static_cast<float>(g.out_quant_min);
+  a.out_qmax = static_cast<float>(g.out_quant_max);
+  a.out_pix_stride = c.o.nhwc ? OC : 1;
+  a.out_oc_stride = c.o.nhwc ? 1 : OH * OW;
   const int64_t oc0 = grp * OCg + ob * 16;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t piece = r % c.pieces, oh = r / c.pieces;
@@ -176,8 +195,14 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
     if (ow0 >= ow1) continue;
     a.in = img + (oh * g.stride_h * p.wp + ow0 * g.stride_w) * p.ctot + grp * p.cg;
     a.npix = ow1 - ow0;
-    a.out = c.out_nhwc ? c.out + ((n * OH + oh) * OW + ow0) * OC + oc0
-                       : c.out + ((n * OC + oc0) * OH + oh) * OW + ow0;
+    // Element offset of (n, oc0, oh, ow0) in a dense NHWC / NCHW tensor.
+    const int64_t nhwc_at = ((n * OH + oh) * OW + ow0) * OC + oc0;
+    const int64_t nchw_at = ((n * OC + oc0) * OH + oh) * OW + ow0;
+    const int64_t out_at = c.o.nhwc ? nhwc_at : nchw_at;
+    a.out = c.o.out != nullptr ? c.o.out + out_at : nullptr;
+    a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
+    a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
+                                         : nullptr;
     c.k->conv_row(a);
   }
 }
@@ -188,7 +213,7 @@ void make_zws(int32_t zp_u, const int32_t* wsum, int32_t* zws, int n) {
 }
 
 // The convolution of the geometry on x (dense, NHWC when g.channels_last else NCHW), writing
-// float32 to out (NHWC when out_nhwc else NCHW, dense).
+// as `o` says.
 //
 // Two schedules:
 //  - many images (N >= 4 threads): each thread takes whole images; per image it quantizes into
@@ -199,7 +224,7 @@ void make_zws(int32_t zp_u, const int32_t* wsum, int32_t* zws, int n) {
 //    thread-local buffer) each of its slab pairs once and both cores share one image.
 void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor& x,
                const at::Tensor& w_packed, const at::Tensor& w_scale,
-               const std::optional<at::Tensor>& bias, float* out, bool out_nhwc) {
+               const std::optional<at::Tensor>& bias, const QConvOutput& o) {
   if (g.batch == 0) return;
   const QConvKernelTable& k = cpu::active_qconv_kernels();
   Problem p;
@@ -240,11 +265,11 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   ConvPlan c;
   c.p = &p;
   c.k = &k;
-  c.out = out;
-  c.out_nhwc = out_nhwc;
+  c.o = o;
   c.scale = scale.data();
   c.bias = bp ? bias_pad.data() : nullptr;
-  c.stream = g.batch * g.out_channels * g.out_h * g.out_w * 4 >= kStreamBytes;
+  c.sc = &sc;
+  c.stream = o.out != nullptr && g.batch * g.out_channels * g.out_h * g.out_w * 4 >= kStreamBytes;
   c.pieces = ceil_div(g.out_w, kRunPixels);
   c.piece_w = ceil_div(ceil_div(g.out_w, c.pieces), 14) * 14;
   const int64_t runs = g.out_h * c.pieces;  // per image
@@ -332,6 +357,33 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   });
 }
 
+// The residual as run_qconv reads it: in place when dense NHWC (preferred) or dense NCHW, else
+// a dense copy in the output's layout. Sets *nhwc to the layout returned.
+at::Tensor dense_residual(const at::Tensor& r, bool out_nhwc, bool* nhwc) {
+  if (r.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    *nhwc = true;
+    return r;
+  }
+  if (r.is_contiguous()) {
+    *nhwc = false;
+    return r;
+  }
+  *nhwc = out_nhwc;
+  return r.contiguous(out_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// The output pointers of `out` (float32 or codes, as the geometry says).
+QConvOutput output_of(const QConvGeometry& g, at::Tensor& out, bool nhwc) {
+  QConvOutput o;
+  o.nhwc = nhwc;
+  if (g.code_output) {
+    o.codes = static_cast<uint8_t*>(out.data_ptr());
+  } else {
+    o.out = out.data_ptr<float>();
+  }
+  return o;
+}
+
 }  // namespace
 
 at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
@@ -339,31 +391,48 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                        int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
-                       int64_t x_quant_max) {
+                       int64_t x_quant_max, const std::optional<at::Tensor>& residual,
+                       std::optional<double> clamp_max, const std::optional<at::Tensor>& out_scale,
+                       const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                       int64_t out_quant_max) {
   const char* op = "qconv2d";
+  const QConvEpilogueArgs e{residual, clamp_max, out_scale, out_zero_point, out_quant_min,
+                            out_quant_max};
   const QConvGeometry g =
       check_qconv2d_args(op, x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits, stride,
-                         padding, dilation, groups, relu, x_quant_min, x_quant_max);
-  const QConvScalars sc = check_qconv_scalars_cpu(op, g, x_scale, x_zero_point, w_scale);
+                         padding, dilation, groups, relu, x_quant_min, x_quant_max, e);
+  const QConvScalars sc = check_qconv_scalars_cpu(op, g, x_scale, x_zero_point, w_scale, e);
   at::Tensor out = qconv_empty_output(g, x);
   if (out.numel() == 0) return out;
   const at::Tensor xd = x.contiguous(g.channels_last ? at::MemoryFormat::ChannelsLast
                                                      : at::MemoryFormat::Contiguous);
-  run_qconv(g, sc, xd, w_packed, w_scale, bias, out.data_ptr<float>(), g.channels_last);
+  QConvOutput o = output_of(g, out, g.code_output || g.channels_last);
+  at::Tensor rd;
+  if (g.has_residual) {
+    rd = dense_residual(*residual, o.nhwc, &o.res_nhwc);
+    o.residual = rd.const_data_ptr<float>();
+  }
+  run_qconv(g, sc, xd, w_packed, w_scale, bias, o);
   return out;
 }
 
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& x_scale,
                        const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                       int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max) {
+                       int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max,
+                       const std::optional<at::Tensor>& residual, std::optional<double> clamp_max,
+                       const std::optional<at::Tensor>& out_scale,
+                       const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                       int64_t out_quant_max) {
   const char* op = "qlinear";
+  const QConvEpilogueArgs e{residual, clamp_max, out_scale, out_zero_point, out_quant_min,
+                            out_quant_max};
   QConvGeometry g = check_qlinear_args(op, x, x_scale, x_zero_point, w_packed, w_scale, bias,
-                                       w_bits, relu, x_quant_min, x_quant_max);
-  const QConvScalars sc = check_qconv_scalars_cpu(op, g, x_scale, x_zero_point, w_scale);
+                                       w_bits, relu, x_quant_min, x_quant_max, e);
+  const QConvScalars sc = check_qconv_scalars_cpu(op, g, x_scale, x_zero_point, w_scale, e);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = g.out_channels;
-  at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty(shape, x.options().dtype(qconv_output_dtype(g)));
   if (out.numel() == 0) return out;
   // The M rows as one image row of M pixels (NHWC [1, 1, M, IC]): the same memory as
   // [M, IC, 1, 1] channels_last, but runs of pixels for the kernel.
@@ -371,7 +440,14 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& x_scale,
   g.batch = 1;
   g.in_w = g.out_w = g.padded_w = m;
   const at::Tensor xd = x.contiguous();
-  run_qconv(g, sc, xd, w_packed, w_scale, bias, out.data_ptr<float>(), true);
+  QConvOutput o = output_of(g, out, true);
+  at::Tensor rd;
+  if (g.has_residual) {
+    rd = residual->contiguous();  // [..., OC] dense: NHWC of the M-pixel row
+    o.residual = rd.const_data_ptr<float>();
+    o.res_nhwc = true;
+  }
+  run_qconv(g, sc, xd, w_packed, w_scale, bias, o);
   return out;
 }
 

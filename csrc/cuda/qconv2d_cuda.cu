@@ -24,12 +24,15 @@
 //     a thread loads the weight word of (o, cb) once - the 16 threads over j read 16
 //     neighbouring words, 64 bytes - and feeds it to four __dp4a with the activation words of
 //     its four pixels (one word per pixel, shared by the 16 threads over j: a broadcast).
-//     Accumulation in int32 (dp4a); then
-//       out = (float)((int64)acc - corr[o]) * scale[o] (+ bias[o]) (relu: negative -> 0)
+//     Accumulation in int32 (dp4a); then the epilogue of qconv_args.h,
+//       v = (float)((int64)acc - corr[o]) * scale[o] (+ bias[o]) (+ residual) (relu: negative
+//           -> 0) (clamp_max: min)
 //     with __fmul_rn / __fadd_rn, so nvcc cannot contract the multiply and add into an FMA
-//     (the reference rounds after each). Output written through its strides (NCHW or
-//     channels_last, whichever qconv_empty_output chose). Grid: x over pixel tiles, y over
-//     G * OCB weight blocks, both grid-stride loops (no grid limit is ever exceeded).
+//     (the reference rounds after each), then v, or its code quantize_code(v, out_scale,
+//     out_zero_point, out_quant_min, out_quant_max), written through the output's strides
+//     (NCHW or channels_last, whichever qconv_empty_output chose). The residual is read
+//     through its own strides. Grid: x over pixel tiles, y over G * OCB weight blocks, both
+//     grid-stride loops (no grid limit is ever exceeded).
 //
 // Signedness. CUDA's __dp4a has no unsigned-by-signed overload, so both operands are signed:
 // an unsigned-domain code u (0..255) is stored as the int8 u - 128 (the byte u ^ 0x80) and the
@@ -63,7 +66,6 @@
 #include <vector>
 
 #include "common/quant_math.h"
-#include "ops.h"
 #include "qconv_args.h"
 
 namespace oqfl {
@@ -270,6 +272,21 @@ __global__ void channel_params_kernel(const void* __restrict__ w, WeightGeom wg,
 // ---------------------------------------------------------------------------------------------
 // 3. The convolution.
 
+// The epilogue after the bias (qconv_args.h). out_scale / out_zero_point are read on the
+// device: an invalid one makes every value NaN, so every code 0 (code_to_int).
+struct Epilogue {
+  const float* residual;           // or null
+  int64_t rs_n, rs_c, rs_h, rs_w;  // residual strides in elements
+  bool relu;
+  bool has_clamp;
+  float clamp_max;
+  uint8_t* codes;                  // code output (uint8 / int8 bytes), or null: float output
+  const float* out_scale;          // code output: device scalar
+  ZeroPointPtr out_zp;             // code output: device scalar
+  float out_qmin, out_qmax;
+  bool out_signed;
+};
+
 struct ConvGeom {
   int64_t pixels;            // N * OH * OW
   int64_t out_h, out_w;
@@ -285,12 +302,20 @@ template <int W_BITS>
 __global__ void __launch_bounds__(kLanes* kRows)
     conv_kernel(const int32_t* __restrict__ xq, const void* __restrict__ w,
                 const int64_t* __restrict__ corr, const float* __restrict__ scale,
-                const float* __restrict__ bias, ConvGeom q, bool relu, float* __restrict__ out) {
+                const float* __restrict__ bias, ConvGeom q, Epilogue e,
+                float* __restrict__ out) {
   const int j = threadIdx.x;    // output channel inside the weight block
   const int row = threadIdx.y;  // pixel row of the tile
   const int64_t row_words = q.groups * q.icb;
   const int64_t taps = q.kh * q.kw;
   const int64_t tiles = (q.pixels + kTilePixels - 1) / kTilePixels;
+  float out_s = 1.f, out_z = 0.f;
+  if (e.codes != nullptr) {
+    const int64_t zp = read_zero_point(e.out_zp);
+    out_s = zero_point_valid(zp, e.out_signed) ? step_or_nan(*e.out_scale)
+                                               : __int_as_float(0x7fc00000);
+    out_z = static_cast<float>(zp);
+  }
 
   for (int64_t gob = blockIdx.y; gob < q.groups * q.ocb; gob += gridDim.y) {
     const int64_t g = gob / q.ocb, ob = gob % q.ocb;
@@ -303,6 +328,7 @@ __global__ void __launch_bounds__(kLanes* kRows)
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       int64_t x_base[kPix];    // word of (n, oh * sh, ow * sw, g, cb = 0): tap (0, 0)
       int64_t out_base[kPix];  // output element of (n, 0, oh, ow); -1: pixel past the end
+      int64_t res_base[kPix];  // residual element of (n, 0, oh, ow)
 #pragma unroll
       for (int k = 0; k < kPix; ++k) {
         const int64_t p = tile * kTilePixels + int64_t(k) * kRows + row;
@@ -313,6 +339,7 @@ __global__ void __launch_bounds__(kLanes* kRows)
         x_base[k] = ((n * q.hp + oh * q.stride_h) * q.wp + ow * q.stride_w) * row_words +
                     g * q.icb;
         out_base[k] = p < q.pixels ? n * q.os_n + oh * q.os_h + ow * q.os_w : -1;
+        res_base[k] = n * e.rs_n + oh * e.rs_h + ow * e.rs_w;
       }
 
       int32_t acc[kPix];
@@ -341,8 +368,16 @@ __global__ void __launch_bounds__(kLanes* kRows)
         if (out_base[k] < 0) continue;
         float v = __fmul_rn(static_cast<float>(static_cast<int64_t>(acc[k]) - c), s);
         if (bias != nullptr) v = __fadd_rn(v, b);
-        if (relu && v < 0.f) v = 0.f;  // NaN compares false and stays NaN
-        out[out_base[k] + o * q.os_c] = v;
+        if (e.residual != nullptr) v = __fadd_rn(v, e.residual[res_base[k] + o * e.rs_c]);
+        if (e.relu && v < 0.f) v = 0.f;  // NaN compares false and stays NaN
+        if (e.has_clamp && v > e.clamp_max) v = e.clamp_max;
+        if (e.codes != nullptr) {
+          const int32_t code =
+              quantize_code(v, out_s, out_z, e.out_qmin, e.out_qmax, /*stochastic=*/false, 0, 0);
+          e.codes[out_base[k] + o * q.os_c] = static_cast<uint8_t>(code);  // int8: two's compl.
+        } else {
+          out[out_base[k] + o * q.os_c] = v;
+        }
       }
     }
   }
@@ -384,7 +419,8 @@ template <int W_BITS>
 void launch_weights_and_conv(const at::Tensor& w, const WeightGeom& wg, const ConvGeom& q,
                              int64_t oc, const at::Tensor& x_scale, const at::Tensor& w_scale,
                              ZeroPointPtr zp, bool signed_domain, const at::Tensor& xq,
-                             const float* bias, bool relu, float* out, cudaStream_t stream) {
+                             const float* bias, const Epilogue& e, float* out,
+                             cudaStream_t stream) {
   const at::TensorOptions dev = w_scale.options();
   at::Tensor corr = at::empty({oc}, dev.dtype(at::kLong));
   at::Tensor scale = at::empty({oc}, dev.dtype(at::kFloat));
@@ -400,16 +436,17 @@ void launch_weights_and_conv(const at::Tensor& w, const WeightGeom& wg, const Co
   const dim3 block(kLanes, kRows);
   conv_kernel<W_BITS><<<grid, block, 0, stream>>>(
       xq.const_data_ptr<int32_t>(), w.const_data_ptr(), corr.const_data_ptr<int64_t>(),
-      scale.const_data_ptr<float>(), bias, q, relu, out);
+      scale.const_data_ptr<float>(), bias, q, e, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The convolution of x4 (a [N, C, H, W] view, any strides) into out4 (a [N, OC, OH, OW] view,
-// any strides, allocated by the caller) with the checked geometry g.
+// any strides, float32 or codes as g says, allocated by the caller) with the checked geometry
+// g; res4 is the residual as a [N, OC, OH, OW] view (any strides) when g.has_residual.
 void qconv_launch(const QConvGeometry& g, const at::Tensor& x4, const at::Tensor& x_scale,
                   const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                   const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                  at::Tensor& out4) {
+                  const at::Tensor& res4, const QConvEpilogueArgs& ea, at::Tensor& out4) {
   TORCH_INTERNAL_ASSERT(x4.dim() == 4 && out4.dim() == 4);
   if (out4.numel() == 0) return;
   TORCH_INTERNAL_ASSERT(g.out_h >= 1 && g.out_w >= 1 && g.batch >= 1);
@@ -478,14 +515,36 @@ void qconv_launch(const QConvGeometry& g, const at::Tensor& x4, const at::Tensor
   q.os_h = out4.stride(2);
   q.os_w = out4.stride(3);
   const float* bias_ptr = bs.defined() ? bs.const_data_ptr<float>() : nullptr;
-  float* out_ptr = out4.mutable_data_ptr<float>();
+  Epilogue e{};
+  if (g.has_residual) {
+    TORCH_INTERNAL_ASSERT(res4.dim() == 4);
+    e.residual = res4.const_data_ptr<float>();
+    e.rs_n = res4.stride(0);
+    e.rs_c = res4.stride(1);
+    e.rs_h = res4.stride(2);
+    e.rs_w = res4.stride(3);
+  }
+  e.relu = g.relu;
+  e.has_clamp = g.has_clamp;
+  e.clamp_max = g.clamp_max;
+  float* out_ptr = nullptr;
+  if (g.code_output) {
+    e.codes = static_cast<uint8_t*>(out4.mutable_data_ptr());
+    e.out_scale = ea.out_scale->const_data_ptr<float>();
+    e.out_zp = zero_point_ptr(*ea.out_zero_point);
+    e.out_qmin = static_cast<float>(g.out_quant_min);
+    e.out_qmax = static_cast<float>(g.out_quant_max);
+    e.out_signed = g.out_signed;
+  } else {
+    out_ptr = out4.mutable_data_ptr<float>();
+  }
   if (g.w_bits == 8) {
     launch_weights_and_conv<8>(w, wg, q, g.out_channels, x_scale, ws, zp, g.signed_domain, xq,
-                               bias_ptr, g.relu, out_ptr, stream);
+                               bias_ptr, e, out_ptr, stream);
   } else {
     TORCH_INTERNAL_ASSERT(g.w_bits == 4);
     launch_weights_and_conv<4>(w, wg, q, g.out_channels, x_scale, ws, zp, g.signed_domain, xq,
-                               bias_ptr, g.relu, out_ptr, stream);
+                               bias_ptr, e, out_ptr, stream);
   }
 }
 
@@ -496,13 +555,20 @@ at::Tensor qconv2d_cuda(const at::Tensor& x, const at::Tensor& x_scale,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                         int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
-                        int64_t x_quant_max) {
+                        int64_t x_quant_max, const std::optional<at::Tensor>& residual,
+                        std::optional<double> clamp_max,
+                        const std::optional<at::Tensor>& out_scale,
+                        const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                        int64_t out_quant_max) {
+  const QConvEpilogueArgs e{residual, clamp_max, out_scale, out_zero_point, out_quant_min,
+                            out_quant_max};
   const QConvGeometry g =
       check_qconv2d_args("qconv2d", x, x_scale, x_zero_point, w_packed, w_scale, bias, w_bits,
-                         stride, padding, dilation, groups, relu, x_quant_min, x_quant_max);
+                         stride, padding, dilation, groups, relu, x_quant_min, x_quant_max, e);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = qconv_empty_output(g, x);
-  qconv_launch(g, x, x_scale, x_zero_point, w_packed, w_scale, bias, out);
+  const at::Tensor res4 = g.has_residual ? *residual : at::Tensor();
+  qconv_launch(g, x, x_scale, x_zero_point, w_packed, w_scale, bias, res4, e, out);
   return out;
 }
 
@@ -511,19 +577,31 @@ at::Tensor qconv2d_cuda(const at::Tensor& x, const at::Tensor& x_scale,
 at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& x_scale,
                         const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max) {
+                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max,
+                        const std::optional<at::Tensor>& residual,
+                        std::optional<double> clamp_max,
+                        const std::optional<at::Tensor>& out_scale,
+                        const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                        int64_t out_quant_max) {
+  const QConvEpilogueArgs e{residual, clamp_max, out_scale, out_zero_point, out_quant_min,
+                            out_quant_max};
   const QConvGeometry g = check_qlinear_args("qlinear", x, x_scale, x_zero_point, w_packed,
                                              w_scale, bias, w_bits, relu, x_quant_min,
-                                             x_quant_max);
+                                             x_quant_max, e);
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end() - 1);
   out_sizes.push_back(g.out_channels);
-  at::Tensor out = at::empty(out_sizes, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty(out_sizes, x.options().dtype(qconv_output_dtype(g)));
   if (out.numel() == 0) return out;
-  // [M, IC] (a view when x's leading dims allow it, else a copy), then [M, IC, 1, 1].
+  // [M, IC] (a view when x's leading dims allow it, else a copy), then [M, IC, 1, 1]; the
+  // residual likewise as [M, OC, 1, 1].
   const at::Tensor x4 = x.reshape({g.batch, g.in_channels}).unsqueeze(-1).unsqueeze(-1);
   at::Tensor out4 = out.view({g.batch, g.out_channels, 1, 1});
-  qconv_launch(g, x4, x_scale, x_zero_point, w_packed, w_scale, bias, out4);
+  const at::Tensor res4 =
+      g.has_residual
+          ? residual->reshape({g.batch, g.out_channels}).unsqueeze(-1).unsqueeze(-1)
+          : at::Tensor();
+  qconv_launch(g, x4, x_scale, x_zero_point, w_packed, w_scale, bias, res4, e, out4);
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "isa/qconv2d_epilogue.h"
 #include "isa/qconv2d_table.h"
 
 #if defined(__clang__)
@@ -173,6 +174,16 @@ void tile(const QConvRowArgs& a, int64_t p0) {
         }
       }
     }
+  }
+  if (a.out_codes != nullptr || a.residual != nullptr || a.has_clamp) {
+    // Residual, clamp and code output: the shared scalar epilogue, pixel by pixel.
+    for (int m = 0; m < M; ++m) {
+      alignas(64) int32_t acc[32];
+      _mm512_store_si512(acc, c0[m]);
+      if (TWO) _mm512_store_si512(acc + 16, c1[m]);
+      qconv_store_pixel(a, p0 + m, acc);
+    }
+    return;
   }
   const __m512i z0 = _mm512_loadu_si512(a.zws), z1 = _mm512_loadu_si512(a.zws + 16);
   const __m512 s0 = _mm512_loadu_ps(a.scale), s1 = _mm512_loadu_ps(a.scale + 16);

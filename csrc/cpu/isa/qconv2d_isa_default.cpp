@@ -2,9 +2,9 @@
 // without AVX-512 VNNI, under the "avx2" / "default" capabilities, and as the reference the
 // VNNI path is tested against. Correct for every geometry the torch side hands it.
 //
-// FMA contraction of the epilogue (float)(acc - zp * wsum) * scale + bias is switched off for
-// this file (GCC: optimize pragma; clang: STDC FP_CONTRACT), so the product is rounded before
-// the bias is added, as in the reference.
+// FMA contraction of the epilogue (float)(acc - zp * wsum) * scale + bias (qconv2d_epilogue.h)
+// is switched off for this file (GCC: optimize pragma; clang: STDC FP_CONTRACT), so the product
+// is rounded before the bias is added, as in the reference.
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #elif defined(__GNUC__)
@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "common/quant_math.h"
+#include "isa/qconv2d_epilogue.h"
 #include "isa/qconv2d_table.h"
 
 namespace oqfl {
@@ -67,16 +68,7 @@ void conv_row(const QConvRowArgs& a) {
     int32_t acc[32] = {0};
     slab_dot(in, a.w0, a, acc);
     if (a.w1 != nullptr) slab_dot(in, a.w1, a, acc + 16);
-    float* out = a.out + p * a.out_pix_stride;
-    for (int64_t o = 0; o < a.noc; ++o) {
-      // Wrapping int32 difference (exact whenever the true value fits in int32).
-      const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(acc[o]) -
-                                             static_cast<uint32_t>(a.zws[o]));
-      float v = static_cast<float>(d) * a.scale[o];
-      if (a.bias != nullptr) v = v + a.bias[o];
-      if (a.relu) v = v < 0.f ? 0.f : v;
-      out[o * a.out_oc_stride] = v;
-    }
+    qconv_store_pixel(a, p, acc);
   }
 }
 

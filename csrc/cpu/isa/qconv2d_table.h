@@ -31,11 +31,22 @@ struct QConvRowArgs {
   const float* scale;      // [32] x_scale * w_scale[o] (a float32 product)
   const float* bias;       // [32] bias, or null
   int64_t noc;             // valid output channels, 1..32 (16 at most when w1 is null)
+  // The epilogue (qconv_args.h; scalar version in qconv2d_epilogue.h): + residual, relu,
+  // min(., clamp_max), then the float32 value or its code.
+  const float* residual;   // residual of pixel 0, channel 0, or null
+  int64_t res_pix_stride;  // floats between the residuals of consecutive pixels
+  int64_t res_oc_stride;   // floats between the residuals of consecutive output channels
   bool relu;
+  bool has_clamp;
+  float clamp_max;         // when has_clamp
   bool stream;             // may write the output with non-temporal stores (large outputs)
-  float* out;              // output of pixel 0, channel 0
-  int64_t out_pix_stride;  // floats between consecutive pixels
-  int64_t out_oc_stride;   // floats between consecutive output channels
+  // Output: float32 to `out`, or (out_codes not null) the code quantize_code(v, out_scale,
+  // out_zero_point, out_qmin, out_qmax) as a byte (uint8, or int8 in two's complement).
+  float* out;              // output of pixel 0, channel 0 (float output), else null
+  uint8_t* out_codes;      // code of pixel 0, channel 0 (code output), else null
+  float out_scale, out_zero_point, out_qmin, out_qmax;  // code output only
+  int64_t out_pix_stride;  // elements between consecutive pixels
+  int64_t out_oc_stride;   // elements between consecutive output channels
 };
 
 struct QConvKernelTable {
