@@ -40,6 +40,23 @@ def test_the_command_lines_defaults_are_the_configs():
         assert dests[field] == getattr(defaults, field), field
 
 
+def test_the_flower_apps_use_the_same_defaults():
+    tomllib = pytest.importorskip("tomllib")
+    from oqfl_ext.fl.flower import app_pyproject
+    from oqfl_ext.fl.flower.task import FlowerSettings, parse_run_config, run_config_defaults
+
+    # what `flwr run` hands both apps without overrides: the app's pyproject.toml config
+    written = tomllib.loads(app_pyproject())["tool"]["flwr"]["app"]["config"]
+    assert written == run_config_defaults()
+    cfg, settings = parse_run_config(written)
+    assert cfg == ExperimentConfig() and settings == FlowerSettings()
+    assert parse_run_config({}) == (ExperimentConfig(), FlowerSettings())
+    assert settings.threads == build_parser().parse_args([]).threads
+    # the same client ids and seeds as the command line's run
+    assert [ex.client_id(cfg, i) for i in (0, 9)] == ["client-0", "client-9"]
+    assert ex.client_seed(cfg, 3) == derive_seed(0, 0xC1, 3)
+
+
 def test_the_documented_defaults():
     """The values docs/RESULTS.md and the README describe (written out, not read back)."""
     d = ExperimentConfig()
@@ -127,6 +144,16 @@ def test_bad_options_name_the_key():
     assert ExperimentConfig.from_options({"norm-bound": "none"}).norm_bound is None
     with pytest.raises(ValueError, match="run config clients"):
         ExperimentConfig.from_options({"clients": "none"})
+
+
+def test_flower_settings_are_checked():
+    from oqfl_ext.fl.flower.task import parse_run_config
+    for config, match in (({"round-timeout": 0}, "round-timeout"),
+                          ({"threads": -1}, "threads"), ({"wait-nodes-timeout": "x"},
+                                                         "wait-nodes-timeout"),
+                          ({"device": "meta"}, "run config device")):
+        with pytest.raises(ValueError, match=match):
+            parse_run_config(config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from oqfl_ext.data import fashion_mnist_dir  # noqa: E402
 from oqfl_ext.fl.flower import FLWR_VERSION, NO_PHONE_HOME  # noqa: E402
 from oqfl_ext.fl.flower.client_app import HOLD_ENV  # noqa: E402
 from oqfl_ext.fl.flower.local import LocalFederation, RunFailed, group_alive  # noqa: E402
-from oqfl_ext.fl.flower.task import (Experiment, load_data, make_client,  # noqa: E402
-                                     make_partitions, make_server)
+from oqfl_ext.fl import experiment as ex  # noqa: E402
+from oqfl_ext.fl.flower.task import parse_run_config  # noqa: E402
 from oqfl_ext.fl.metrics import load_run  # noqa: E402
 from oqfl_ext.fl.server import NotDelivered  # noqa: E402
 
@@ -59,11 +59,12 @@ pytestmark = pytest.mark.skipif(
 # only bounds a failure (a round whose node never answers and is never reported gone)
 ROUND_TIMEOUT = float(os.environ.get("OQFL_FLOWER_TEST_ROUND_TIMEOUT", "600"))
 KILL_ROUND = 2  # node 2 is killed holding this round's message, and is gone in the next
-RUN_CONFIG = {"num-clients": 3, "num-rounds": 4, "seed": 5, "train-size": 300,
-              "test-size": 200, "image-size": 14, "width": 8, "weight-bits": 4, "act-bits": 4,
-              "uplink-bits": 4, "error-feedback": True, "batch-size": 25, "lr": 0.05,
-              "momentum": 0.9, "threads": 1, "round-timeout": ROUND_TIMEOUT,
+RUN_CONFIG = {"clients": 3, "rounds": 4, "seed": 5, "train-subset": 300, "test-subset": 200,
+              "image-size": 14, "width": 8, "weight-bits": 4, "act-bits": 4, "uplink": "int4",
+              "error-feedback": True, "batch-size": 25, "lr": 0.05, "momentum": 0.9,
+              "fraction": 1.0, "threads": 1, "round-timeout": ROUND_TIMEOUT,
               "wait-nodes-timeout": 600.0}
+C0, C1, C2 = "client-0", "client-1", "client-2"
 
 
 # Flower's bytes per message besides the blobs (protobuf metadata, object tree, record and
@@ -90,17 +91,17 @@ class _Recording:
         return blob
 
 
-def _reference(exp: Experiment):
-    """The in-process run of the same experiment, client c2 failing in KILL_ROUND."""
+def _reference(cfg, settings):
+    """The in-process run of the same experiment, client 2 failing in KILL_ROUND."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(exp.threads)  # as in the Flower processes: same float results
+    torch.set_num_threads(settings.threads)  # as in the Flower processes: same float results
     try:
-        train, test = load_data(exp)
-        parts = make_partitions(exp, train[1])
-        clients = [_Recording(make_client(exp, i, train, parts),
-                              KILL_ROUND if i == 2 else None) for i in range(exp.num_clients)]
-        server = make_server(exp, clients, train, parts, test)
-        results = [server.run_round(r) for r in range(exp.num_rounds)]
+        data = ex.load_data(cfg)
+        parts = ex.make_partitions(cfg, data.train_y)
+        clients = [_Recording(ex.make_client(cfg, data, parts, i),
+                              KILL_ROUND if i == 2 else None) for i in range(cfg.clients)]
+        server = ex.make_server(cfg, data, parts, clients)
+        results = [server.run_round(r) for r in range(cfg.rounds)]
     finally:
         torch.set_num_threads(threads)
     return server, results, clients
@@ -120,7 +121,7 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
     import flwr
 
     assert flwr.__version__ == FLWR_VERSION
-    exp = Experiment.from_run_config(RUN_CONFIG)
+    cfg, settings = parse_run_config(RUN_CONFIG)
     t_start = time.monotonic()
     held = tmp_path / "node2-holds-round"
     fed = LocalFederation(tmp_path / "fed", nodes=3,
@@ -153,11 +154,11 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
 
     config, rounds = load_run(fed.out_dir)
     assert config["engine"] == "flower" and config["run_id"] == run_id
-    assert [r["round"] for r in rounds] == list(range(exp.num_rounds))
+    assert [r["round"] for r in rounds] == list(range(cfg.rounds))
     assert sorted(config["nodes"]) == ["0", "1", "2"]
     assert config["flwr_env"] == NO_PHONE_HOME  # and the ServerApp (SuperLink's child) has them
 
-    server, ref, clients = _reference(exp)
+    server, ref, clients = _reference(cfg, settings)
     blob_len = rounds[0]["downlink_bytes"] // 3  # the same model blob length every round
     for got, want in zip(rounds, ref):
         assert got["sampled"] == want.sampled
@@ -168,7 +169,7 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
         assert got["not_delivered"] == want.not_delivered
         if got["round"] == KILL_ROUND:
             # in process the failing client had the state; over Flower nothing came back
-            assert got["unconfirmed"] == ["c2"] and want.unconfirmed == []
+            assert got["unconfirmed"] == [C2] and want.unconfirmed == []
             assert got["downlink_unconfirmed_bytes"] == blob_len
             assert got["downlink_bytes"] + blob_len == want.downlink_bytes
         else:
@@ -181,12 +182,12 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
         assert got["loss"] == pytest.approx(want.loss, rel=1e-3, abs=1e-3)
     # the killed node's round: completed with the others once Flower reported it gone
     killed = rounds[KILL_ROUND]
-    assert killed["accepted"] == ["c0", "c1"]
-    assert [d[0] for d in killed["dropped"]] == ["c2"]
+    assert killed["accepted"] == [C0, C1]
+    assert [d[0] for d in killed["dropped"]] == [C2]
     assert "node unavailable" in killed["dropped"][0][1], killed["dropped"]
     # the round after: the node is not connected, nothing is sent to it
     gone = rounds[KILL_ROUND + 1]
-    assert gone["not_delivered"] == ["c2"] and gone["accepted"] == ["c0", "c1"]
+    assert gone["not_delivered"] == [C2] and gone["accepted"] == [C0, C1]
     assert gone["downlink_bytes"] == 2 * blob_len
     assert "not delivered" in gone["dropped"][0][1]
 
@@ -217,3 +218,25 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
     assert FRAMING_PER_MESSAGE < blob_len  # so one blob too many or too few shows
     up_framing = traffic["inbound-bytes"] - up
     assert 0 <= up_framing < messages * FRAMING_PER_MESSAGE, (up_framing, messages)
+
+
+def test_a_node_config_names_a_partition_of_the_run():
+    """The ClientApp's check of its SuperNode's node config against the run config (fast: no
+    federation)."""
+    from flwr.app import Context, RecordDict
+
+    from oqfl_ext.fl.flower.client_app import _partition
+
+    cfg, _ = parse_run_config(RUN_CONFIG)
+
+    def context(node_config):
+        return Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(),
+                       run_config=RUN_CONFIG)
+
+    assert _partition(context({"partition-id": 2, "num-partitions": 3}), cfg) == 2
+    for node_config, match in (({}, "needs --node-config"),
+                               ({"partition-id": 3, "num-partitions": 3}, "does not fit"),
+                               ({"partition-id": 0, "num-partitions": 4}, "clients=3"),
+                               ({"partition-id": "0", "num-partitions": 3}, "integers")):
+        with pytest.raises(ValueError, match=match):
+            _partition(context(node_config), cfg)

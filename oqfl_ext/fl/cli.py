@@ -22,8 +22,11 @@ usage errors), a run that cannot go on (missing data, a partition the data canno
 existing or damaged run, an --out that cannot be written, a checkpoint that could not be
 written -- the last good one is named and kept) with 1.
 
-The Python entry points are :func:`main` (``main([...])`` returns the exit status),
-:func:`build_config` and :func:`run_experiment`.
+The experiment's options, their defaults and checks, and the construction of the run are
+:mod:`oqfl_ext.fl.experiment`'s (one :class:`~oqfl_ext.fl.experiment.ExperimentConfig`); this
+module adds the run folder, the progress bar, resuming and the comparison. The Python entry
+points are :func:`main` (``main([...])`` returns the exit status), :func:`build_config` and
+:func:`run_experiment`.
 """
 
 from __future__ import annotations
@@ -33,19 +36,16 @@ import datetime
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
-from torch.nn import functional as F
 
 from .._io import atomic_write_bytes, encode_state
 from . import experiment as ex
-from .experiment import DATASETS, ExperimentConfig, ExperimentError, load_dataset
+from .experiment import DATASETS, ExperimentConfig, ExperimentError, load_dataset  # noqa: F401
 
 __all__ = ["main", "build_parser", "build_config", "run_experiment", "compare_arms",
            "DATASETS", "load_dataset"]

@@ -3,8 +3,8 @@
 * :mod:`.server_app` / :mod:`.client_app`: the Flower ServerApp and ClientApp (Message API);
   the blobs of DESIGN.md section 4 travel as message content (:mod:`.wire`), aggregation and
   evaluation are :class:`oqfl_ext.fl.Server`'s own code.
-* :mod:`.task`: the experiment both sides build from the run config, and
-  :func:`~.task.run_in_process`, the same experiment without Flower.
+* :mod:`.task`: the run config (the experiment of :mod:`oqfl_ext.fl.experiment` and the Flower
+  settings), and :func:`~.task.run_in_process`, the same experiment without Flower.
 * :mod:`.local`: a SuperLink and N SuperNodes on loopback, ``flwr run``, the run's status, and
   every process stopped (``python -m oqfl_ext.fl.flower.local --help``).
 * :func:`write_app`: the Flower app folder (``pyproject.toml`` naming the components, with the
@@ -50,9 +50,9 @@ def _toml_value(v) -> str:
 
 def app_pyproject() -> str:
     """The app's ``pyproject.toml``: components and the run config's defaults."""
-    from .task import Experiment
+    from .task import run_config_defaults
 
-    defaults = Experiment().to_dict()
+    defaults = run_config_defaults()
     lines = [
         "# Flower app of oqfl_ext (written by oqfl_ext.fl.flower.write_app; the code is the",
         "# installed oqfl_ext package, which every SuperLink and SuperNode machine needs).",
@@ -75,7 +75,7 @@ def app_pyproject() -> str:
         'clientapp = "oqfl_ext.fl.flower.client_app:app"',
         "",
         "# the run config (override with: flwr run APP CONNECTION --run-config \"k=v ...\");",
-        "# meanings: oqfl_ext/fl/flower/task.py",
+        "# meanings: `oqfl-fl --help` (the same options without --) and oqfl_ext/fl/flower/task.py",
         "[tool.flwr.app.config]",
     ]
     lines += [f"{k} = {_toml_value(v)}" for k, v in defaults.items()]

@@ -1,13 +1,13 @@
 """The Flower ClientApp: trains one OQFL client (:class:`oqfl_ext.fl.Client`) per SuperNode.
 
 The SuperNode's node config names its partition: ``--node-config "partition-id=I
-num-partitions=N"`` (N must equal the run's ``num-clients``). On a ``train`` message the app
-loads the run's data (the local files), builds client ``c<I>`` on partition I exactly as
-:func:`oqfl_ext.fl.flower.task.run_in_process` does, decodes the global state from the message,
-trains, and replies with the encoded update blob (message layout: :mod:`.wire`). The client's
-state between rounds (``Client.state_dict()``: the error-feedback residual) lives in the node's
-``context.state`` (it never leaves the node). On ``query`` it replies with its partition, so
-that the ServerApp can map partitions to node ids.
+num-partitions=N"`` (N must equal the run's ``clients``). On a ``train`` message the app
+loads the run's data (the local files), builds client I on partition I exactly as the
+in-process run does (:func:`oqfl_ext.fl.experiment.make_client`), decodes the global state from
+the message, trains, and replies with the encoded update blob (message layout: :mod:`.wire`).
+The client's state between rounds (``Client.state_dict()``: the error-feedback residual) lives
+in the node's ``context.state`` (it never leaves the node). On ``query`` it replies with its
+partition, so that the ServerApp can map partitions to node ids.
 
 Fault injection (tests): with ``OQFL_FLOWER_HOLD="ROUND:PATH"`` in the SuperNode's
 environment, the ClientApp that gets the ``train`` message of round ROUND, once it has decoded
@@ -25,7 +25,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .task import Experiment, load_data, make_client, make_partitions
+from .. import experiment as ex
+from ..experiment import ExperimentConfig
+from .task import apply_threads, parse_run_config
 from .wire import array_bytes, blob_array, encode_state
 
 __all__ = ["app"]
@@ -35,18 +37,18 @@ logger = logging.getLogger("oqfl_ext.fl.flower")
 app = ClientApp()
 
 
-def _partition(context: Context, exp: Experiment) -> int:
-    cfg = context.node_config
-    if "partition-id" not in cfg or "num-partitions" not in cfg:
+def _partition(context: Context, cfg: ExperimentConfig) -> int:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("the SuperNode needs --node-config \"partition-id=I num-partitions=N\"")
-    pid, n = cfg["partition-id"], cfg["num-partitions"]
+    pid, n = node["partition-id"], node["num-partitions"]
     if isinstance(pid, bool) or not isinstance(pid, int) or isinstance(n, bool) \
             or not isinstance(n, int):
         raise ValueError(f"node config partition-id / num-partitions expected integers, got "
                          f"{pid!r} / {n!r}")
-    if n != exp.num_clients or not 0 <= pid < n:
+    if n != cfg.clients or not 0 <= pid < n:
         raise ValueError(f"node config partition-id={pid} num-partitions={n} does not fit the "
-                         f"run's num-clients={exp.num_clients}")
+                         f"run's clients={cfg.clients}")
     return pid
 
 
@@ -73,10 +75,10 @@ def _hold_if_asked(round_idx: int) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    exp = Experiment.from_run_config(context.run_config)
-    pid = _partition(context, exp)
+    cfg, _ = parse_run_config(context.run_config)
+    pid = _partition(context, cfg)
     return Message(RecordDict({"node": ConfigRecord({"partition-id": pid,
-                                                     "num-partitions": exp.num_clients})}),
+                                                     "num-partitions": cfg.clients})}),
                    reply_to=msg)
 
 
@@ -87,21 +89,21 @@ def train(msg: Message, context: Context) -> Message:
 
     from ..server import downlink_codec
 
-    exp = Experiment.from_run_config(context.run_config)
-    exp.apply_threads()
-    pid = _partition(context, exp)
-    cfg = msg.content["config"]
-    round_idx = int(cfg["round"])
-    train_data, _ = load_data(exp)
-    parts = make_partitions(exp, train_data[1])
-    client = make_client(exp, pid, train_data, parts)
-    if cfg["client-id"] != client.client_id:
-        raise ValueError(f"message for client {cfg['client-id']!r} reached {client.client_id!r}")
-    model_fn = exp.model_fn()
+    cfg, settings = parse_run_config(context.run_config)
+    apply_threads(settings)
+    pid = _partition(context, cfg)
+    config = msg.content["config"]
+    round_idx = int(config["round"])
+    data = ex.load_data(cfg)
+    client = ex.make_client(cfg, data, ex.make_partitions(cfg, data.train_y), pid)
+    if config["client-id"] != client.client_id:
+        raise ValueError(f"message for client {config['client-id']!r} reached "
+                         f"{client.client_id!r}")
+    model_fn = ex.model_fn(cfg, *data.model_shape)
     with torch.random.fork_rng(devices=[]):
         template = model_fn().state_dict()
     # what an in-process client gets: the downlink codec's state, every entry (see .wire)
-    state = downlink_codec(str(cfg["downlink"])).decode(
+    state = downlink_codec(str(config["downlink"])).decode(
         array_bytes(msg.content["global"]["model"]), template)
 
     _hold_if_asked(round_idx)
@@ -110,7 +112,9 @@ def train(msg: Message, context: Context) -> Message:
 
     logger.warning("oqfl client %s (partition %d): round %d: training on %d examples",
                    client.client_id, pid, round_idx, len(client))
-    blob = client.train(state, model_fn, round_idx=round_idx)
+    limit = cfg.client_time_limit_s  # past it the client stops: a ClientApp error
+    blob = client.train(state, model_fn, round_idx=round_idx,
+                        deadline=None if limit is None else time.monotonic() + limit)
 
     client_state = client.state_dict()
     if client_state:

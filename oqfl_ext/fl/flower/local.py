@@ -3,7 +3,7 @@ processes of Flower's deployment engine, the run started with ``flwr run``, its 
 and every process stopped at the end whatever happens.
 
     python -m oqfl_ext.fl.flower.local --nodes 3 --run-dir runs/flower \\
-        --run-config "num-rounds=3 train-size=3000"
+        --run-config "rounds=3 train-subset=3000"
 
 The run folder holds ``flwr_home/`` (FLWR_HOME of every process: Flower's config.toml with the
 ``oqfl-local`` connection, installed app bundles), ``app/`` (the app folder),
@@ -351,13 +351,13 @@ def _toml(v) -> str:
 
 
 def _parse_run_config(text: str) -> Dict[str, object]:
-    """``"k=v k2='x'"`` (TOML values) into a dict, checked against the Experiment's keys."""
+    """``"k=v k2='x'"`` (TOML values) into a dict, checked as the apps check the run config."""
     try:
         import tomllib
     except ImportError:  # Python < 3.11
         import tomli as tomllib
 
-    from .task import Experiment
+    from .task import parse_run_config
 
     out = {}
     for item in shlex.split(text or ""):
@@ -368,20 +368,23 @@ def _parse_run_config(text: str) -> Dict[str, object]:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = value  # a bare string
-    Experiment.from_run_config(out)  # fail here, before starting anything
+    try:
+        parse_run_config(out)  # fail here, before starting anything
+    except ValueError as e:
+        raise SystemExit(f"--run-config: {e}") from None
     return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m oqfl_ext.fl.flower.local",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=3, help="SuperNodes (= num-clients)")
+    p.add_argument("--nodes", type=int, default=3, help="SuperNodes (= the run's clients)")
     p.add_argument("--run-dir", default="runs/flower", help="run folder (created)")
-    p.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 seed=1"')
+    p.add_argument("--run-config", default="", help='overrides, e.g. "rounds=5 seed=1"')
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
     args = p.parse_args(argv)
     cfg = _parse_run_config(args.run_config)
-    cfg["num-clients"] = args.nodes
+    cfg["clients"] = args.nodes
     with LocalFederation(args.run_dir, nodes=args.nodes) as fed:
         print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {fed.logs}",
               flush=True)

@@ -1,20 +1,20 @@
 """The Flower ServerApp: the OQFL federation of :class:`oqfl_ext.fl.Server`, over Flower messages.
 
-Round ``t``:
+Round ``t`` is :meth:`Server.begin_round` / :meth:`Server.end_round` of the in-process server,
+with Flower messages in between:
 
-1. the :class:`oqfl_ext.fl.Server` samples clients exactly as in process
-   (:meth:`Server.sample_clients`); client ``c<I>`` is the SuperNode whose node config says
-   ``partition-id=I`` (learned once, at the start, with a ``query`` message to every node);
-2. every sampled client's node gets a ``train`` message with the global state as the
-   Server's downlink codec encodes it (layout: :mod:`.wire`), through
-   ``grid.send_and_receive(..., timeout=round-timeout)``; a sampled partition whose node is
-   not connected is not sent anything;
-3. each reply's blob is handed to :meth:`Server.run_round` through a mailbox standing in for
-   the client, so that decoding, the round/client-id checks, clipping, FedAvg(M) and the
-   evaluation are the in-process server's own code; a node that did not answer within the
-   timeout, or answered with an error, is a dropped client (reason in metrics.json), and so
-   is a reply that does not have the layout of :mod:`.wire` (its metrics included): every
-   reply is checked before anything of it is used;
+1. :meth:`Server.begin_round` samples the clients exactly as in process and encodes the global
+   state with the downlink codec; client ``I`` (``client-<I>``) is the SuperNode whose node
+   config says ``partition-id=I`` (learned once, at the start, with a ``query`` message to
+   every node);
+2. every sampled client's node gets a ``train`` message with that blob (layout: :mod:`.wire`),
+   through ``grid.send_and_receive(..., timeout=round-timeout)``; a sampled partition whose
+   node is not connected is not sent anything;
+3. each reply's blob goes to :meth:`Server.end_round`, so that decoding, the round/client-id
+   checks, clipping, FedAvg(M) and the evaluation are the in-process server's own code; a node
+   that did not answer within the timeout, or answered with an error, is a dropped client
+   (reason in metrics.json), and so is a reply that does not have the layout of :mod:`.wire`
+   (its metrics included): every reply is checked before anything of it is used;
 4. one record per round (:func:`oqfl_ext.fl.metrics.round_record`, plus ``train_loss`` and
    ``clients``: per answering client its node id, blob length and SHA-256) is written with
    :func:`oqfl_ext.fl.metrics.save_run` (``metrics.json``, ``accuracy.png`` in ``out-dir``)
@@ -42,24 +42,24 @@ partition's size by the Server.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from . import NO_PHONE_HOME
+from .. import experiment as ex
 from ..codec import UpdateRejected
-from ..metrics import round_record, save_run
-from ..server import DeliveryUnconfirmed, NotDelivered
-from .task import (Experiment, client_id, default_out_dir, load_data, make_partitions,
-                   make_server)
+from ..experiment import ExperimentConfig
+from ..metrics import mean_train_loss, round_record, save_run
+from ..server import DeliveryUnconfirmed, NotDelivered, RemoteClient
+from .task import FlowerSettings, apply_threads, default_out_dir, parse_run_config
 from .wire import array_bytes, blob_array, encode_state, sha256
 
 __all__ = ["app"]
@@ -75,28 +75,9 @@ _NO_ANSWER_CODES = {ErrorCode.NODE_UNAVAILABLE: "node unavailable (no heartbeat)
                     ErrorCode.MESSAGE_UNAVAILABLE: "message expired or removed"}
 
 
-class _Mailbox:
-    """Stands in for a remote client in :meth:`Server.run_round`: ``train`` returns the blob
-    the node sent this round, or raises what went wrong (the Server then drops the client).
-    ``num_samples`` is the size of the partition the client was assigned (the Server caps
-    the client's claim at it)."""
-
-    def __init__(self, cid: str, num_samples: int):
-        self.client_id = cid
-        self.num_samples = int(num_samples)
-        self.reply: Optional[Union[bytes, BaseException]] = None
-
-    def train(self, global_state, model_fn, *, round_idx: int = 0) -> bytes:
-        reply, self.reply = self.reply, None
-        if reply is None:
-            raise RuntimeError("no reply")
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
-
-
-def _read_reply(reply: Message, box: _Mailbox):
-    """``(blob, client record)`` of a train reply, or raises why the client is dropped:
+def _read_reply(reply: Message, num_samples: int):
+    """``(blob, client record)`` of a train reply from a client assigned ``num_samples``
+    examples, or raises why the client is dropped:
     :class:`DeliveryUnconfirmed` for an error the SuperLink made up (nobody answered),
     RuntimeError for the ClientApp's own error, UpdateRejected for a malformed reply."""
     node = reply.metadata.src_node_id
@@ -114,9 +95,9 @@ def _read_reply(reply: Message, box: _Mailbox):
     except Exception as e:  # a reply without the layout of .wire
         raise UpdateRejected(f"malformed reply ({type(e).__name__}: {str(e)[:200]})") from None
     if n is not None and (isinstance(n, bool) or not isinstance(n, int)
-                          or not 0 <= n <= box.num_samples):
+                          or not 0 <= n <= num_samples):
         raise UpdateRejected(f"reply metrics: num-examples expected an integer in [0, "
-                             f"{box.num_samples}], got {n!r:.40}")
+                             f"{num_samples}], got {n!r:.40}")
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))
                              or not math.isfinite(loss)):
         raise UpdateRejected(f"reply metrics: train-loss expected a finite number, got "
@@ -134,19 +115,20 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> List[int]:
         time.sleep(0.5)
 
 
-def _map_partitions(grid: Grid, nodes: List[int], exp: Experiment) -> Dict[int, int]:
+def _map_partitions(grid: Grid, nodes: List[int], cfg: ExperimentConfig,
+                    settings: FlowerSettings) -> Dict[int, int]:
     """partition-id -> node id, from a ``query`` to every node."""
     msgs = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY,
-                    group_id="query", ttl=exp.wait_nodes_timeout) for node in nodes]
+                    group_id="query", ttl=settings.wait_nodes_timeout) for node in nodes]
     mapping: Dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=exp.wait_nodes_timeout):
+    for reply in grid.send_and_receive(msgs, timeout=settings.wait_nodes_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             logger.warning("node %d: query failed: %s", node, reply.error.reason)
             continue
         try:
-            cfg = reply.content["node"]
-            pid, n = cfg["partition-id"], cfg["num-partitions"]
+            answer = reply.content["node"]
+            pid, n = answer["partition-id"], answer["num-partitions"]
         except Exception as e:  # a malformed reply: not a node of this run
             logger.warning("node %d: malformed query reply (%s: %s); ignored", node,
                            type(e).__name__, e)
@@ -154,9 +136,9 @@ def _map_partitions(grid: Grid, nodes: List[int], exp: Experiment) -> Dict[int, 
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, n)):
             logger.warning("node %d: partition-id / num-partitions expected integers, got "
                            "%.40r / %.40r; ignored", node, pid, n)
-        elif n != exp.num_clients or not 0 <= pid < n:
-            logger.warning("node %d: partition %d of %d does not fit num-clients=%d; ignored",
-                           node, pid, n, exp.num_clients)
+        elif n != cfg.clients or not 0 <= pid < n:
+            logger.warning("node %d: partition %d of %d does not fit clients=%d; ignored",
+                           node, pid, n, cfg.clients)
         elif pid in mapping:
             logger.warning("node %d: partition %d is already node %d's; ignored", node, pid,
                            mapping[pid])
@@ -169,81 +151,77 @@ def _map_partitions(grid: Grid, nodes: List[int], exp: Experiment) -> Dict[int, 
 def main(grid: Grid, context: Context) -> None:
     import flwr
 
-    exp = Experiment.from_run_config(context.run_config)
-    exp.apply_threads()
+    cfg, settings = parse_run_config(context.run_config)
+    apply_threads(settings)
     run_id = int(context.run_id)
-    out = Path(exp.out_dir) if exp.out_dir else default_out_dir(run_id)
+    out = Path(settings.out_dir) if settings.out_dir else default_out_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)
 
-    train, test = load_data(exp)
-    parts = make_partitions(exp, train[1])
-    mailboxes = [_Mailbox(client_id(i), len(parts[i])) for i in range(exp.num_clients)]
-    server = make_server(exp, mailboxes, train, parts, test)
+    data = ex.load_data(cfg)
+    parts = ex.make_partitions(cfg, data.train_y)
+    clients = [RemoteClient(ex.client_id(cfg, i), len(parts[i])) for i in range(cfg.clients)]
+    partition_of = {c.client_id: i for i, c in enumerate(clients)}
+    server = ex.make_server(cfg, data, parts, clients)
 
-    nodes = _wait_for_nodes(grid, exp.num_clients, exp.wait_nodes_timeout)
-    mapping = _map_partitions(grid, nodes, exp)
+    nodes = _wait_for_nodes(grid, cfg.clients, settings.wait_nodes_timeout)
+    mapping = _map_partitions(grid, nodes, cfg, settings)
     if not mapping:
         raise RuntimeError(f"no SuperNode with a partition of this run answered within "
-                           f"{exp.wait_nodes_timeout:g} s (nodes: {nodes})")
-    missing = sorted(set(range(exp.num_clients)) - set(mapping))
+                           f"{settings.wait_nodes_timeout:g} s (nodes: {nodes})")
+    missing = sorted(set(range(cfg.clients)) - set(mapping))
     if missing:
         logger.warning("partitions %s have no node: those clients are dropped", missing)
     logger.warning("oqfl run %d: partitions -> nodes %s", run_id, mapping)
 
-    config = dict(exp.to_dict(), engine="flower", flwr_version=flwr.__version__, run_id=run_id,
+    config = dict(cfg.record(), **settings.record(), engine="flower",
+                  flwr_version=flwr.__version__, run_id=run_id,
                   nodes={str(p): n for p, n in sorted(mapping.items())},
                   flwr_env={k: os.environ.get(k) for k in NO_PHONE_HOME})
     if any(os.environ.get(k) != v for k, v in NO_PHONE_HOME.items()):
         logger.warning("this ServerApp runs without %s: Flower may contact its servers",
                        NO_PHONE_HOME)
-    config["out-dir"] = str(out)
+    config["out_dir"] = str(out)
     rows: List[dict] = []
-    for r in range(exp.num_rounds):
-        t0 = time.perf_counter()
-        sampled = server.sample_clients(r)
-        # what the in-process Server sends: its downlink codec's blob, every state entry
-        server_state = {k: v.detach() for k, v in server.model.state_dict().items()}
-        model_blob = server.downlink.encode(server_state, r)
+    for r in range(cfg.rounds):
+        sampled, model_blob = server.begin_round(r)
         alive = set(grid.get_node_ids())
+        replies: Dict[str, object] = {}
         msgs, by_node = [], {}
-        for box in sampled:
-            pid = int(box.client_id[1:])
-            node = mapping.get(pid)
+        for client in sampled:
+            node = mapping.get(partition_of[client.client_id])
             if node is None or node not in alive:
-                box.reply = NotDelivered("node not connected")
+                replies[client.client_id] = NotDelivered("node not connected")
                 continue
             content = RecordDict({
                 "global": ArrayRecord({"model": blob_array(model_blob)}),
-                "config": ConfigRecord({"round": r, "client-id": box.client_id,
+                "config": ConfigRecord({"round": r, "client-id": client.client_id,
                                         "downlink": server.downlink_name})})
             msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
-                                group_id=str(r), ttl=exp.round_timeout))
-            by_node[node] = box
-            box.reply = DeliveryUnconfirmed(f"no reply within the round timeout "
-                                            f"({exp.round_timeout:g} s)")
+                                group_id=str(r), ttl=settings.round_timeout))
+            by_node[node] = client
+            replies[client.client_id] = DeliveryUnconfirmed(
+                f"no reply within the round timeout ({settings.round_timeout:g} s)")
         logger.warning("oqfl round %d: sent the global model (%d bytes) to nodes %s", r,
                        len(model_blob), sorted(by_node))
-        clients: Dict[str, dict] = {}
-        replies = list(grid.send_and_receive(msgs, timeout=exp.round_timeout))
+        answered: Dict[str, dict] = {}
+        received = list(grid.send_and_receive(msgs, timeout=settings.round_timeout))
         # push_messages gave every message its id: a reply names the message it answers (a
         # node's reply and an error the SuperLink makes up for a node that went away alike)
         by_message = {m.metadata.message_id: by_node[m.metadata.dst_node_id] for m in msgs}
-        for reply in replies:
-            box = by_message.get(reply.metadata.reply_to_message_id)
-            if box is None:
+        for reply in received:
+            client = by_message.get(reply.metadata.reply_to_message_id)
+            if client is None:
                 continue
+            cid = client.client_id
             try:
-                box.reply, clients[box.client_id] = _read_reply(reply, box)
+                replies[cid], answered[cid] = _read_reply(reply, client.num_samples)
             except (DeliveryUnconfirmed, UpdateRejected, RuntimeError) as e:
-                box.reply = e
-        res = server.run_round(r)  # decode, checks, clipping, FedAvg(M), evaluation
-        res = dataclasses.replace(res, wall_time_s=time.perf_counter() - t0)
-        losses = [(c["train_loss"], c["num_examples"]) for cid, c in clients.items()
-                  if cid in res.accepted and c["train_loss"] is not None and c["num_examples"]]
-        train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)
-                      if losses else None)
+                replies[cid] = e
+        res = server.end_round(r, replies)  # decode, checks, clipping, FedAvg(M), evaluation
+        train_loss = mean_train_loss((c["train_loss"], c["num_examples"])
+                                     for cid, c in answered.items() if cid in res.accepted)
         rows.append(round_record(res, downlink_bytes=res.downlink_bytes,
-                                 train_loss=train_loss, clients=clients))
+                                 train_loss=train_loss, clients=answered))
         logger.warning("oqfl round %d: accuracy %.4f loss %.4f, accepted %s, dropped %s", r,
                        res.accuracy, res.loss, res.accepted, [c for c, _ in res.dropped])
         save_run(out, config, rows)
