@@ -1,8 +1,9 @@
 """A small zoo of CNNs for 28x28 / 32x32 images with 1 or 3 channels (Fashion-MNIST, CIFAR-10).
 
 Every model takes ``in_channels``, ``num_classes`` and ``image_size`` (the side of the square
-input it is built for), checks its input shape in ``forward`` (a clear ValueError otherwise),
-and is built from plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` layers, so
+input it is built for), checks its input shape in ``forward`` (a clear ValueError otherwise;
+the check is one call in a ``torch.fx`` graph, so every model traces), and is built from
+plain ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` layers, so
 :func:`oqfl_ext.quantize_model` can quantize it. ``create(name, ...)`` builds one by name.
 
 ========================  ==================================================================
@@ -45,6 +46,18 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return v
 
 
+def _check_image(x: Tensor, channels: int, size: int, model: str) -> Tensor:
+    """``x`` when its shape is ``(N, channels, size, size)``, else a ValueError."""
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != size or x.shape[3] != size:
+        raise ValueError(f"{model}: input expected shape (N, {channels}, {size}, {size}), "
+                         f"got {tuple(x.shape)}")
+    return x
+
+
+# a single call in a torch.fx graph (it reads the input's shape), so the models trace
+torch.fx.wrap("_check_image")
+
+
 class _ImageClassifier(nn.Module):
     """Argument checks and the input-shape check shared by the zoo."""
 
@@ -57,11 +70,8 @@ class _ImageClassifier(nn.Module):
         self.image_size = _positive_int("image_size", image_size, self.min_image_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        c, s = self.in_channels, self.image_size
-        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
-            raise ValueError(f"{type(self).__name__}: input expected shape (N, {c}, {s}, {s}), "
-                             f"got {tuple(x.shape)}")
-        return self._forward(x)
+        return self._forward(_check_image(x, self.in_channels, self.image_size,
+                                          type(self).__name__))
 
     def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -219,9 +219,10 @@ def test_convert_matches_fake_quant_with_integer_zero_points():
         ref = model(x)
     conv = convert(model)
     assert not conv.training
-    assert isinstance(conv.features[0][0], QConv2dInt) and isinstance(conv.classifier,
-                                                                      QLinearInt)
-    assert isinstance(conv.features[0][1], nn.BatchNorm2d)   # nothing folded
+    assert isinstance(conv.get_submodule("features.0.0"), QConv2dInt)
+    assert isinstance(conv.get_submodule("classifier"), QLinearInt)
+    # the fused graph folded the BatchNorms (test_convert_graph.py checks the graph itself)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
     assert isinstance(model.features[0][0], QuantConv2d)     # the original is untouched
     with torch.no_grad():
         got = conv(x)
@@ -270,10 +271,10 @@ def test_convert_leaves_unsupported_layers_with_a_warning():
     assert "features.1.0" in msg and "float inputs" in msg
     assert "classifier" in msg and "float weights" in msg
     assert "features.3.0" in msg and "disabled" in msg
-    assert isinstance(conv.features[1][0], QuantConv2d)
-    assert isinstance(conv.features[3][0], QuantConv2d)
-    assert isinstance(conv.classifier, QuantLinear)
-    assert isinstance(conv.features[0][0], QConv2dInt)
+    assert isinstance(conv.get_submodule("features.1.0"), QuantConv2d)
+    assert isinstance(conv.get_submodule("features.3.0"), QuantConv2d)
+    assert isinstance(conv.get_submodule("classifier"), QuantLinear)
+    assert isinstance(conv.get_submodule("features.0.0"), QConv2dInt)
     with torch.no_grad():
         assert conv(x).shape == (16, 10)
 

@@ -4,13 +4,12 @@
   (the blocked layout of ``csrc/qconv_args.h``) whose forward is ``oqfl_ext.ops.qconv2d`` /
   ``oqfl_ext.ops.qlinear``.
 * :func:`convert`: replace every :class:`QuantConv2d` / :class:`QuantLinear` of a model by its
-  integer twin.
+  integer twin, and (default) fuse the model's graph around them ("The fused graph" below).
 * :func:`save_packed` / :func:`load_packed`: one safetensors file (no pickle) holding the
   compact weight codes, the scales, zero points, biases and every other tensor of the model,
   with a JSON description of the architecture in its metadata.
 
-What :func:`convert` computes, per quantized layer (nothing else is folded; BatchNorm, pooling,
-activations and float layers stay as they are):
+What :func:`convert` computes, per quantized layer:
 
 * weight codes ``q_w = clamp(round_half_even(w / s_w), qmin, qmax)`` with the layer's weight
   quantizer (per output channel step ``s_w``, the value its forward uses), ``w_scale = s_w``.
@@ -33,6 +32,39 @@ activations and float layers stay as they are):
   fresh from initialization, or rounded with ``offset.data.round_()`` before the last epochs
   of training) the converted model computes the same codes as the fake-quant model, and its
   outputs differ only by float rounding (the integer accumulation is exact).
+
+The fused graph (``convert(model)``, :mod:`oqfl_ext.nn.graph` for the patterns):
+
+* BatchNorm folding. A ``BatchNorm2d`` (eval: running statistics) right after an integer
+  convolution, ``bn(conv(x)) = f * (conv(x) + b - mean) + beta`` with the per-channel factor
+  ``f = gamma / sqrt(running_var + eps)``, is folded exactly into the per-output-channel steps:
+  ``w_scale' = w_scale * |f|``, ``bias' = (b - mean) * f + beta`` (computed in float64, stored
+  in float32); the weight codes do not change, except that a channel with ``f < 0`` has its
+  codes negated (the op takes ``w_scale > 0``) and a channel with ``f = 0`` (the constant
+  ``beta``) zero codes. The most negative code ``-2**(b-1)`` has no negation in ``b`` bits:
+  such a layer stores ``code_bits = b + 1`` (2- and 3-bit weights stay in the int4
+  container, 4..7-bit ones move to the int8 one). An 8-bit layer with a negated ``-128`` cannot be folded: that
+  BatchNorm stays a float module after the layer, and the ConversionWarning names it.
+* Epilogue. A residual add, then a ReLU / ReLU6, after an integer layer become the op's
+  fused epilogue: ``v = acc * x_scale * w_scale' + bias'``, ``v += residual`` (the other
+  operand of the add, float32), ``relu``, ``min(v, clamp_max)``. The fake-quant model adds the
+  two float tensors, so adding the float operand keeps the graph exact w.r.t. it (requantizing
+  both operands to a common grid would not); the residual is not quantized.
+* Codes between layers. A layer whose only consumer is an integer layer (through max pooling
+  and flatten, exact on codes) writes that consumer's input codes
+  ``clamp(round_half_even(v / x_scale_c + x_zero_point_c), x_quant_min_c, x_quant_max_c)``:
+  the consumer's own quantization of the same float value, so no float tensor exists between
+  them. Everything else (the logits, average pooling, a float or fake-quant layer, a tensor
+  read by two layers or by a residual add) gets float32.
+
+Exactness: every integer layer computes its documented arithmetic exactly (integer
+accumulation; then the float32 epilogue, each operation rounded once). Against the fake-quant
+model, with integer zero points, the codes are the same except where float rounding (the
+folded scale and bias, another order of the same float operations) moves a value that lies
+within a few float32 ulps of a rounding tie of the next quantizer (in code units: within about
+``1e-3`` of ``k + 0.5`` at the sizes tested); such a code differs by one, and the difference
+propagates to the layers after it. Where all the codes of a sample agree, its outputs differ by
+float32 rounding only (about ``1e-5`` of their scale at the sizes tested).
 
 Layers that cannot be converted stay fake-quant layers (their forward is unchanged) and
 :func:`convert` emits one :class:`ConversionWarning` naming them and why: a float side
@@ -67,7 +99,6 @@ __all__ = ["QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed",
 PACKED_FORMAT = "oqfl_ext.packed_model"
 PACKED_VERSION = 1
 
-
 class ConversionWarning(UserWarning):
     """Some layers of the model stay fake-quant layers after :func:`convert`."""
 
@@ -88,8 +119,19 @@ class _QIntBase(nn.Module):
     Buffers: ``w_packed`` (blocked weight layout, int8 for ``w_bits`` 8 / uint8 for 4),
     ``w_scale`` (float32 [OC]), ``bias`` (float32 [OC] or None), ``x_scale`` (float32 [1]),
     ``x_zero_point`` (int32 [1]). Configuration (plain attributes, so that forward never reads a
-    tensor on the host): ``weight_bits`` (the trained code width), ``w_bits`` (its container,
-    4 or 8), ``act_bits``, ``act_signed``, ``x_quant_min``, ``x_quant_max``.
+    tensor on the host): ``weight_bits`` (the trained code width), ``code_bits`` (the width
+    of the stored codes: ``weight_bits``, or one more where a folded BatchNorm negated a channel
+    holding the most negative code), ``w_bits`` (their container, 4 or 8), ``act_bits``,
+    ``act_signed``, ``x_quant_min``, ``x_quant_max``.
+
+    Epilogue (what a fused graph folds into the layer, :func:`convert`; all off by default):
+    ``residual`` (forward takes a float ``residual`` of the output's shape, added after the
+    bias), ``relu``, ``clamp_max`` (``min(., clamp_max)`` after the relu), ``input_codes`` (the
+    input is the code tensor its producer wrote: uint8 for unsigned inputs, int8 for signed),
+    ``out_quant`` (``(min, max)``: the output is the codes
+    ``clamp(round_half_even(v / out_scale + out_zero_point), min, max)``, uint8 when
+    ``min >= 0`` else int8, with the buffers ``out_scale`` (float32 [1]) and
+    ``out_zero_point`` (int32 [1]); None: float32 output).
     """
 
     _quant_type: type  # the fake-quant layer a subclass converts
@@ -98,12 +140,25 @@ class _QIntBase(nn.Module):
         """The weight codes in the subclass' blocked layout."""
         raise NotImplementedError
 
+    @staticmethod
+    def _code_bits(weight_bits: int, code_bits: Optional[int]) -> int:
+        bit_range(weight_bits, True, "weight_bits")
+        if code_bits is None:
+            return int(weight_bits)
+        if code_bits not in (weight_bits, weight_bits + 1):
+            raise ValueError(f"code_bits expected weight_bits ({weight_bits}) or one more, got "
+                             f"{code_bits!r}")
+        bit_range(code_bits, True, "code_bits")
+        return int(code_bits)
+
     def _init_quant(self, out_channels: int, packed_shape, weight_bits: int, act_bits: int,
-                    act_signed: bool, bias: bool, device) -> None:
+                    act_signed: bool, bias: bool, device, code_bits: int,
+                    epilogue: dict) -> None:
         if not isinstance(act_signed, bool):
             raise ValueError(f"act_signed expected True or False, got {act_signed!r}")
         self.weight_bits = int(weight_bits)
-        self.w_bits = _storage_bits(weight_bits)
+        self.code_bits = code_bits
+        self.w_bits = _storage_bits(code_bits)
         self.act_bits = int(act_bits)
         self.act_signed = act_signed
         self.x_quant_min, self.x_quant_max = bit_range(act_bits, act_signed, "act_bits")
@@ -118,14 +173,91 @@ class _QIntBase(nn.Module):
             self.register_buffer("bias", None)
         self.register_buffer("x_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer("x_zero_point", torch.zeros(1, dtype=torch.int32, device=device))
+        self._init_epilogue(device, **epilogue)
+
+    def _init_epilogue(self, device, relu: bool = False, clamp_max: Optional[float] = None,
+                       residual: bool = False, input_codes: bool = False,
+                       out_quant: Optional[Tuple[int, int]] = None) -> None:
+        for name, v in (("relu", relu), ("residual", residual), ("input_codes", input_codes)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} expected True or False, got {v!r}")
+        if clamp_max is not None:
+            if isinstance(clamp_max, bool) or not isinstance(clamp_max, (int, float)) or \
+                    not 0 < clamp_max < math.inf:
+                raise ValueError(f"clamp_max expected None or a positive finite number, got "
+                                 f"{clamp_max!r}")
+            clamp_max = float(clamp_max)
+        self.relu, self.clamp_max, self.residual = relu, clamp_max, residual
+        self.input_codes = input_codes
+        self.out_quant_min = self.out_quant_max = None
+        if out_quant is not None:
+            ok = (isinstance(out_quant, (tuple, list)) and len(out_quant) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in out_quant))
+            lo, hi = out_quant if ok else (0, 0)
+            dom = _code_domain(lo < 0)
+            if not ok or not dom[0] <= lo < hi <= dom[1]:
+                raise ValueError("out_quant expected None or (min, max) codes, min < max, "
+                                 f"inside 0..255 or -128..127, got {out_quant!r}")
+            self.out_quant_min, self.out_quant_max = lo, hi
+            self.register_buffer("out_scale", torch.ones(1, dtype=torch.float32,
+                                                         device=device))
+            self.register_buffer("out_zero_point", torch.zeros(1, dtype=torch.int32,
+                                                               device=device))
+
+    @property
+    def out_quant(self) -> Optional[Tuple[int, int]]:
+        return None if self.out_quant_min is None else (self.out_quant_min, self.out_quant_max)
+
+    def epilogue(self) -> dict:
+        """The epilogue configuration (the keyword arguments of the constructor)."""
+        return dict(relu=self.relu, clamp_max=self.clamp_max, residual=self.residual,
+                    input_codes=self.input_codes, out_quant=self.out_quant)
 
     def _quant_repr(self) -> str:
         bits = f"weight_bits={self.weight_bits}"
-        if self.w_bits != self.weight_bits:
+        if self.code_bits != self.weight_bits:
+            bits += f" (codes {self.code_bits} bits)"
+        if self.w_bits != self.code_bits:
             bits += f" (stored as int{self.w_bits})"
-        return (f"{bits}, act_bits={self.act_bits}, "
-                f"act={'signed' if self.act_signed else 'unsigned'} "
-                f"[{self.x_quant_min}, {self.x_quant_max}]")
+        s = (f"{bits}, act_bits={self.act_bits}, "
+             f"act={'signed' if self.act_signed else 'unsigned'} "
+             f"[{self.x_quant_min}, {self.x_quant_max}]")
+        for key, v in self.epilogue().items():
+            if v:
+                s += f", {key}={v}"
+        return s
+
+    def _input(self, x: Tensor) -> Tuple[Tensor, Optional[torch.dtype]]:
+        """x for the op, and the float dtype to cast the output back to (None: keep)."""
+        if not self.input_codes:
+            return self._as_float32(x)
+        want = torch.int8 if self.act_signed else torch.uint8
+        if not isinstance(x, Tensor) or x.dtype != want:
+            raise TypeError(f"{type(self).__name__}: input expected {want} codes (the layer "
+                            "takes the codes its producer writes), got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        return x, None
+
+    def _run(self, op, x: Tensor, residual: Optional[Tensor], dtype, **kwargs) -> Tensor:
+        """``op(x, ...)`` (``ops.qconv2d`` / ``ops.qlinear``) with the epilogue;
+        ``kwargs``: the op's other keyword arguments."""
+        if self.residual != (residual is not None):
+            raise ValueError(f"{type(self).__name__}: residual expected "
+                             f"{'a tensor' if self.residual else 'None'} (the layer was built "
+                             f"with residual={self.residual}), got "
+                             f"{'None' if residual is None else 'a tensor'}")
+        if residual is not None:
+            if not isinstance(residual, Tensor) or not residual.is_floating_point():
+                raise TypeError(f"{type(self).__name__}: residual expected a floating-point "
+                                "tensor")
+            residual = residual.float()
+        args = (x, self.x_scale, self.x_zero_point, self.w_packed, self.w_scale, self.bias)
+        out = {} if self.out_quant is None else dict(
+            out_scale=self.out_scale, out_zero_point=self.out_zero_point,
+            out_quant_min=self.out_quant_min, out_quant_max=self.out_quant_max)
+        y = op(*args, relu=self.relu, residual=residual, clamp_max=self.clamp_max, **out,
+               **kwargs)
+        return y if dtype is None or out else y.to(dtype)
 
     @classmethod
     def from_quant(cls, module):
@@ -188,7 +320,8 @@ class QConv2dInt(_QIntBase):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 *, weight_bits: int, act_bits: int, act_signed: bool, device=None):
+                 *, weight_bits: int, act_bits: int, act_signed: bool,
+                 code_bits: Optional[int] = None, device=None, **epilogue):
         super().__init__()
         # an nn.Conv2d validates the geometry and computes the string paddings for us
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
@@ -201,24 +334,37 @@ class QConv2dInt(_QIntBase):
         g = self.groups
         icg = self.in_channels // g
         kh, kw = self.kernel_size
-        w_bits = _storage_bits(weight_bits)
-        shape = ops.conv_weight_layout_shape(self.out_channels, icg, (kh, kw), w_bits, g)
+        code_bits = self._code_bits(weight_bits, code_bits)
+        shape = ops.conv_weight_layout_shape(self.out_channels, icg, (kh, kw),
+                                             _storage_bits(code_bits), g)
         self._init_quant(self.out_channels, shape, weight_bits, act_bits, act_signed, bias,
-                         device)
+                         device, code_bits, epilogue)
         # how forward pads: by the op (ints) or beforehand in float (any other case)
         padding = (0, 0) if self.padding == "valid" else self.padding
         self._prepad = self.padding_mode != "zeros" or isinstance(padding, str)
         self._op_padding = (0, 0) if self._prepad else tuple(padding)
+        if self._prepad and self.input_codes:
+            raise ValueError("input_codes expected False for a layer that pads its float input "
+                             f"itself (padding={self.padding!r}, padding_mode="
+                             f"{self.padding_mode!r})")
 
     @classmethod
     def from_float_layout(cls, module: nn.Conv2d, *, weight_bits: int, act_bits: int,
-                          act_signed: bool) -> "QConv2dInt":
-        """An empty layer with ``module``'s geometry (used to rebuild a saved model)."""
+                          act_signed: bool, bias: Optional[bool] = None,
+                          **kwargs) -> "QConv2dInt":
+        """An empty layer with ``module``'s geometry (used to rebuild a saved model); ``bias``
+        defaults to whether ``module`` has one; ``kwargs``: ``code_bits`` and the epilogue."""
         return cls(module.in_channels, module.out_channels, module.kernel_size,
                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                   groups=module.groups, bias=module.bias is not None,
+                   groups=module.groups,
+                   bias=module.bias is not None if bias is None else bias,
                    padding_mode=module.padding_mode, weight_bits=weight_bits,
-                   act_bits=act_bits, act_signed=act_signed, device=module.weight.device)
+                   act_bits=act_bits, act_signed=act_signed, device=module.weight.device,
+                   **kwargs)
+
+    def takes_codes(self) -> bool:
+        """Whether the layer can take code input (not when it pads its input itself)."""
+        return not self._prepad
 
     _quant_type = QuantConv2d
 
@@ -230,17 +376,15 @@ class QConv2dInt(_QIntBase):
         return ops.unpack_conv_weight(self.w_packed, self.w_bits, self.out_channels,
                                       self.in_channels // self.groups)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, dtype = self._as_float32(x)
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        x, dtype = self._input(x)
         if self._prepad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-        y = ops.qconv2d(x, self.x_scale, self.x_zero_point, self.w_packed, self.w_scale,
-                        self.bias, w_bits=self.w_bits, stride=self.stride,
-                        padding=self._op_padding, dilation=self.dilation, groups=self.groups,
-                        relu=False, x_quant_min=self.x_quant_min,
-                        x_quant_max=self.x_quant_max)
-        return y if dtype is None else y.to(dtype)
+        return self._run(ops.qconv2d, x, residual, dtype, w_bits=self.w_bits,
+                         stride=self.stride, padding=self._op_padding, dilation=self.dilation,
+                         groups=self.groups, x_quant_min=self.x_quant_min,
+                         x_quant_max=self.x_quant_max)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -264,23 +408,32 @@ class QLinearInt(_QIntBase):
     :class:`QConv2dInt`), output float32 ``[..., out_features]``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 weight_bits: int, act_bits: int, act_signed: bool, device=None):
+                 weight_bits: int, act_bits: int, act_signed: bool,
+                 code_bits: Optional[int] = None, device=None, **epilogue):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} expected a positive integer, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
-        w_bits = _storage_bits(weight_bits)
-        shape = ops.linear_weight_layout_shape(out_features, in_features, w_bits)
-        self._init_quant(out_features, shape, weight_bits, act_bits, act_signed, bias, device)
+        code_bits = self._code_bits(weight_bits, code_bits)
+        shape = ops.linear_weight_layout_shape(out_features, in_features,
+                                               _storage_bits(code_bits))
+        self._init_quant(out_features, shape, weight_bits, act_bits, act_signed, bias, device,
+                         code_bits, epilogue)
 
     @classmethod
     def from_float_layout(cls, module: nn.Linear, *, weight_bits: int, act_bits: int,
-                          act_signed: bool) -> "QLinearInt":
-        """An empty layer with ``module``'s shape (used to rebuild a saved model)."""
-        return cls(module.in_features, module.out_features, bias=module.bias is not None,
+                          act_signed: bool, bias: Optional[bool] = None,
+                          **kwargs) -> "QLinearInt":
+        """An empty layer with ``module``'s shape (used to rebuild a saved model); ``bias`` and
+        ``kwargs`` as in :meth:`QConv2dInt.from_float_layout`."""
+        return cls(module.in_features, module.out_features,
+                   bias=module.bias is not None if bias is None else bias,
                    weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed,
-                   device=module.weight.device)
+                   device=module.weight.device, **kwargs)
+
+    def takes_codes(self) -> bool:
+        return True
 
     _quant_type = QuantLinear
 
@@ -292,12 +445,10 @@ class QLinearInt(_QIntBase):
         return ops.unpack_linear_weight(self.w_packed, self.w_bits, self.out_features,
                                         self.in_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, dtype = self._as_float32(x)
-        y = ops.qlinear(x, self.x_scale, self.x_zero_point, self.w_packed, self.w_scale,
-                        self.bias, w_bits=self.w_bits, relu=False,
-                        x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
-        return y if dtype is None else y.to(dtype)
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        x, dtype = self._input(x)
+        return self._run(ops.qlinear, x, residual, dtype, w_bits=self.w_bits,
+                         x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -347,6 +498,42 @@ def _quant_values(m) -> Tuple[Tensor, Tensor, Tensor, int]:
     return codes, w_scale, x_scale.detach().float(), zp
 
 
+class _NoFold(Exception):
+    """A BatchNorm that cannot be folded exactly (the message says why)."""
+
+
+@torch.no_grad()
+def _fold_batchnorm(codes: Tensor, w_scale: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d,
+                    weight_bits: int, code_bits: int) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """(codes, w_scale, bias, code_bits) of ``bn(conv(x))`` (module docstring of
+    ``oqfl_ext.nn.integer``, "BatchNorm folding"). Raises _NoFold."""
+    var = bn.running_var.detach().double()
+    f = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        f = f * bn.weight.detach().double()
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(f)
+    b = bias.detach().double() if bias is not None else torch.zeros_like(f)
+    new_bias = (b - bn.running_mean.detach().double()) * f + beta
+    neg, zero = f < 0, f == 0
+    codes = codes.clone()
+    lo = bit_range(code_bits, True)[0]
+    if bool(neg.any()) and bool((codes[neg] == lo).any()):
+        # -lo does not fit in code_bits: one more bit (an int8 container holds 5..8 bits)
+        if code_bits == 8:
+            raise _NoFold("a channel with a negative BatchNorm factor holds the weight code "
+                          "-128, whose negation does not fit in int8")
+        code_bits += 1
+    codes[neg] = -codes[neg]
+    codes[zero] = 0   # gamma = 0: the channel is the constant beta (= new_bias)
+    scale = w_scale.detach().double() * f.abs()
+    scale[zero] = w_scale.detach().double()[zero]
+    scale, new_bias = scale.float(), new_bias.float()
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()) or \
+            not bool(torch.isfinite(new_bias).all()):
+        raise _NoFold("the folded weight scales or bias are not positive and finite in float32")
+    return codes, scale, new_bias, code_bits
+
+
 _INT_TWINS = ((QuantConv2d, QConv2dInt), (QuantLinear, QLinearInt))
 
 
@@ -357,7 +544,19 @@ def _int_twin(m) -> Optional[type]:
     return None
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+def _zoo_source(model: nn.Module) -> Optional[dict]:
+    """``{"model": name, "kwargs": {...}}`` when ``model`` is a zoo model, else None."""
+    from .. import models
+    if type(model) not in models.MODELS.values():
+        return None
+    try:
+        name, kwargs = _zoo_constructor(model)
+    except ValueError:
+        return None
+    return {"model": name, "kwargs": kwargs}
+
+
+def convert(model: nn.Module, inplace: bool = False, fuse: Optional[bool] = None) -> nn.Module:
     """Turn a model trained with :class:`QuantConv2d` / :class:`QuantLinear` (e.g. by
     :func:`oqfl_ext.quantize_model` and QAT) into an integer inference model.
 
@@ -365,29 +564,54 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     becomes a :class:`QConv2dInt` / :class:`QLinearInt` holding its packed weight codes,
     weight scales, bias, input scale and integer zero point (computed as described in the
     docstring of this module: the codes the fake-quant layer uses; the LSQ+ input offset
-    rounded to an integer). Nothing else changes: BatchNorm, activations, pooling, float
-    layers and the model's own ``forward`` stay as they are.
+    rounded to an integer).
+
+    With ``fuse`` (the default unless ``inplace``), the model is traced with ``torch.fx``
+    (:mod:`oqfl_ext.nn.graph`) and the result is an :class:`oqfl_ext.nn.graph.IntegerGraph`
+    (an ``fx.GraphModule``; the integer layers keep their names, e.g.
+    ``result.get_submodule("layer1.0.conv1")``) in which every BatchNorm2d that follows an
+    integer convolution is folded into it, every ReLU / ReLU6 and residual add that follows an
+    integer layer is fused into its epilogue, and a layer whose only consumer is an integer
+    layer (directly or through max pooling / flatten) writes that consumer's input codes
+    (module docstring, "The fused graph"). A model that cannot be traced is converted layer by
+    layer instead, with a :class:`ConversionWarning` saying why.
+
+    Without ``fuse`` the quantized layers are swapped one by one in the model itself: its own
+    ``forward`` runs, BatchNorm, activations, pooling and float layers stay as they are.
 
     Layers with a float side (``weight_bits=None`` or ``act_bits=None``), a disabled quantizer,
     or an input offset outside the op's code domain stay fake-quant layers; one
-    :class:`ConversionWarning` lists them with the reason.
+    :class:`ConversionWarning` lists them with the reason (and any BatchNorm that could not be
+    folded: module docstring).
 
     Args:
         model: the trained model (a module tree, or a single QuantConv2d/QuantLinear, whose
             converted twin is then returned).
-        inplace: modify ``model`` itself instead of a deep copy.
+        inplace: modify ``model`` itself instead of a deep copy (layer by layer: a fused graph
+            is a new module, so ``fuse=True`` with ``inplace=True`` is a ValueError).
+        fuse: build the fused integer graph (default: ``not inplace``).
 
     Returns:
         The converted model, in eval mode (conversion is for inference; batch norm uses its
-        running statistics).
+        running statistics, dropout is the identity).
 
     Raises:
         ValueError: a layer's input quantizer has not been initialized (calibrate first).
     """
+    from . import graph as fx_graph
     if not isinstance(model, nn.Module):
         raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool) or fuse is not None and not isinstance(fuse, bool):
+        raise TypeError("inplace and fuse expected True or False (fuse also None), got "
+                        f"{inplace!r} and {fuse!r}")
+    if fuse is None:
+        fuse = not inplace
+    if fuse and inplace:
+        raise ValueError("convert: fuse=True builds a new module (a fused graph), so it cannot "
+                         "be inplace; pass fuse=False to convert layer by layer in place")
     if not inplace:
         model = copy.deepcopy(model)
+    model.eval()
     if _int_twin(model) is not None:
         reason = _unsupported_reason(model)
         if reason is not None:
@@ -395,27 +619,89 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         return _int_twin(model).from_quant(model).eval()
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if name and _int_twin(m) is not None]
-    replaced: Dict[int, nn.Module] = {}
+    twins: Dict[int, nn.Module] = {}   # id(fake-quant layer) -> its plain integer twin
     kept: List[str] = []
     for name, m in targets:
-        if id(m) not in replaced:
-            reason = _unsupported_reason(m)
-            if reason is not None:
-                kept.append(f"{name} ({type(m).__name__}: {reason})")
-                replaced[id(m)] = m
-                continue
-            try:
-                replaced[id(m)] = _int_twin(m).from_quant(m)
-            except ValueError as e:
-                raise ValueError(f"convert: layer {name!r}: {e}") from None
-        new = replaced[id(m)]
-        if new is not m:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+        if id(m) in twins:
+            continue
+        reason = _unsupported_reason(m)
+        if reason is not None:
+            kept.append(f"{name} ({type(m).__name__}: {reason})")
+            twins[id(m)] = m
+            continue
+        try:
+            twins[id(m)] = _int_twin(m).from_quant(m)
+        except ValueError as e:
+            raise ValueError(f"convert: layer {name!r}: {e}") from None
+    gm = None
+    if fuse:
+        source = _zoo_source(model)
+        try:
+            gm = fx_graph.trace(model)
+        except fx_graph.GraphUnsupported as e:
+            warnings.warn(f"convert: {e}; converting layer by layer instead (BatchNorm, "
+                          "activations and residual adds stay float)", ConversionWarning,
+                          stacklevel=2)
+    if gm is None:
+        for name, m in targets:
+            new = twins[id(m)]
+            if new is not m:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, new)
+    else:
+        model = _convert_graph(model, gm, twins, source, kept)
     if kept:
         warnings.warn("convert: these layers stay fake-quant (float) layers: "
                       + "; ".join(kept), ConversionWarning, stacklevel=2)
     return model.eval()
+
+
+def _convert_graph(model: nn.Module, gm, twins: Dict[int, nn.Module], source: Optional[dict],
+                   kept: List[str]) -> nn.Module:
+    """The IntegerGraph of ``model`` traced as ``gm`` (``twins``: convert's plain integer
+    twins; ``kept`` gets the BatchNorms that stay float)."""
+    from . import graph as fx_graph
+    named = dict(model.named_modules())
+    plain = {name: twins[id(m)] for name, m in named.items()
+             if id(m) in twins and isinstance(twins[id(m)], _QIntBase)}
+    folded: Dict[str, tuple] = {}
+
+    def can_fold(conv: str, bn: str) -> bool:
+        t = plain[conv]
+        try:
+            folded[conv] = _fold_batchnorm(t.weight_codes(), t.w_scale, t.bias,
+                                           named[bn], t.weight_bits, t.code_bits)
+        except _NoFold as e:
+            kept.append(f"{bn} (BatchNorm2d after {conv}: not folded, {e})")
+            return False
+        return True
+
+    fusions = fx_graph.plan(gm, set(plain), can_fold, lambda n: plain[n].takes_codes())
+    for name, f in fusions.items():
+        t = plain[name]
+        codes, w_scale, bias, code_bits = folded.get(name) or (
+            t.weight_codes(), t.w_scale, t.bias, t.code_bits)
+        out = plain[f.out_codes] if f.out_codes else None
+        new = type(t).from_float_layout(
+            named[name], weight_bits=t.weight_bits, act_bits=t.act_bits,
+            act_signed=t.act_signed, bias=bias is not None, code_bits=code_bits,
+            **_epilogue_kwargs(f, out))
+        new._set_quant_values(w_scale, bias, t.x_scale, int(t.x_zero_point.item()),
+                              new._pack_weight(codes))
+        if out is not None:
+            new.out_scale = out.x_scale.clone()
+            new.out_zero_point = out.x_zero_point.clone()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return fx_graph.IntegerGraph(model, gm.graph, source, fusions)
+
+
+def _epilogue_kwargs(f, out: Optional[_QIntBase]) -> dict:
+    """The integer layer's epilogue arguments for Fusion ``f`` (``out``: the consumer whose
+    input codes it writes)."""
+    return dict(relu=f.relu, clamp_max=f.clamp_max, residual=f.residual,
+                input_codes=f.input_codes,
+                out_quant=None if out is None else (out.x_quant_min, out.x_quant_max))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,7 +978,7 @@ def save_packed(model: nn.Module, path) -> None:
     _check_values(model, model.state_dict(), "save_packed")
     if any(_int_twin(m) is not None and _unsupported_reason(m) is None
            for m in model.modules()):
-        model = convert(model)
+        model = convert(model, fuse=False)
     arch = _describe(model)
     meta = {"format": PACKED_FORMAT, "version": str(PACKED_VERSION),
             "architecture": json.dumps(arch, separators=(",", ":"), sort_keys=True)}
