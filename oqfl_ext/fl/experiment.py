@@ -725,6 +725,8 @@ def make_server(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Ten
 
 
 class Built(NamedTuple):
+    """What :func:`build` returns."""
+
     data: ExperimentData
     parts: List[Tensor]
     clients: List[Client]
