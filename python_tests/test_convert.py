@@ -332,9 +332,11 @@ def test_zoo_models_convert_and_round_trip(tmp_path, request, name, kwargs, shap
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(converted model, its input, output, path of its packed file)."""
+    """(converted model, its input, output, path of its packed file). Converted layer by
+    layer, so that the file also holds BatchNorm entries (test_convert_graph.py saves fused
+    graphs)."""
     model = _small_model(seed=3)
-    conv = convert(model)
+    conv = convert(model, fuse=False)
     x = torch.randn(64, 1, 16, 16)
     with torch.no_grad():
         y = conv(x)
@@ -381,7 +383,7 @@ def test_round_trip_with_fake_quant_layers(tmp_path):
     path = tmp_path / "m.safetensors"
     save_packed(conv, path)
     loaded = load_packed(path)
-    assert isinstance(loaded.features[1][0], QuantConv2d)
+    assert isinstance(loaded.get_submodule("features.1.0"), QuantConv2d)
     assert loaded.classifier.weight_quantizer.enabled is False
     with torch.no_grad():
         assert torch.equal(loaded(x), conv(x))
@@ -397,7 +399,7 @@ def test_file_layout_and_size(saved):
     data = open(path, "rb").read()
     n, header = _header(data)
     meta = header.pop("__metadata__")
-    assert meta["format"] == "oqfl_ext.packed_model" and meta["version"] == "1"
+    assert meta["format"] == "oqfl_ext.packed_model" and meta["version"] == "2"
     arch = json.loads(meta["architecture"])
     assert arch["model"] == "small_cnn"
     assert arch["kwargs"] == dict(in_channels=1, num_classes=10, image_size=16, width=8)
@@ -503,7 +505,9 @@ def test_wrong_metadata(saved, tmp_path):
 
     cases = [
         (dict(mutate_meta=lambda m: m.__setitem__("format", "something.else")), "format"),
-        (dict(mutate_meta=lambda m: m.__setitem__("version", "2")), "version"),
+        (dict(mutate_meta=lambda m: m.__setitem__("version", "3")), "version"),
+        (dict(mutate_meta=lambda m: m.__setitem__("version", "1")),
+         "version 1 predates the fused integer graph"),
         (dict(mutate_meta=lambda m: m.pop("architecture")), "metadata keys"),
         (dict(mutate_meta=lambda m: m.__setitem__("architecture", "{not json")), "JSON"),
         (dict(mutate_meta=lambda m: m.__setitem__("format", "x"), resign=False), "format"),
@@ -523,7 +527,18 @@ def test_wrong_metadata(saved, tmp_path):
          "create"),
         (dict(mutate_meta=arch_edit(lambda a: a["kwargs"].__setitem__("width", "8"))),
          "width expected an integer"),
-        (dict(mutate_meta=set_layer("weight_bits", 8)), "needs"),
+        (dict(mutate_meta=set_layer("weight_bits", 8)), "code_bits 4 is not weight_bits"),
+        (dict(mutate_meta=arch_edit(lambda a: a["layers"]["features.1.0"].update(
+            weight_bits=8, code_bits=8))), "needs"),
+        (dict(mutate_meta=set_layer("fusion", {"relu": True})), "fusion expected keys"),
+        (dict(mutate_meta=arch_edit(lambda a: a["layers"]["features.1.0"]["fusion"].update(
+            relu=True))), "fused layers in a file without a graph"),
+        (dict(mutate_meta=arch_edit(lambda a: (a.__setitem__("graph", True), a["layers"][
+            "features.0.0"]["fusion"].__setitem__("bn", "features.0.1")))),
+         "fused graph does not match the file's: layer 'features.0.0'.*'relu'"),
+        (dict(mutate_meta=arch_edit(lambda a: a["state"].pop(3))), "missing from the file"),
+        (dict(mutate_meta=arch_edit(lambda a: a["state"][3].__setitem__(2, [7]))),
+         "in the file, the model needs"),
         (dict(mutate_meta=set_layer("weight_bits", 9)), "bit width"),
         (dict(mutate_meta=set_layer("kind", "magic")), "kind"),
         (dict(mutate_meta=set_layer("act_signed", "yes")), "act_signed"),
@@ -582,7 +597,7 @@ def test_wrong_tensors(saved, tmp_path):
 def _forge_file(path, arch, blobs):
     """A packed file with the given architecture and tensors and a valid digest."""
     from safetensors.torch import save
-    meta = {"format": "oqfl_ext.packed_model", "version": "1",
+    meta = {"format": "oqfl_ext.packed_model", "version": "2",
             "architecture": json.dumps(arch)}
     meta["digest"] = convert_module._digest(meta, blobs)
     path.write_bytes(save(blobs, metadata=meta))
@@ -609,7 +624,7 @@ def _no_build(monkeypatch):
 ])
 def test_forged_architecture_is_refused_before_anything_is_built(tmp_path, monkeypatch,
                                                                  kwargs, match):
-    arch = {"model": "resnet20", "layers": {},
+    arch = {"model": "resnet20", "layers": {}, "graph": False, "state": [],
             "kwargs": dict(dict(in_channels=3, num_classes=10, image_size=32), **kwargs)}
     blobs = {"state.float32": torch.zeros(8), "state.int64": torch.zeros(1, dtype=torch.int64)}
     path = _forge_file(tmp_path / "forged.safetensors", arch, blobs)
@@ -708,26 +723,33 @@ def test_not_a_packed_file(tmp_path):
         load_packed(tmp_path / "missing.safetensors")
 
 
-def test_unsupported_models(tmp_path):
-    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
-    with pytest.raises(ValueError, match="only models of oqfl_ext.models.*small_cnn"):
-        save_packed(seq, tmp_path / "x.safetensors")
+def test_models_outside_the_zoo_load_into_the_callers_structure(tmp_path):
+    """Since the fused graph (format version 2) any model can be saved; one that its zoo
+    constructor does not describe is loaded into the structure the caller builds."""
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
 
     class MyCNN(models.SmallCNN):
         pass
 
-    with pytest.raises(ValueError, match="MyCNN"):
-        save_packed(MyCNN(in_channels=1, image_size=16), tmp_path / "x.safetensors")
-    # a zoo model with a modified structure cannot be described by its constructor
-    model = _small_model(seed=6, train_steps=0)
-    model.features[1][2] = nn.Tanh()
-    with pytest.raises(ValueError, match="features.1.2"):
-        save_packed(model, tmp_path / "x.safetensors")
-    model = models.create("small_cnn", in_channels=1, image_size=16, width=4)
-    model.features[0][0].stride = (2, 2)
-    with pytest.raises(ValueError, match="features.0.0"):
-        save_packed(model, tmp_path / "x.safetensors")
-    assert not os.path.exists(tmp_path / "x.safetensors")
+    changed = _small_model(seed=6, train_steps=0)
+    changed.features[1][2] = nn.Tanh()            # not what small_cnn builds
+    strided = models.create("small_cnn", in_channels=1, image_size=16, width=4).eval()
+    strided.features[0][0].stride = (2, 2)
+    x = torch.randn(2, 1, 16, 16)
+    for i, model in enumerate([seq, MyCNN(in_channels=1, image_size=16).eval(), changed,
+                               strided]):
+        p = tmp_path / f"m{i}.safetensors"
+        save_packed(model, p)
+        with pytest.raises(ValueError, match=r"no oqfl_ext.models architecture.*model=") as e:
+            load_packed(p)
+        assert str(p) in str(e.value)
+        loaded = load_packed(p, model=model)
+        want = convert(model) if model is changed else model
+        sa, sb = want.state_dict(), loaded.state_dict()
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+        if model is not strided:    # (a broken model: its classifier no longer fits)
+            with torch.no_grad():
+                assert torch.equal(loaded(x), want(x))
 
 
 def test_float_zoo_model_round_trip(tmp_path):

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 import oqfl_ext
 from oqfl_ext import models
 from oqfl_ext.nn import (ConversionWarning, LSQQuantizer, QConv2dInt, QLinearInt, QuantConv2d,
-                         QuantLinear, calibrate, convert)
+                         QuantLinear, calibrate, convert, load_packed, save_packed)
 from oqfl_ext.nn.graph import IntegerGraph, max_pool2d_codes
 
 torchvision = pytest.importorskip("torchvision")
@@ -503,3 +503,159 @@ def test_shared_and_multi_use_layers_stay_unfused():
         assert torch.equal(gm(x), _reference(gm, x))
     diverged, _ = _compare_with_fake_quant(model, gm, x)
     assert diverged <= 0.25
+
+
+# ------------------------------------------------------------------------------------------
+# the packed file of a fused graph
+
+def _same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def test_fused_zoo_graph_round_trip(tmp_path):
+    torch.manual_seed(5)
+    x = torch.randn(8, 3, 16, 16)
+    model = _prepare(models.create("resnet20", image_size=16, blocks_per_stage=1), x)
+    gm = convert(model)
+    p = tmp_path / "r20.safetensors"
+    save_packed(gm, p)
+    loaded = load_packed(p)               # the zoo description rebuilds it alone
+    assert isinstance(loaded, IntegerGraph) and loaded.code == gm.code
+    assert loaded.fusions == gm.fusions and loaded.source == gm.source
+    _same_state(gm, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+    # saving the fake-quant model converts it the same way
+    save_packed(model, tmp_path / "fq.safetensors")
+    assert (tmp_path / "fq.safetensors").read_bytes() == p.read_bytes()
+
+
+def _sequential():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+def test_sequential_and_torchvision_round_trip_into_the_callers_structure(tmp_path):
+    torch.manual_seed(6)
+    x = torch.randn(8, 3, 8, 8)
+    model = _prepare(_sequential(), x)
+    gm = convert(model)
+    _assert_fully_integer(gm)
+    p = tmp_path / "seq.safetensors"
+    save_packed(gm, p)
+    with pytest.raises(ValueError, match="load_packed\\(path, model=...\\)"):
+        load_packed(p)
+    # the structure: the quantized float model (not calibrated) or the float model itself
+    for structure in (oqfl_ext.quantize_model(_sequential()), _sequential()):
+        loaded = load_packed(p, model=structure)
+        assert loaded.fusions == gm.fusions
+        _same_state(gm, loaded)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), gm(x))
+    assert isinstance(structure[0], nn.Conv2d)        # the caller's model is not modified
+
+    tv = _prepare(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32))
+    tv_gm = convert(tv)
+    save_packed(tv_gm, tmp_path / "r18.safetensors")
+    loaded = load_packed(tmp_path / "r18.safetensors",
+                         model=oqfl_ext.quantize_model(torchvision.models.resnet18(num_classes=10)))
+    _same_state(tv_gm, loaded)
+    xs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(xs), tv_gm(xs))
+
+
+def test_load_packed_refuses_a_structure_that_does_not_match(tmp_path):
+    torch.manual_seed(7)
+    x = torch.randn(8, 3, 8, 8)
+    model = _prepare(_sequential(), x)
+    p = tmp_path / "seq.safetensors"
+    save_packed(model, p)
+
+    def larger_kernel():
+        s = _sequential()
+        s[4] = nn.Conv2d(8, 8, 5, padding=2)
+        return s
+
+    def other_shape():
+        s = _sequential()
+        s[8] = nn.Linear(8 * 4 * 4, 6)
+        return s
+
+    def extra_layer():
+        s = _sequential()
+        s.append(nn.Linear(5, 5))
+        return s
+
+    def no_relu():
+        s = _sequential()
+        s[2] = nn.Tanh()
+        return s
+
+    def not_traceable():
+        class Net(nn.Sequential):
+            def forward(self, x):
+                y = super().forward(x)
+                return y if x.sum() > 0 else -y
+        return Net(*_sequential())
+
+    cases = [
+        (larger_kernel(), r"entry '4.w_codes' is codes \[288\] in the file, the model needs "
+                          r"codes \[800\]"),
+        (other_shape(), r"entry '8.w_codes' is codes \[640\] in the file, the model needs "
+                        r"codes \[768\]"),
+        (extra_layer(), r"missing from the file \['9.weight', '9.bias'\]"),
+        (oqfl_ext.quantize_model(_sequential(), weight_bits=8), "layer '4': the model has "
+                                                              "weight_bits=8, the file 4"),
+        (oqfl_ext.quantize_model(_sequential(), first_last_bits=None),
+         "layer '0': the model has weight_bits=4, the file 8"),
+        (oqfl_ext.quantize_model(_sequential(), overrides={"4": {"act_signed": True}}),
+         "layer '4': the model has act_signed=True, the file False"),
+        (no_relu(), r"fused graph does not match the file's: layer '0'.*'relu': \(True, "
+                    r"False\)"),
+        (not_traceable(), r"the file holds a fused graph, but torch.fx cannot trace Net"),
+        (nn.Linear(3, 3), r"architecture layer '0': the model has no Conv2d/Linear"),
+    ]
+    for i, (structure, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match) as e:
+            load_packed(p, model=structure)
+        assert str(p) in str(e.value), i
+    with pytest.raises(TypeError, match="model expected an nn.Module"):
+        load_packed(p, model="seq")
+
+
+# ------------------------------------------------------------------------------------------
+# a trained model on real data
+
+def test_trained_fashion_mnist_models_keep_their_predictions():
+    """SmallCNN trained briefly (W4A4, 8-bit first and last layers) on Fashion-MNIST: the
+    converted graph gives the fake-quant model's class on >= 99.9 % of the 10000 test
+    images."""
+    from oqfl_ext.data import fashion_mnist_dir, load_fashion_mnist
+    if fashion_mnist_dir() is None:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    x_train, y_train = load_fashion_mnist("train", limit=2000, normalize=True)
+    x_test, _ = load_fashion_mnist("test", normalize=True)
+    for name, kwargs in (("small_cnn", dict(width=8)),):
+        torch.manual_seed(0)
+        model = oqfl_ext.quantize_model(models.create(name, in_channels=1, image_size=28,
+                                                      **kwargs))
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        model.train()
+        for i in range(0, len(x_train), 64):
+            loss = F.cross_entropy(model(x_train[i:i + 64]), y_train[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        gm = convert(model)
+        _assert_fully_integer(gm)
+        with torch.no_grad():
+            same = sum(int((gm(x_test[i:i + 1000]).argmax(1)
+                            == model(x_test[i:i + 1000]).argmax(1)).sum())
+                       for i in range(0, len(x_test), 1000))
+        assert same / len(x_test) >= 0.999, (name, same)

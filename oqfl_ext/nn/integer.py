@@ -97,7 +97,7 @@ __all__ = ["QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed",
            "ConversionWarning", "PACKED_FORMAT", "PACKED_VERSION"]
 
 PACKED_FORMAT = "oqfl_ext.packed_model"
-PACKED_VERSION = 1
+PACKED_VERSION = 2
 
 class ConversionWarning(UserWarning):
     """Some layers of the model stay fake-quant layers after :func:`convert`."""
@@ -738,10 +738,12 @@ def _zoo_constructor(model: nn.Module) -> Tuple[str, dict]:
     return name, kwargs
 
 
-def _layer_record(m) -> Optional[dict]:
+def _layer_record(m, fusion=None) -> Optional[dict]:
     if isinstance(m, _QIntBase):
+        from .graph import Fusion
         return {"kind": "int", "weight_bits": m.weight_bits, "act_bits": m.act_bits,
-                "act_signed": m.act_signed}
+                "act_signed": m.act_signed, "code_bits": m.code_bits,
+                "fusion": (fusion or Fusion()).to_json()}
     if isinstance(m, (QuantConv2d, QuantLinear)):
         return {"kind": "fake_quant", "weight_bits": m.weight_bits, "act_bits": m.act_bits,
                 "act_signed": m.act_signed,
@@ -750,73 +752,152 @@ def _layer_record(m) -> Optional[dict]:
     return None
 
 
-def _build(arch: dict, device="cpu") -> nn.Module:
-    """The model described by ``arch`` with every state tensor allocated on ``device`` (values
-    arbitrary; "meta" allocates nothing). Raises ValueError for any description it cannot
-    build."""
+_RECORD_KEYS = {"int": {"kind", "weight_bits", "act_bits", "act_signed", "code_bits", "fusion"},
+                "fake_quant": {"kind", "weight_bits", "act_bits", "act_signed", "enabled"}}
+
+
+def _check_record(lname: str, rec, m: nn.Module):
+    """The validated record of layer ``lname`` (``m``: the structure's module of that name):
+    (kind, weight_bits, act_bits, act_signed, code_bits, Fusion or None, enabled)."""
+    from .graph import Fusion
+    if not isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(m, _QIntBase):
+        raise ValueError(f"architecture layer {lname!r}: the model has no Conv2d/Linear of "
+                         "that name")
+    if not isinstance(rec, dict):
+        raise ValueError(f"architecture layer {lname!r}: expected an object")
+    kind = rec.get("kind")
+    if kind not in _RECORD_KEYS:
+        raise ValueError(f"architecture layer {lname!r}: kind {kind!r} is not 'int' or "
+                         "'fake_quant'")
+    if set(rec) != _RECORD_KEYS[kind]:
+        raise ValueError(f"architecture layer {lname!r}: expected keys "
+                         f"{sorted(_RECORD_KEYS[kind])}, got {sorted(rec)}")
+    wb, ab, sg = rec["weight_bits"], rec["act_bits"], rec["act_signed"]
+    for key, v in (("weight_bits", wb), ("act_bits", ab)):
+        if not (v is None and kind == "fake_quant") and (
+                not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
+            raise ValueError(f"architecture layer {lname!r}: {key} {v!r} is not a bit width "
+                             "2..8")
+    if kind == "int" and not isinstance(sg, bool):
+        raise ValueError(f"architecture layer {lname!r}: act_signed {sg!r} is not a bool")
+    if kind == "fake_quant" and sg is not None and not isinstance(sg, bool):
+        raise ValueError(f"architecture layer {lname!r}: act_signed {sg!r} is not a bool or "
+                         "null")
+    if isinstance(m, (QuantConv2d, QuantLinear)):
+        # the caller's structure is itself quantized: its configuration must be the file's
+        for key, v in (("weight_bits", wb), ("act_bits", ab)):
+            if getattr(m, key) != v:
+                raise ValueError(f"layer {lname!r}: the model has {key}={getattr(m, key)!r}, "
+                                 f"the file {v!r}")
+        if m.act_signed is not None and m.act_signed != sg:
+            raise ValueError(f"layer {lname!r}: the model has act_signed={m.act_signed!r}, the "
+                             f"file {sg!r}")
+    if kind == "fake_quant":
+        en = rec["enabled"]
+        if not (isinstance(en, list) and len(en) == 2 and all(isinstance(e, bool) for e in en)):
+            raise ValueError(f"architecture layer {lname!r}: enabled {en!r} is not two bools")
+        return kind, wb, ab, sg, None, None, en
+    cb, fj = rec["code_bits"], rec["fusion"]
+    if not isinstance(cb, int) or isinstance(cb, bool) or cb not in (wb, wb + 1) or cb > 8:
+        raise ValueError(f"architecture layer {lname!r}: code_bits {cb!r} is not weight_bits "
+                         "or one more (at most 8)")
+    fields = set(Fusion.__dataclass_fields__)
+    if not isinstance(fj, dict) or set(fj) != fields:
+        raise ValueError(f"architecture layer {lname!r}: fusion expected keys {sorted(fields)}")
+    return kind, wb, ab, sg, cb, Fusion(**fj), None
+
+
+def _structure(arch: dict, model: Optional[nn.Module], where: str) -> nn.Module:
+    """The model ``arch`` describes, built on the zoo's skeleton or on (a copy of) the caller's
+    ``model``, with every state tensor allocated (values arbitrary): the integer and
+    fake-quant layers of the records and, for a graph, the fused graph, which must be the one
+    the file records. Raises ValueError for any description it cannot build."""
     from .. import models
-    if not isinstance(arch, dict) or set(arch) != {"model", "kwargs", "layers"}:
-        raise ValueError("architecture expected keys ['kwargs', 'layers', 'model'], got "
+    from . import graph as fx_graph
+    keys = {"model", "kwargs", "layers", "graph", "state"}
+    if not isinstance(arch, dict) or set(arch) != keys:
+        raise ValueError(f"architecture expected keys {sorted(keys)}, got "
                          f"{sorted(arch) if isinstance(arch, dict) else type(arch).__name__}")
     name, kwargs, layers = arch["model"], arch["kwargs"], arch["layers"]
-    if name not in _ZOO_KWARGS or name not in models.MODELS:
-        raise ValueError(f"architecture names model {name!r}, expected one of "
-                         f"{sorted(_ZOO_KWARGS)}")
-    _check_kwargs(name, kwargs)
-    try:
-        with torch.device(device):
-            model = models.create(name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"architecture: models.create({name!r}, **{kwargs}) failed: {e}") \
-            from None
-    if not isinstance(layers, dict):
-        raise ValueError("architecture layers expected an object")
+    if not isinstance(arch["graph"], bool) or not isinstance(layers, dict):
+        raise ValueError("architecture graph expected a bool and layers an object")
+    source = None
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
+        model = copy.deepcopy(model)
+    elif name is None:
+        raise ValueError("the file describes no oqfl_ext.models architecture (it was saved "
+                         "from another model): build the same model structure (e.g. the "
+                         "quantize_model'd float model) and pass it: load_packed(path, "
+                         "model=...)")
+    if name is not None:
+        if name not in _ZOO_KWARGS or name not in models.MODELS:
+            raise ValueError(f"architecture names model {name!r}, expected one of "
+                             f"{sorted(_ZOO_KWARGS)}")
+        _check_kwargs(name, kwargs)
+        source = {"model": name, "kwargs": kwargs}
+        if model is None:
+            try:
+                model = models.create(name, **kwargs)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"architecture: models.create({name!r}, **{kwargs}) failed: "
+                                 f"{e}") from None
+    elif kwargs is not None:
+        raise ValueError("architecture kwargs expected null without a model name")
     base = dict(model.named_modules())
-    for lname, rec in layers.items():
-        m = base.get(lname) if isinstance(lname, str) else None
-        if type(m) not in (nn.Conv2d, nn.Linear):
-            raise ValueError(f"architecture layer {lname!r}: {name} has no Conv2d/Linear of "
-                             "that name")
-        if not isinstance(rec, dict):
-            raise ValueError(f"architecture layer {lname!r}: expected an object")
-        kind = rec.get("kind")
-        keys = {"kind", "weight_bits", "act_bits", "act_signed"}
-        if kind == "fake_quant":
-            keys.add("enabled")
-        if set(rec) != keys:
-            raise ValueError(f"architecture layer {lname!r}: expected keys {sorted(keys)}, got "
-                             f"{sorted(rec)}")
-        wb, ab, sg = rec["weight_bits"], rec["act_bits"], rec["act_signed"]
-        for key, v in (("weight_bits", wb), ("act_bits", ab)):
-            if not (v is None and kind == "fake_quant") and (
-                    not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8):
-                raise ValueError(f"architecture layer {lname!r}: {key} {v!r} is not a bit "
-                                 "width 2..8")
+    recs = {lname: _check_record(lname, rec, base.get(lname)) for lname, rec in layers.items()}
+    missing = [n for n, m in base.items() if isinstance(m, (QuantConv2d, QuantLinear))
+               and n not in recs]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} of the model are quantized, the file has no "
+                         "record of them (a different model?)")
+    ints: Dict[str, _QIntBase] = {}
+    for lname, (kind, wb, ab, sg, cb, fusion, en) in recs.items():
+        m = base[lname]
         try:
-            if kind == "int":
-                if not isinstance(sg, bool):
-                    raise ValueError(f"act_signed {sg!r} is not a bool")
-                twin = QConv2dInt if type(m) is nn.Conv2d else QLinearInt
-                new = twin.from_float_layout(m, weight_bits=wb, act_bits=ab, act_signed=sg)
-            elif kind == "fake_quant":
-                en = rec["enabled"]
-                if sg is not None and not isinstance(sg, bool):
-                    raise ValueError(f"act_signed {sg!r} is not a bool or null")
-                if not (isinstance(en, list) and len(en) == 2
-                        and all(isinstance(e, bool) for e in en)):
-                    raise ValueError(f"enabled {en!r} is not two bools")
-                quant = QuantConv2d if type(m) is nn.Conv2d else QuantLinear
+            if kind == "fake_quant":
+                quant = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
                 new = quant.from_float(m, weight_bits=wb, act_bits=ab, act_signed=sg)
                 for q, e in zip((new.weight_quantizer, new.act_quantizer), en):
                     if q is not None:
                         q.enabled = e
             else:
-                raise ValueError(f"kind {kind!r} is not 'int' or 'fake_quant'")
+                twin = QConv2dInt if isinstance(m, nn.Conv2d) else QLinearInt
+                new = ints[lname] = twin.from_float_layout(m, weight_bits=wb, act_bits=ab,
+                                                           act_signed=sg, code_bits=cb)
         except ValueError as e:
             raise ValueError(f"architecture layer {lname!r}: {e}") from None
+        if not arch["graph"] or kind == "fake_quant":
+            parent, _, child = lname.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    if not arch["graph"]:
+        if any(f != type(f)() for *_, f, _ in recs.values() if f is not None):
+            raise ValueError("architecture: fused layers in a file without a graph")
+        return model.eval()
+    try:
+        gm = fx_graph.trace(model.eval())
+    except fx_graph.GraphUnsupported as e:
+        raise ValueError(f"the file holds a fused graph, but {e}") from None
+    want = {lname: r[5] for lname, r in recs.items() if r[0] == "int"}
+    got = fx_graph.plan(gm, set(ints), lambda conv, bn: want[conv].bn == bn,
+                        lambda n: ints[n].takes_codes())
+    for lname in want:
+        if got[lname] != want[lname]:
+            diff = {k: (v, getattr(got[lname], k)) for k, v in want[lname].to_json().items()
+                    if getattr(got[lname], k) != v}
+            raise ValueError(f"the model's fused graph does not match the file's: layer "
+                             f"{lname!r}: (file, model) {diff}")
+    for lname, f in got.items():
+        t, m = ints[lname], base[lname]
+        out = ints[f.out_codes] if f.out_codes else None
+        new = type(t).from_float_layout(
+            m, weight_bits=t.weight_bits, act_bits=t.act_bits, act_signed=t.act_signed,
+            bias=m.bias is not None or f.bn is not None, code_bits=t.code_bits,
+            **_epilogue_kwargs(f, out))
         parent, _, child = lname.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
-    return model.eval()
+    return fx_graph.IntegerGraph(model, gm.graph, source, got).eval()
 
 
 def _check_kwargs(name: str, kwargs) -> None:
@@ -869,14 +950,19 @@ def _check_values(model: nn.Module, state: Dict[str, Tensor], where: str) -> Non
             raise ValueError(f"{where}: entry {key!r} has negative values (a variance)")
 
 
-def _describe(model: nn.Module) -> dict:
-    name, kwargs = _zoo_constructor(model)
+def _describe(model: nn.Module, source: Optional[dict]) -> dict:
+    """The architecture record of ``model`` (module docstring of :func:`save_packed`)."""
+    from .graph import IntegerGraph
+    fusions = model.fusions if isinstance(model, IntegerGraph) else {}
     layers = {}
     for lname, m in model.named_modules():
-        rec = _layer_record(m)
+        rec = _layer_record(m, fusions.get(lname))
         if rec is not None:
             layers[lname] = rec
-    return {"model": name, "kwargs": kwargs, "layers": layers}
+    return {"model": None if source is None else source["model"],
+            "kwargs": None if source is None else source["kwargs"],
+            "graph": isinstance(model, IntegerGraph), "layers": layers,
+            "state": [[key, blob, list(shape)] for key, blob, shape in _manifest(model)]}
 
 
 def _int_layers(model: nn.Module) -> Dict[str, _QIntBase]:
@@ -892,17 +978,24 @@ def _codes_nbytes(m: _QIntBase) -> int:
     return -(-n * m.w_bits // 8)
 
 
-def _entries(model: nn.Module) -> List[Tuple[str, str, torch.dtype, int]]:
-    """The file's content in order: (state key, blob, dtype, numel). The blocked ``w_packed``
-    of an integer layer is replaced by its compact codes (key ``<layer>.w_codes``)."""
+def _blob_dtype(blob: str) -> Optional[torch.dtype]:
+    if blob == "codes":
+        return torch.uint8
+    dtype = getattr(torch, blob[len("state."):], None) if blob.startswith("state.") else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _manifest(model: nn.Module) -> List[Tuple[str, str, Tuple[int, ...]]]:
+    """The file's content in order: (key, blob, shape). The blocked ``w_packed`` of an integer
+    layer is replaced by its compact codes (key ``<layer>.w_codes``, ``[bytes]``)."""
     packed_keys = {f"{n}.w_packed": m for n, m in _int_layers(model).items()}
     out = []
     for key, t in model.state_dict(keep_vars=True).items():
         if key in packed_keys:
-            out.append((key[:-len("w_packed")] + "w_codes", "codes", torch.uint8,
-                        _codes_nbytes(packed_keys[key])))
+            out.append((key[:-len("w_packed")] + "w_codes", "codes",
+                        (_codes_nbytes(packed_keys[key]),)))
         else:
-            out.append((key, "state." + str(t.dtype).replace("torch.", ""), t.dtype, t.numel()))
+            out.append((key, "state." + str(t.dtype).replace("torch.", ""), tuple(t.shape)))
     return out
 
 
@@ -917,37 +1010,50 @@ def _blobs(model: nn.Module) -> Dict[str, Tensor]:
     ints = _int_layers(model)
     state = model.state_dict()
     parts: Dict[str, List[Tensor]] = {}
-    for key, blob, dtype, numel in _entries(model):
+    for key, blob, shape in _manifest(model):
         if blob == "codes":
             m = ints[key[:-len(".w_codes")]]
             t = ops.pack(m.weight_codes().cpu().contiguous(), m.w_bits)
         else:
             t = state[key].detach().cpu()
         t = t.reshape(-1)
-        if t.numel() != numel or t.dtype != dtype:  # pragma: no cover - internal invariant
-            raise RuntimeError(f"save_packed: {key}: {t.numel()} x {t.dtype}, expected "
-                               f"{numel} x {dtype}")
+        if t.numel() != math.prod(shape):  # pragma: no cover - internal invariant
+            raise RuntimeError(f"save_packed: {key}: {t.numel()} values, expected {shape}")
         parts.setdefault(blob, []).append(t)
     return {blob: torch.cat(ts).contiguous() for blob, ts in parts.items()}
 
 
 def save_packed(model: nn.Module, path) -> None:
-    """Save an integer model of the zoo in one compact safetensors file (no pickle).
+    """Save an integer model in one compact safetensors file (no pickle).
 
-    ``model`` is a model of :mod:`oqfl_ext.models` (built by ``oqfl_ext.models.create`` or its
-    class), quantized with :func:`oqfl_ext.quantize_model` and converted with :func:`convert`.
-    A model that still has convertible fake-quant layers is converted first (a copy; ``model``
-    is not modified), so a trained QAT model can be saved directly.
+    ``model`` is any model converted with :func:`convert` (a fused
+    :class:`~oqfl_ext.nn.graph.IntegerGraph` or a layer-by-layer conversion), or a model
+    quantized with :func:`oqfl_ext.quantize_model` (converted first, on a copy: ``model`` is
+    not modified, so a trained QAT model can be saved directly), or a float model. A model of
+    :mod:`oqfl_ext.models` (built by ``oqfl_ext.models.create`` or its class, unmodified) is
+    described by its constructor, so :func:`load_packed` rebuilds it alone; any other model
+    (an ``nn.Sequential``, torchvision's, a modified zoo model) is loaded into a structure the
+    caller builds: ``load_packed(path, model=...)``.
 
     File format (``PACKED_FORMAT`` version ``PACKED_VERSION``), a safetensors file whose
     metadata holds:
 
-    * ``format`` = ``"oqfl_ext.packed_model"``, ``version`` = ``"1"``;
-    * ``architecture``: JSON ``{"model": name, "kwargs": {...}, "layers": {layer: record}}``:
-      ``oqfl_ext.models.create(name, **kwargs)`` rebuilds the float skeleton (every argument
-      within ``oqfl_ext.models.ARGUMENT_RANGES``), and each record
-      (``{"kind": "int" | "fake_quant", "weight_bits", "act_bits", "act_signed"[, "enabled"]}``)
-      replaces that Conv2d/Linear by its integer or fake-quant layer;
+    * ``format`` = ``"oqfl_ext.packed_model"``, ``version`` = ``"2"``;
+    * ``architecture``: JSON ``{"model", "kwargs", "graph", "layers", "state"}``:
+
+      - ``model``, ``kwargs``: ``oqfl_ext.models.create(model, **kwargs)`` rebuilds the float
+        skeleton (every argument within ``oqfl_ext.models.ARGUMENT_RANGES``); both null when
+        the caller provides the structure;
+      - ``graph``: whether the model is a fused graph (:func:`convert`'s default): the loader
+        traces the skeleton and fuses it again, and the result must be the recorded fusion;
+      - ``layers``: ``{layer: record}``, which Conv2d/Linear of the skeleton becomes an
+        integer layer (``{"kind": "int", "weight_bits", "act_bits", "act_signed",
+        "code_bits", "fusion": {"bn", "residual", "relu", "clamp_max", "input_codes",
+        "out_codes"}}``, :class:`oqfl_ext.nn.graph.Fusion`) or a fake-quant layer
+        (``{"kind": "fake_quant", "weight_bits", "act_bits", "act_signed", "enabled"}``);
+      - ``state``: ``[[key, blob, shape], ...]``: every entry of the model's ``state_dict``
+        in order, where it is stored and its shape;
+
     * ``digest``: ``"sha256:" + hex`` over the other metadata fields and every tensor's name,
       dtype, shape and bytes.
 
@@ -955,90 +1061,130 @@ def save_packed(model: nn.Module, path) -> None:
 
     * ``codes`` (uint8): the compact weight codes of every integer layer in model order, each
       ``oqfl_ext.ops.pack(codes[OC, IC/groups, KH, KW], w_bits)`` (int4: two per byte; int8:
-      one) -- not the zero-padded blocked layout, which :func:`load_packed` rebuilds;
+      one; state key ``<layer>.w_codes``) -- not the zero-padded blocked layout, which
+      :func:`load_packed` rebuilds;
     * ``state.<dtype>`` (e.g. ``state.float32``, ``state.int32``, ``state.int64``,
       ``state.bool``): every other tensor of the model's ``state_dict`` of that dtype (weight
-      scales, biases, input scales and zero points, BatchNorm parameters and buffers, float and
-      fake-quant layers) flattened and concatenated in ``state_dict`` order.
+      scales, biases, input and output scales and zero points, BatchNorm parameters and
+      buffers, float and fake-quant layers) flattened and concatenated in ``state`` order.
 
-    The split of each blob follows from the architecture: the loader rebuilds the model and
-    takes each tensor's shape from it. Python attributes outside the state (train mode, hooks)
-    are not saved; the loaded model is in eval mode.
+    Python attributes outside the state (train mode, hooks) are not saved; the loaded model is
+    in eval mode.
 
     Raises:
-        ValueError: the model is not a zoo model (the message lists the ones that can be saved),
-            its structure differs from what its description rebuilds, a constructor argument
-            is outside ``oqfl_ext.models.ARGUMENT_RANGES``, or a floating-point entry of its
-            state is NaN or infinite or a BatchNorm running variance negative (the message
-            names the entry). Nothing is written then.
+        ValueError: a zoo model's constructor argument is outside
+            ``oqfl_ext.models.ARGUMENT_RANGES``, or a floating-point entry of its state is NaN
+            or infinite or a BatchNorm running variance negative (the message names the
+            entry). Nothing is written then.
     """
+    from .graph import IntegerGraph
     if not isinstance(model, nn.Module):
         raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
-    _zoo_constructor(model)  # fail early, before converting
+    source = model.source if isinstance(model, IntegerGraph) else _zoo_source(model)
+    if source is not None:
+        try:
+            _check_kwargs(source["model"], source["kwargs"])
+        except ValueError as e:
+            raise ValueError(f"save_packed: {e}") from None
     _check_values(model, model.state_dict(), "save_packed")
     if any(_int_twin(m) is not None and _unsupported_reason(m) is None
            for m in model.modules()):
-        model = convert(model, fuse=False)
-    arch = _describe(model)
-    meta = {"format": PACKED_FORMAT, "version": str(PACKED_VERSION),
-            "architecture": json.dumps(arch, separators=(",", ":"), sort_keys=True)}
+        model = convert(model)
+    arch = _describe(model, source)
     blobs = _blobs(model)
-    meta["digest"] = _digest(meta, blobs)
-    # the file must rebuild this very model: check it now rather than at load time
-    rebuilt = _restore(arch, blobs, "save_packed")
-    _same_structure(model, rebuilt)
+
+    def metadata() -> Dict[str, str]:
+        meta = {"format": PACKED_FORMAT, "version": str(PACKED_VERSION),
+                "architecture": json.dumps(arch, separators=(",", ":"), sort_keys=True)}
+        meta["digest"] = _digest(meta, blobs)
+        return meta
+
+    meta = metadata()
+    if source is not None:
+        # the file must rebuild this very model: check it now rather than at load time; a zoo
+        # model whose structure was changed is saved as one the caller builds
+        try:
+            same = _same_structure(model, _restore(arch, blobs, "save_packed"))
+        except ValueError:   # e.g. the constructor's graph does not fuse like the model's
+            same = False
+        if not same:
+            arch["model"] = arch["kwargs"] = None
+            meta = metadata()
     atomic_write_bytes(path, encode_safetensors(blobs, meta))
 
 
-def _same_structure(model: nn.Module, rebuilt: nn.Module) -> None:
+def _same_structure(model: nn.Module, rebuilt: nn.Module) -> bool:
+    """Whether ``rebuilt`` has ``model``'s modules, graph and state, bit for bit."""
+    from .graph import IntegerGraph
+    if isinstance(model, IntegerGraph) != isinstance(rebuilt, IntegerGraph):
+        return False
+    if isinstance(model, IntegerGraph) and (model.code != rebuilt.code
+                                            or model.fusions != rebuilt.fusions):
+        return False
     a = dict(model.named_modules())
     b = dict(rebuilt.named_modules())
     if list(a) != list(b):
-        extra, missing = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        raise ValueError("save_packed: the model's modules differ from those of its rebuilt "
-                         f"description (only in the model: {extra[:5]}, only rebuilt: "
-                         f"{missing[:5]})")
+        return False
     for name in a:
         ma, mb = a[name], b[name]
+        if not name and isinstance(ma, IntegerGraph):
+            continue   # each GraphModule has its own class
         # (an LSQQuantizer's repr shows its init method, which inference never uses; its state
         # and its enabled flag are checked below and by the layer record)
         if type(ma) is not type(mb) or (ma.extra_repr() != mb.extra_repr()
                                         and not isinstance(ma, LSQQuantizer)):
-            raise ValueError(f"save_packed: module {name or '(model)'!r} is "
-                             f"{type(ma).__name__}({ma.extra_repr()}), but its description "
-                             f"rebuilds {type(mb).__name__}({mb.extra_repr()}): only unmodified "
-                             "oqfl_ext.models architectures can be saved")
+            return False
     sa, sb = model.state_dict(), rebuilt.state_dict()
-    for key in sa:
-        if not torch.equal(sa[key].cpu(), sb[key]):
-            raise ValueError(f"save_packed: tensor {key!r} does not survive the round trip")
+    return list(sa) == list(sb) and all(torch.equal(sa[k].cpu(), sb[k]) for k in sa)
 
 
-def _restore(arch: dict, blobs: Dict[str, Tensor], where: str) -> nn.Module:
-    """Rebuild the model of ``arch`` and load ``blobs`` into it, validating every size and
-    value range. Raises ValueError naming the problem."""
-    # the description against the file's size before anything is built, then the exact
-    # sizes on the meta device (which allocates nothing)
-    _check_file_size(arch, blobs, where)
-    entries = _entries(_build(arch, "meta"))
-    expected: Dict[str, Tuple[torch.dtype, int]] = {}
-    for _, blob, dtype, numel in entries:
-        d, n = expected.get(blob, (dtype, 0))
-        expected[blob] = (dtype, n + numel)
+def _restore(arch: dict, blobs: Dict[str, Tensor], where: str,
+             model: Optional[nn.Module] = None) -> nn.Module:
+    """Build the model of ``arch`` (on the caller's ``model`` structure if given) and load
+    ``blobs`` into it, validating every size and value range. Raises ValueError naming the
+    problem."""
+    # a zoo description against the file's size before anything is built
+    if model is None:
+        _check_file_size(arch, blobs, where)
+    built = _structure(arch, model, where)
+    manifest = arch["state"]
+    if not isinstance(manifest, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+            and isinstance(e[1], str) and isinstance(e[2], list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[2])
+            for e in manifest):
+        raise ValueError(f"{where}: architecture state expected [[key, blob, shape], ...]")
+    need = {key: (blob, tuple(shape)) for key, blob, shape in _manifest(built)}
+    have = {key: (blob, tuple(shape)) for key, blob, shape in manifest}
+    if len(have) != len(manifest):
+        raise ValueError(f"{where}: architecture state lists a key twice")
+    missing = [k for k in need if k not in have]
+    extra = [k for k in have if k not in need]
+    if missing or extra:
+        raise ValueError(f"{where}: the file's tensors do not fit the model: missing from the "
+                         f"file {missing[:5]}{' ...' if len(missing) > 5 else ''}, not in the "
+                         f"model {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for key, (blob, shape) in have.items():
+        if need[key] != (blob, shape):
+            raise ValueError(f"{where}: entry {key!r} is {blob} {list(shape)} in the file, the "
+                             f"model needs {need[key][0]} {list(need[key][1])}")
+    expected: Dict[str, int] = {}
+    for key, (blob, shape) in have.items():
+        expected[blob] = expected.get(blob, 0) + math.prod(shape)
     if set(blobs) != set(expected):
         raise ValueError(f"{where}: the file holds tensors {sorted(blobs)}, the architecture "
                          f"needs {sorted(expected)}")
-    for blob, (dtype, n) in expected.items():
-        t = blobs[blob]
+    for blob, n in expected.items():
+        t, dtype = blobs[blob], _blob_dtype(blob)
         if t.dtype != dtype or t.dim() != 1 or t.numel() != n:
             raise ValueError(f"{where}: tensor {blob!r} is {t.dtype} {list(t.shape)}, the "
                              f"architecture needs {dtype} [{n}]")
-    model = _build(arch)
-    ints = _int_layers(model)
-    target = model.state_dict()
+    ints = _int_layers(built)
+    target = built.state_dict()
     state: Dict[str, Tensor] = {}
     offsets = dict.fromkeys(expected, 0)
-    for key, blob, dtype, numel in entries:
+    for key, blob, shape in manifest:
+        numel = math.prod(shape)
         flat = blobs[blob][offsets[blob]:offsets[blob] + numel]
         offsets[blob] += numel
         if blob == "codes":
@@ -1046,39 +1192,38 @@ def _restore(arch: dict, blobs: Dict[str, Tensor], where: str) -> nn.Module:
             m = ints[lname]
             if isinstance(m, QConv2dInt):
                 kh, kw = m.kernel_size
-                shape = (m.out_channels, m.in_channels // m.groups, kh, kw)
+                wshape = (m.out_channels, m.in_channels // m.groups, kh, kw)
             else:
-                shape = (m.out_features, m.in_features)
-            codes = ops.unpack(flat.contiguous(), m.w_bits, math.prod(shape), True)
-            lo, hi = bit_range(m.weight_bits, True)
+                wshape = (m.out_features, m.in_features)
+            codes = ops.unpack(flat.contiguous(), m.w_bits, math.prod(wshape), True)
+            lo, hi = bit_range(m.code_bits, True)
             if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
                 raise ValueError(f"{where}: layer {lname!r}: weight codes outside the "
-                                 f"{m.weight_bits}-bit range [{lo}, {hi}]")
-            codes = codes.reshape(shape)
-            if isinstance(m, QConv2dInt):
-                packed = ops.pack_conv_weight(codes, m.w_bits, m.groups)
-            else:
-                packed = ops.pack_linear_weight(codes, m.w_bits)
-            state[lname + ".w_packed"] = packed
+                                 f"{m.code_bits}-bit range [{lo}, {hi}]")
+            state[lname + ".w_packed"] = m._pack_weight(codes.reshape(wshape)).to(
+                m.w_packed.device)
         else:
-            state[key] = flat.reshape(target[key].shape).clone()
-    _check_values(model, state, where)
+            state[key] = flat.reshape(target[key].shape).clone().to(target[key].device)
+    _check_values(built, state, where)
     for lname, m in ints.items():
-        for sname in ("w_scale", "x_scale"):
+        scales = ["w_scale", "x_scale"] + (["out_scale"] if m.out_quant else [])
+        for sname in scales:
             s = state[f"{lname}.{sname}"]
             if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
                 raise ValueError(f"{where}: layer {lname!r}: {sname} is not positive and finite")
-        zp = int(state[f"{lname}.x_zero_point"].item())
-        lo, hi = _code_domain(m.act_signed)
-        if not lo <= zp <= hi:
-            raise ValueError(f"{where}: layer {lname!r}: zero point {zp} outside the "
-                             f"{'signed' if m.act_signed else 'unsigned'} code domain "
-                             f"[{lo}, {hi}]")
+        zps = [("x_zero_point", _code_domain(m.act_signed))]
+        if m.out_quant:
+            zps.append(("out_zero_point", _code_domain(m.out_quant_min < 0)))
+        for zname, (lo, hi) in zps:
+            zp = int(state[f"{lname}.{zname}"].item())
+            if not lo <= zp <= hi:
+                raise ValueError(f"{where}: layer {lname!r}: zero point {zname} = {zp} outside "
+                                 f"the code domain [{lo}, {hi}]")
     try:
-        model.load_state_dict(state, strict=True)
+        built.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{where}: the tensors do not fit the architecture: {e}") from None
-    return model.eval()
+    return built.eval()
 
 
 def _read_metadata(data: bytes, path: str) -> Dict[str, str]:
@@ -1091,23 +1236,30 @@ def _read_metadata(data: bytes, path: str) -> Dict[str, str]:
     return meta
 
 
-def load_packed(path, map_location=None) -> nn.Module:
+def load_packed(path, map_location=None, *, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a model saved by :func:`save_packed` (format in its docstring), without pickle.
 
-    Rebuilds the architecture from the file's metadata (``oqfl_ext.models.create`` plus the
-    recorded integer and fake-quant layers), checks every tensor of the file against it
-    (format name and version, digest; then, before building anything, the constructor
-    arguments against ``oqfl_ext.models.ARGUMENT_RANGES`` and the file's size against the
-    weights and BatchNorm layers they imply; the blobs' dtypes and sizes against the rebuilt
-    model, the packed code bytes and their range, finite floating-point entries, non-negative
+    Builds the structure: a zoo model from the file's description (``oqfl_ext.models.create``),
+    or, for any other model, from ``model``: the structure the file was saved from before
+    conversion (e.g. ``quantize_model(MyNet())``, calibrated or not, or the float ``MyNet()``;
+    it is copied, not modified). The recorded integer and fake-quant layers replace its
+    Conv2d/Linear layers (a quantized layer of ``model`` must have the recorded bits), and a
+    fused graph is traced and fused again, which must give the recorded fusion. Then every
+    tensor of the file is checked against that structure (format name and version, digest;
+    before building a zoo model, its constructor arguments against
+    ``oqfl_ext.models.ARGUMENT_RANGES`` and the file's size against the weights and BatchNorm
+    layers they imply; every state entry's presence, blob and shape, the blobs' dtypes and
+    sizes, the packed code bytes and their range, finite floating-point entries, non-negative
     BatchNorm running variances, positive scales, zero points inside the code domain),
-    re-blocks the weight codes for the kernels and returns the model in eval mode, on
-    ``map_location`` (default CPU).
+    the weight codes are re-blocked for the kernels, and the model is returned in eval mode,
+    on ``map_location`` (default CPU).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is not a valid, complete packed model (corrupt, truncated, another
-            format or version, tensors that do not match the architecture); the message names
+            format or version, tensors that do not match the architecture), or ``model`` does
+            not match it (missing, extra or mis-shaped tensors, other layer bits, another
+            fused graph), or the file needs ``model`` and none was given; the message names
             the path and the problem.
     """
     path = os.fspath(path)
@@ -1130,8 +1282,10 @@ def load_packed(path, map_location=None) -> nn.Module:
         raise ValueError(f"{path}: format {fmt!r}, expected {PACKED_FORMAT!r} (a file "
                          "written by oqfl_ext.save_packed)")
     if version != str(PACKED_VERSION):
+        old = (" (version 1 predates the fused integer graph; save the model again with this "
+               "oqfl_ext)" if version == "1" else "")
         raise ValueError(f"{path}: {PACKED_FORMAT} version {version!r}, this oqfl_ext reads "
-                         f"version {PACKED_VERSION}")
+                         f"version {PACKED_VERSION}{old}")
     unknown = set(meta) - {"format", "version", "architecture", "digest"}
     if unknown or "architecture" not in meta or "digest" not in meta:
         raise ValueError(f"{path}: metadata keys {sorted(meta)}, expected ['architecture', "
@@ -1143,10 +1297,10 @@ def load_packed(path, map_location=None) -> nn.Module:
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: metadata 'architecture' is not valid JSON ({e})") from None
     try:
-        model = _restore(arch, blobs, path)
+        loaded = _restore(arch, blobs, path, model)
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(path) else f"{path}: {msg}") from None
     if map_location is not None:
-        model = model.to(map_location)
-    return model
+        loaded = loaded.to(map_location)
+    return loaded
