@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import warnings
 
 import pytest
 import torch

@@ -7,7 +7,8 @@
   :func:`calibrate`, :func:`set_quantizers_enabled`.
 * :func:`cost`: parameter bytes and BitOPs per layer.
 * :func:`convert`: a trained model to integer inference (:class:`QConv2dInt`,
-  :class:`QLinearInt`); :func:`save_packed` / :func:`load_packed`: its compact file.
+  :class:`QLinearInt`, fused into an :class:`IntegerGraph` when the model traces);
+  :func:`save_packed` / :func:`load_packed`: its compact file.
 """
 
 from .quantizer import LSQQuantizer, bit_range, MIN_STEP, MAX_STEP
@@ -17,10 +18,12 @@ from .quantize import (quantize_model, quantization_summary, calibrate, set_quan
 from .bitops import cost, CostReport, LayerCost
 from .integer import (QConv2dInt, QLinearInt, convert, save_packed, load_packed,
                       ConversionWarning)
+from .graph import IntegerGraph
 
 __all__ = [
     "LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "QuantConv2d", "QuantLinear",
     "quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled", "edge_layers",
     "cost", "CostReport", "LayerCost",
     "QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed", "ConversionWarning",
+    "IntegerGraph",
 ]

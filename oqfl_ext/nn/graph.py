@@ -24,7 +24,8 @@ and returns a :class:`Fusion` per integer layer saying what its epilogue absorbe
    quantization ``q(v) = clamp(round(v / s + z), lo, hi)`` is non-decreasing, so
    ``max(q(v_i)) = q(max(v_i))`` for every pooling window (PyTorch's max pooling never lets a
    padding element win and every window holds at least one input element; on codes the
-   pooling runs as :func:`max_pool2d_codes`), and flatten only reorders elements. Nothing else (average pooling, a float layer, the logits) gets codes.
+   pooling runs as :func:`max_pool2d_codes`), and flatten only reorders elements. Nothing
+   else (average pooling, a float layer, the logits) gets codes.
 
 A layer called at several places is not fused (its call sites could need different
 epilogues). :class:`IntegerGraph` is the ``fx.GraphModule`` that ``convert`` returns.
@@ -106,6 +107,7 @@ class IntegerGraph(fx.GraphModule):
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
+        type(res).__name__ = "IntegerGraph"   # GraphModule's copy names its class GraphModule
         res.source = copy.deepcopy(self.source, memo)
         res.fusions = copy.deepcopy(self.fusions, memo)
         return res

@@ -43,8 +43,9 @@ The fused graph (``convert(model)``, :mod:`oqfl_ext.nn.graph` for the patterns):
   codes negated (the op takes ``w_scale > 0``) and a channel with ``f = 0`` (the constant
   ``beta``) zero codes. The most negative code ``-2**(b-1)`` has no negation in ``b`` bits:
   such a layer stores ``code_bits = b + 1`` (2- and 3-bit weights stay in the int4
-  container, 4..7-bit ones move to the int8 one). An 8-bit layer with a negated ``-128`` cannot be folded: that
-  BatchNorm stays a float module after the layer, and the ConversionWarning names it.
+  container, 4..7-bit ones move to the int8 one). An 8-bit layer with a negated ``-128``
+  cannot be folded: that BatchNorm stays a float module after the layer, and the
+  ConversionWarning names it.
 * Epilogue. A residual add, then a ReLU / ReLU6, after an integer layer become the op's
   fused epilogue: ``v = acc * x_scale * w_scale' + bias'``, ``v += residual`` (the other
   operand of the add, float32), ``relu``, ``min(v, clamp_max)``. The fake-quant model adds the
@@ -303,19 +304,22 @@ class _QIntBase(nn.Module):
 
 
 class QConv2dInt(_QIntBase):
-    """Integer inference twin of :class:`QuantConv2d`: ``forward(x)`` is
+    """Integer inference twin of :class:`QuantConv2d`: ``forward(x, residual=None)`` is
     ``oqfl_ext.ops.qconv2d`` with the layer's packed weight codes, per-output-channel weight
-    scales, input scale / integer zero point / code range, and float bias.
+    scales, input scale / integer zero point / code range, float bias and epilogue
+    (:class:`_QIntBase`; a plain twin has none).
 
     Build one with :meth:`from_quant` (or :func:`convert`); the constructor makes an empty
     layer of the given configuration (zero weights) to load a state into.
 
     The input is float (float32; other float dtypes are computed in float32 and the result is
     cast back), quantized inside the op exactly like the fake-quant layer's input quantizer with
-    its zero point rounded to an integer (module docstring of ``oqfl_ext.nn.integer``). The
-    output is float32 ``[N, OC, OH, OW]``. ``padding_mode`` other than ``"zeros"`` and string
+    its zero point rounded to an integer (module docstring of ``oqfl_ext.nn.integer``), or, with
+    ``input_codes``, the codes themselves. The output is float32 ``[N, OC, OH, OW]``, or its
+    codes (channels_last) with ``out_quant``. ``padding_mode`` other than ``"zeros"`` and string
     paddings that need asymmetric padding pad the float input first (as ``nn.Conv2d`` does),
-    then run the op without padding. Not differentiable: inference only.
+    then run the op without padding (such a layer cannot take codes). Not differentiable:
+    inference only.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -403,9 +407,10 @@ class QConv2dInt(_QIntBase):
 
 
 class QLinearInt(_QIntBase):
-    """Integer inference twin of :class:`QuantLinear`: ``forward(x)`` is
+    """Integer inference twin of :class:`QuantLinear`: ``forward(x, residual=None)`` is
     ``oqfl_ext.ops.qlinear`` on ``x [..., in_features]`` (float, quantized inside the op as in
-    :class:`QConv2dInt`), output float32 ``[..., out_features]``."""
+    :class:`QConv2dInt`, or codes), output float32 ``[..., out_features]`` (or its codes), with
+    the epilogue of :class:`_QIntBase`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight_bits: int, act_bits: int, act_signed: bool,
@@ -634,7 +639,7 @@ def convert(model: nn.Module, inplace: bool = False, fuse: Optional[bool] = None
         except ValueError as e:
             raise ValueError(f"convert: layer {name!r}: {e}") from None
     gm = None
-    if fuse:
+    if fuse and any(isinstance(t, _QIntBase) for t in twins.values()):
         source = _zoo_source(model)
         try:
             gm = fx_graph.trace(model)
