@@ -7,9 +7,12 @@
 // pixel's 4 input bytes (vpbroadcastd) into vpdpbusd (u8 activations x s8 weights -> int32).
 // 14 divides the ResNet widths 56, 28 and 14; other widths end with a shorter tile.
 // Epilogue fused in registers: acc - zp * wsum, cvt to float, multiply by the float scale
-// product and add the bias with the explicit-rounding intrinsics _mm512_mul_round_ps /
-// _mm512_add_round_ps (builtins that the compiler never contracts into an FMA, unlike
-// _mm512_mul_ps / _mm512_add_ps, which GCC implements as plain vector arithmetic), then relu.
+// product and add the bias (and the residual) with the explicit-rounding intrinsics
+// _mm512_mul_round_ps / _mm512_add_round_ps (builtins that the compiler never contracts into an
+// FMA, unlike _mm512_mul_ps / _mm512_add_ps, which GCC implements as plain vector arithmetic),
+// then relu and the clamp, then a float32 store or the output codes (quantize16, as for the
+// input). Plain float output without residual or clamp keeps its store modes (streaming, full
+// rows); the other modes store each 16-channel block with masked stores (finish16).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
@@ -17,7 +20,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "isa/qconv2d_epilogue.h"
 #include "isa/qconv2d_table.h"
 
 #if defined(__clang__)
@@ -100,12 +102,80 @@ void prepare_slab(const uint8_t* src, int bits, int64_t rows, int8_t* dst, int32
   _mm512_storeu_si512(wsum, acc);
 }
 
-inline __m512 epilogue(__m512i acc, __m512i zws, __m512 scale, const __m512* bias, bool relu) {
+// (float)(acc - zp * wsum) * scale + bias, rounded after each operation.
+inline __m512 scaled(__m512i acc, __m512i zws, __m512 scale, const __m512* bias) {
   __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zws));
   f = _mm512_mul_round_ps(f, scale, kRound);
   if (bias != nullptr) f = _mm512_add_round_ps(f, *bias, kRound);
-  if (relu) f = _mm512_max_ps(_mm512_setzero_ps(), f);  // max(0, NaN) = NaN, like torch.relu
   return f;
+}
+
+// relu, then min(., clamp_max). max/min return their second operand when one is NaN, so a NaN
+// stays NaN (like torch.relu / torch.clamp), and on equal values (+-0) the value itself, as
+// the scalar epilogue's comparisons do.
+inline __m512 activate(__m512 f, bool relu, bool clamp, __m512 clamp_max) {
+  if (relu) f = _mm512_max_ps(_mm512_setzero_ps(), f);
+  if (clamp) f = _mm512_min_ps(clamp_max, f);
+  return f;
+}
+
+inline __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// The broadcast epilogue constants of a row.
+struct FinishVecs {
+  __m512 clamp_max, out_scale, out_zero_point, out_lo, out_hi;
+  explicit FinishVecs(const QConvRowArgs& a)
+      : clamp_max(_mm512_set1_ps(a.has_clamp ? a.clamp_max : 0.f)),
+        out_scale(_mm512_set1_ps(a.out_scale)),
+        out_zero_point(_mm512_set1_ps(a.out_zero_point)),
+        out_lo(_mm512_set1_ps(a.out_qmin)),
+        out_hi(_mm512_set1_ps(a.out_qmax)) {}
+};
+
+// Channels ch0 .. ch0 + valid - 1 (valid >= 1; lanes past 16 ignored) of pixel p of the run,
+// from the scaled values f: + residual, relu, clamp, then the float32 values or their codes,
+// through any channel stride (a scalar loop when it is not 1).
+inline void finish16(const QConvRowArgs& a, const FinishVecs& e, int64_t p, int64_t ch0,
+                     int64_t valid, __m512 f) {
+  const int64_t n = valid < 16 ? valid : 16;
+  const __mmask16 m = lane_mask(n);
+  if (a.residual != nullptr) {
+    const float* r = a.residual + p * a.res_pix_stride + ch0 * a.res_oc_stride;
+    __m512 rv;
+    if (a.res_oc_stride == 1) {
+      rv = _mm512_maskz_loadu_ps(m, r);
+    } else {
+      alignas(64) float t[16] = {0};
+      for (int64_t j = 0; j < n; ++j) t[j] = r[j * a.res_oc_stride];
+      rv = _mm512_load_ps(t);
+    }
+    f = _mm512_add_round_ps(f, rv, kRound);
+  }
+  f = activate(f, a.relu, a.has_clamp, e.clamp_max);
+  const int64_t os = a.out_oc_stride;
+  if (a.out_codes != nullptr) {
+    const __m128i q = quantize16(f, e.out_scale, e.out_zero_point, e.out_lo, e.out_hi,
+                                 _mm512_setzero_si512());
+    uint8_t* out = a.out_codes + p * a.out_pix_stride + ch0 * os;
+    if (os == 1) {
+      _mm_mask_storeu_epi8(out, m, q);
+    } else {
+      alignas(16) uint8_t t[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), q);
+      for (int64_t j = 0; j < n; ++j) out[j * os] = t[j];
+    }
+    return;
+  }
+  float* out = a.out + p * a.out_pix_stride + ch0 * os;
+  if (os == 1) {
+    _mm512_mask_storeu_ps(out, m, f);
+  } else {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, f);
+    for (int64_t j = 0; j < n; ++j) out[j * os] = t[j];
+  }
 }
 
 // How one 16-channel block of a tile is stored (chosen once per tile).
@@ -175,16 +245,6 @@ void tile(const QConvRowArgs& a, int64_t p0) {
       }
     }
   }
-  if (a.out_codes != nullptr || a.residual != nullptr || a.has_clamp) {
-    // Residual, clamp and code output: the shared scalar epilogue, pixel by pixel.
-    for (int m = 0; m < M; ++m) {
-      alignas(64) int32_t acc[32];
-      _mm512_store_si512(acc, c0[m]);
-      if (TWO) _mm512_store_si512(acc + 16, c1[m]);
-      qconv_store_pixel(a, p0 + m, acc);
-    }
-    return;
-  }
   const __m512i z0 = _mm512_loadu_si512(a.zws), z1 = _mm512_loadu_si512(a.zws + 16);
   const __m512 s0 = _mm512_loadu_ps(a.scale), s1 = _mm512_loadu_ps(a.scale + 16);
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
@@ -193,19 +253,32 @@ void tile(const QConvRowArgs& a, int64_t p0) {
     bias0 = _mm512_loadu_ps(a.bias);
     bias1 = _mm512_loadu_ps(a.bias + 16);
   }
-  const int64_t pix_stride = a.out_pix_stride, oc_stride = a.out_oc_stride;
   const int64_t valid0 = a.noc, valid1 = a.noc - 16;
+  if (a.out_codes != nullptr || a.residual != nullptr || a.has_clamp) {
+    const FinishVecs e(a);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      finish16(a, e, p0 + m, 0, valid0, scaled(c0[m], z0, s0, has_bias ? &bias0 : nullptr));
+      if (TWO)
+        finish16(a, e, p0 + m, 16, valid1, scaled(c1[m], z1, s1, has_bias ? &bias1 : nullptr));
+    }
+    return;
+  }
+  const int64_t pix_stride = a.out_pix_stride, oc_stride = a.out_oc_stride;
   float* out = a.out + p0 * pix_stride;
   float* out1 = out + 16 * oc_stride;
   const StoreMode mode0 = store_mode(a, valid0, out);
   const StoreMode mode1 = TWO ? store_mode(a, valid1, out1) : kSkip;
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
+    const __m512 zero = _mm512_setzero_ps();
     store16(mode0, out + m * pix_stride,
-            epilogue(c0[m], z0, s0, has_bias ? &bias0 : nullptr, relu), valid0, oc_stride);
+            activate(scaled(c0[m], z0, s0, has_bias ? &bias0 : nullptr), relu, false, zero),
+            valid0, oc_stride);
     if (TWO)
       store16(mode1, out1 + m * pix_stride,
-              epilogue(c1[m], z1, s1, has_bias ? &bias1 : nullptr, relu), valid1, oc_stride);
+              activate(scaled(c1[m], z1, s1, has_bias ? &bias1 : nullptr), relu, false, zero),
+              valid1, oc_stride);
   }
 }
 
