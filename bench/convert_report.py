@@ -125,7 +125,7 @@ def accuracy_section(args) -> list:
               "(indicative only; the kernel speed is measured in bench/report_qconv.py)."]
     if all(bool(torch.equal(z, z.round())) for z in trained_offsets.values()):
         lines += ["", "Here the trained offset is still the integer of its initialization: an "
-                  "LSQ+ offset only receives gradient from clamped inputs (DESIGN.md section 2), "
+                  "LSQ+ offset only receives gradient from clamped inputs (docs/DESIGN.md section 2), "
                   "and the initial range covered every pixel value, so none was clamped. The "
                   "converted model is then exact up to float rounding."]
     return lines, model

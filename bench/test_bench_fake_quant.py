@@ -67,7 +67,7 @@ def lsq_fake_quant(
     axis: Optional[int],
     grad_factor: float,
 ) -> torch.Tensor:
-    """LSQ fake quant written with ordinary PyTorch ops (DESIGN.md section 2).
+    """LSQ fake quant written with ordinary PyTorch ops (docs/DESIGN.md section 2).
 
     v = x/s + z; q = clamp(round(v), qmin, qmax); y = (q - z)*s, computed in float32 and
     returned in x's dtype. Autograd through it gives: dx = dy in range, 0 outside;

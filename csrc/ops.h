@@ -1,4 +1,5 @@
 // Backend entry points of the oqfl ops; schemas are in registration.cpp.
+// qconv2d/qlinear's trailing arguments are the fused epilogue (docs/DESIGN.md section 7).
 #pragma once
 
 #include <array>
@@ -34,11 +35,18 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                         int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
-                        int64_t x_quant_max);
+                        int64_t x_quant_max, const std::optional<at::Tensor>& residual,
+                        std::optional<double> clamp_max, const std::optional<at::Tensor>& out_scale,
+                        const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                        int64_t out_quant_max);
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& x_scale,
                         const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max);
+                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max,
+                        const std::optional<at::Tensor>& residual, std::optional<double> clamp_max,
+                        const std::optional<at::Tensor>& out_scale,
+                        const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                        int64_t out_quant_max);
 
 #ifdef OQFL_WITH_CUDA
 at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
@@ -64,11 +72,18 @@ at::Tensor qconv2d_cuda(const at::Tensor& x, const at::Tensor& x_scale,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                         int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, bool relu, int64_t x_quant_min,
-                        int64_t x_quant_max);
+                        int64_t x_quant_max, const std::optional<at::Tensor>& residual,
+                        std::optional<double> clamp_max, const std::optional<at::Tensor>& out_scale,
+                        const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                        int64_t out_quant_max);
 at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& x_scale,
                         const at::Tensor& x_zero_point, const at::Tensor& w_packed,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max);
+                        int64_t w_bits, bool relu, int64_t x_quant_min, int64_t x_quant_max,
+                        const std::optional<at::Tensor>& residual, std::optional<double> clamp_max,
+                        const std::optional<at::Tensor>& out_scale,
+                        const std::optional<at::Tensor>& out_zero_point, int64_t out_quant_min,
+                        int64_t out_quant_max);
 #endif
 
 }  // namespace oqfl

@@ -50,7 +50,7 @@
 //   ob * 16 + j >= OCg or cb * 4 + i >= ICg. One 64-byte row [j, i] is one AVX-512 VNNI operand
 //   (16 output channels x 4 input channels) and, per output channel j, one dp4a word.
 //   int4 (w_bits 4): the same elements, two per byte along the flattened [16, 4] row (element 2k
-//   in the low nibble of byte k, two's complement; DESIGN.md section 3), shape [..., 16, 2] uint8.
+//   in the low nibble of byte k, two's complement; docs/DESIGN.md section 3), shape [..., 16, 2] uint8.
 //   qlinear's w_packed is [OCB, ICB, 16, 4] / [OCB, ICB, 16, 2] (G = KH = KW = 1 dropped).
 #pragma once
 

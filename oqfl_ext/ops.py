@@ -107,7 +107,7 @@ def lsq_grad_factor(elements_per_step: int, quant_max: int) -> float:
 def pack(q: Tensor, bits: int) -> Tensor:
     """Packs integer codes into bytes.
 
-    The layout (``csrc/common/bitpack.h``, DESIGN.md section 3) is the same on every device and
+    The layout (``csrc/common/bitpack.h``, docs/DESIGN.md section 3) is the same on every device and
     is what :func:`quantize_pack` writes and :func:`unpack` / :func:`unpack_dequantize` read::
 
         bits=8: one byte per code (the int8 two's complement bits, or the uint8 value).
@@ -478,7 +478,7 @@ def pack_conv_weight(codes: Tensor, bits: int, groups: int = 1) -> Tensor:
     AVX-512 VNNI operand, and per output channel one dp4a word. For ``bits=4`` the same elements
     are packed two per byte along each flattened 64-element row, element ``2k`` in the LOW nibble
     and ``2k + 1`` in the HIGH nibble of byte ``k``, as 4-bit two's complement (the nibble order
-    of :func:`pack`, DESIGN.md section 3): shape ``[G, OCB, KH, KW, ICB, 16, 2]`` uint8, byte
+    of :func:`pack`, docs/DESIGN.md section 3): shape ``[G, OCB, KH, KW, ICB, 16, 2]`` uint8, byte
     ``[..., j, b]`` holding input channels ``2b`` (low) and ``2b + 1`` (high) of output
     channel ``j``. E.g. one output channel with the 1x1 codes ``[1, -2, 7]`` packs to the row
     ``[[1, -2, 7, 0], [0, 0, 0, 0], ...]`` (int8), or ``[[0xE1, 0x07], [0, 0], ...]`` (int4).

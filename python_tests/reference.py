@@ -2,7 +2,7 @@
 
 Two independent oracles:
 
-* ``fake_quant_ref`` / ``fake_quant_grads_ref``: the LSQ contract of DESIGN.md section 2,
+* ``fake_quant_ref`` / ``fake_quant_grads_ref``: the LSQ contract of docs/DESIGN.md section 2,
   evaluated in float64 from the inputs upcast (so a half-precision ``x`` is taken exactly as
   stored). Rounding is ``torch.round`` (half to even).
 * ``peer_forward_and_grads``: PyTorch's own learnable fake-quantize ops. They need a float
@@ -159,7 +159,7 @@ def peer_forward_and_grads(dy, x, scale, zero_point=None, *, quant_min, quant_ma
 # ------------------------------------------------------------------ packed codes
 
 def pack_ref(codes: Tensor, bits: int) -> Tensor:
-    """Bytes of integer codes (any int dtype, row-major), from the layout of DESIGN.md section 3
+    """Bytes of integer codes (any int dtype, row-major), from the layout of docs/DESIGN.md section 3
     written out with Python ints: int4 code 2i in the low nibble of byte i, 2i+1 in the high."""
     c = [int(v) for v in codes.reshape(-1).tolist()]
     if bits == 8:

@@ -1,4 +1,4 @@
-"""The federated update wire format (oqfl_ext.fl.codec, DESIGN.md section 4)."""
+"""The federated update wire format (oqfl_ext.fl.codec, docs/DESIGN.md section 4)."""
 
 from __future__ import annotations
 

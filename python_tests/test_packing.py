@@ -1,6 +1,6 @@
 """Packed integer codes: pack / unpack, quantize_pack / unpack_dequantize.
 
-Golden bytes pin the layout (DESIGN.md section 3); round trips, float64 references
+Golden bytes pin the layout (docs/DESIGN.md section 3); round trips, float64 references
 (reference.py), agreement with fake_quant, the stochastic-rounding contract (unbiased,
 reproducible from the generator, independent of the thread count), every error, and
 torch.library.opcheck on every op."""

@@ -1,4 +1,4 @@
-// Packed integer codes (DESIGN.md section 3), shared by the CPU and CUDA packing kernels and the
+// Packed integer codes (docs/DESIGN.md section 3), shared by the CPU and CUDA packing kernels and the
 // C++ unit tests. Torch-free.
 //
 // int8: one code per byte, the code's two's complement bits (signed) or its value (unsigned).

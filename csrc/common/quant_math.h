@@ -1,4 +1,4 @@
-// Scalar LSQ fake-quantization math (DESIGN.md section 2), shared by the CPU kernels (their
+// Scalar LSQ fake-quantization math (docs/DESIGN.md section 2), shared by the CPU kernels (their
 // scalar tails and portable path), the CUDA kernels and the C++ unit tests. Torch-free.
 //
 //   v = x / s + z;   r = round_half_to_even(v);   q = clamp(r, qmin, qmax);   y = (q - z) * s

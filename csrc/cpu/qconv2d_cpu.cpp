@@ -28,6 +28,7 @@
 
 #include "common/checks.h"
 #include "cpu/cpu_capability.h"
+#include "ops.h"
 #include "qconv_args.h"
 
 namespace oqfl {

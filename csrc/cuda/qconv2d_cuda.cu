@@ -66,6 +66,7 @@
 #include <vector>
 
 #include "common/quant_math.h"
+#include "ops.h"
 #include "qconv_args.h"
 
 namespace oqfl {

@@ -18,7 +18,7 @@ std::vector<uint8_t> pack_all(const std::vector<int32_t>& codes, int bits) {
 }
 
 void test_golden() {
-  // The example of bitpack.h and DESIGN.md section 3.
+  // The example of bitpack.h and docs/DESIGN.md section 3.
   EXPECT((pack_all({1, -2, 7, -8, 3}, 4) == std::vector<uint8_t>{0xE1, 0x87, 0x03}));
   EXPECT((pack_all({0, 15, 10}, 4) == std::vector<uint8_t>{0xF0, 0x0A}));
   EXPECT((pack_all({-1, 0, 127, -128}, 8) == std::vector<uint8_t>{0xFF, 0x00, 0x7F, 0x80}));

@@ -1,4 +1,4 @@
-"""Federated learning: the client-update wire format (DESIGN.md section 4), clients, the
+"""Federated learning: the client-update wire format (docs/DESIGN.md section 4), clients, the
 FedAvg/FedAvgM server, checkpoints, run metrics, one experiment's configuration and construction
 (:mod:`oqfl_ext.fl.experiment`) and the ``oqfl-fl`` command line (:mod:`oqfl_ext.fl.cli`)."""
 

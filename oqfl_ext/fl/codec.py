@@ -1,4 +1,4 @@
-"""Wire formats of a federated client update (DESIGN.md section 4) and of the model broadcast.
+"""Wire formats of a federated client update (docs/DESIGN.md section 4) and of the model broadcast.
 
 An update (a dict of named float tensors, e.g. ``new_weights - global_weights``) travels as ONE
 safetensors blob; nothing on this path uses pickle.

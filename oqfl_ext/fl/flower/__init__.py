@@ -1,7 +1,7 @@
 """OQFL federations across machines on Flower (the optional extra: ``pip install .[flower]``).
 
 * :mod:`.server_app` / :mod:`.client_app`: the Flower ServerApp and ClientApp (Message API);
-  the blobs of DESIGN.md section 4 travel as message content (:mod:`.wire`), aggregation and
+  the blobs of docs/DESIGN.md section 4 travel as message content (:mod:`.wire`), aggregation and
   evaluation are :class:`oqfl_ext.fl.Server`'s own code.
 * :mod:`.task`: the run config (the experiment of :mod:`oqfl_ext.fl.experiment` and the Flower
   settings), and :func:`~.task.run_in_process`, the same experiment without Flower.

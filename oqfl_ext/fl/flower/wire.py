@@ -2,7 +2,7 @@
 
 Bytes travel as one ``Array(dtype="uint8", shape=(n,), stype="raw", data=blob)`` in an
 ArrayRecord (Flower splits large arrays into chunks on the wire and checks them), so what a
-ClientApp sends is exactly the blob of DESIGN.md section 4 and the ServerApp receives it
+ClientApp sends is exactly the blob of docs/DESIGN.md section 4 and the ServerApp receives it
 byte for byte; nothing is pickled.
 
 ``train`` message (ServerApp -> ClientApp)::
