@@ -131,11 +131,16 @@ def accuracy_section(args) -> list:
     return lines, model
 
 
-def _packed_size(model, folder: Path, stem: str) -> int:
+def _packed_size(model, folder: Path, stem: str, probe: torch.Tensor) -> int:
     p = folder / f"{stem}.safetensors"
     save_packed(model, p)
-    loaded = load_packed(p)   # the file loads back (validated) into the same structure
-    assert type(loaded) is type(model)
+    # the file loads back (validated) into a model that computes what the converted one does
+    loaded = load_packed(p)
+    with torch.no_grad():
+        want = convert(model)(probe)
+        got = loaded(probe)
+    if not torch.equal(got, want):
+        raise AssertionError(f"{stem}: the loaded packed model differs from the converted one")
     return p.stat().st_size
 
 
@@ -179,7 +184,7 @@ def size_section(trained_small) -> list:
                     calibrate(q, x)
                 if bits == 4:
                     fq = _float_size(q, folder, f"{name}-fq")
-                sizes[bits] = _packed_size(q.eval(), folder, f"{name}-w{bits}")
+                sizes[bits] = _packed_size(q.eval(), folder, f"{name}-w{bits}", x)
             label = name + (" (W4: trained above)" if name == "small_cnn"
                             and trained_small is not None else "")
             lines.append(f"| {label} | {params} | {f32} | {fq} | {sizes[4]} "

@@ -1040,38 +1040,10 @@ def save_packed(model: nn.Module, path) -> None:
     (an ``nn.Sequential``, torchvision's, a modified zoo model) is loaded into a structure the
     caller builds: ``load_packed(path, model=...)``.
 
-    File format (``PACKED_FORMAT`` version ``PACKED_VERSION``), a safetensors file whose
-    metadata holds:
-
-    * ``format`` = ``"oqfl_ext.packed_model"``, ``version`` = ``"2"``;
-    * ``architecture``: JSON ``{"model", "kwargs", "graph", "layers", "state"}``:
-
-      - ``model``, ``kwargs``: ``oqfl_ext.models.create(model, **kwargs)`` rebuilds the float
-        skeleton (every argument within ``oqfl_ext.models.ARGUMENT_RANGES``); both null when
-        the caller provides the structure;
-      - ``graph``: whether the model is a fused graph (:func:`convert`'s default): the loader
-        traces the skeleton and fuses it again, and the result must be the recorded fusion;
-      - ``layers``: ``{layer: record}``, which Conv2d/Linear of the skeleton becomes an
-        integer layer (``{"kind": "int", "weight_bits", "act_bits", "act_signed",
-        "code_bits", "fusion": {"bn", "residual", "relu", "clamp_max", "input_codes",
-        "out_codes"}}``, :class:`oqfl_ext.nn.graph.Fusion`) or a fake-quant layer
-        (``{"kind": "fake_quant", "weight_bits", "act_bits", "act_signed", "enabled"}``);
-      - ``state``: ``[[key, blob, shape], ...]``: every entry of the model's ``state_dict``
-        in order, where it is stored and its shape;
-
-    * ``digest``: ``"sha256:" + hex`` over the other metadata fields and every tensor's name,
-      dtype, shape and bytes.
-
-    The tensors are, to keep the file small (one header entry per blob, not per tensor):
-
-    * ``codes`` (uint8): the compact weight codes of every integer layer in model order, each
-      ``oqfl_ext.ops.pack(codes[OC, IC/groups, KH, KW], w_bits)`` (int4: two per byte; int8:
-      one; state key ``<layer>.w_codes``) -- not the zero-padded blocked layout, which
-      :func:`load_packed` rebuilds;
-    * ``state.<dtype>`` (e.g. ``state.float32``, ``state.int32``, ``state.int64``,
-      ``state.bool``): every other tensor of the model's ``state_dict`` of that dtype (weight
-      scales, biases, input and output scales and zero points, BatchNorm parameters and
-      buffers, float and fake-quant layers) flattened and concatenated in ``state`` order.
+    File format (``PACKED_FORMAT`` version ``PACKED_VERSION``): docs/DESIGN.md section 4.7. One
+    safetensors file, no pickle: the compact weight codes in one blob, every other state entry
+    in one blob per dtype, and JSON metadata describing the architecture (the zoo constructor
+    or none, whether the graph is fused, each layer's bits and fusion, the state manifest).
 
     Python attributes outside the state (train mode, hooks) are not saved; the loaded model is
     in eval mode.
