@@ -24,26 +24,19 @@ it: a loader checks a file against them before it builds anything.
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Dict, List, Mapping, Tuple, Type
 
 import torch
 from torch import Tensor, nn
+
+from ._checks import check_int
 
 __all__ = ["SmallCNN", "VGG", "ResNet20", "MobileNetV2", "MODELS", "create", "ARGUMENT_RANGES",
            "check_arguments", "layer_sizes"]
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} expected an integer >= {minimum}, got {value!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} expected an integer >= {minimum}, got {v}")
-    return v
+    return check_int(name, value, minimum=minimum)
 
 
 def _check_image(x: Tensor, channels: int, size: int, model: str) -> Tensor:
@@ -304,8 +297,7 @@ def check_arguments(name: str, kwargs: Mapping[str, object]) -> None:
         lo, hi = ARGUMENT_RANGES[key]
         if key == "image_size":
             lo = cls.min_image_size
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError(f"{key} expected an integer in [{lo}, {hi}], got {value!r:.80}")
+        check_int(key, value, minimum=lo, maximum=hi)
 
 
 def layer_sizes(name: str, **kwargs) -> List[Tuple[str, int]]:

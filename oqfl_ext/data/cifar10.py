@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._checks import check_int
+
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CifarFormatError", "cifar10_dir",
            "load_cifar10", "read_batch"]
 
@@ -496,8 +498,7 @@ def load_cifar10(folder=None, split: str = "train", limit: Optional[int] = None,
     """
     if split not in ("train", "test"):
         raise ValueError(f"split expected 'train' or 'test', got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit expected None or a positive integer, got {limit!r}")
+    check_int("limit", limit, minimum=1, allow_none=True)
     names = _TRAIN_FILES if split == "train" else _TEST_FILES
     root = _folder(folder)
     where = cifar10_dir(folder)

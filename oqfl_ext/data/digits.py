@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .._checks import check_int
+
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DIGITS_TEST_FRACTION", "load_digits"]
 
 # mean and standard deviation of the training split's pixels (default seed and test fraction),
@@ -76,8 +78,7 @@ def load_digits(split: str = "train", limit: Optional[int] = None, normalize: bo
     """
     if split not in ("train", "test"):
         raise ValueError(f"split expected 'train' or 'test', got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit expected None or a positive integer, got {limit!r}")
+    check_int("limit", limit, minimum=1, allow_none=True)
     if (isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float))
             or not 0 < test_fraction < 1):
         raise ValueError(f"test_fraction expected a number in (0, 1), got {test_fraction!r}")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .idx import read_idx
+from .._checks import check_int
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
            "FASHION_MNIST_STD", "fashion_mnist_dir", "load_fashion_mnist"]
@@ -54,8 +55,7 @@ def load_fashion_mnist(split: str = "train", root=None, limit: Optional[int] = N
     """
     if split not in _FILES:
         raise ValueError(f"split expected 'train' or 'test', got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit expected None or a positive integer, got {limit!r}")
+    check_int("limit", limit, minimum=1, allow_none=True)
     folder = _folder(root)
     paths = [_find(folder, stem) for stem in _FILES[split]]
     if any(p is None for p in paths):

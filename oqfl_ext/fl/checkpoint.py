@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .metrics import check_rounds, jsonable, atomic_write_bytes
+from .._checks import check_int
 
 __all__ = ["CheckpointError", "CheckpointMismatch", "CheckpointWriteError", "Checkpoint",
            "CHECKPOINT_JSON", "RESUME_IGNORE", "save_checkpoint", "load_checkpoint", "restore", "resume",
@@ -231,8 +232,7 @@ def _write_failure(folder: Path, rnd: int, error: OSError) -> str:
 def _write_checkpoint(folder, server, *, config, rounds, keep) -> Path:
     from .._io import encode_safetensors
 
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep expected a positive integer, got {keep!r}")
+    check_int("keep", keep, minimum=1)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = server.state_dict()

@@ -93,6 +93,7 @@ from .. import ops
 from .._io import atomic_write_bytes, encode_safetensors, tensor_bytes, tensor_digest
 from .layers import QuantConv2d, QuantLinear
 from .quantizer import LSQQuantizer, bit_range
+from .._checks import check_int
 
 __all__ = ["QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed",
            "ConversionWarning", "PACKED_FORMAT", "PACKED_VERSION"]
@@ -417,8 +418,7 @@ class QLinearInt(_QIntBase):
                  code_bits: Optional[int] = None, device=None, **epilogue):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} expected a positive integer, got {v!r}")
+            check_int(name, v, minimum=1)
         self.in_features, self.out_features = in_features, out_features
         code_bits = self._code_bits(weight_bits, code_bits)
         shape = ops.linear_weight_layout_shape(out_features, in_features,

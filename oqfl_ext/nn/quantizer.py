@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._checks import check_int
 
 __all__ = ["LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "INIT_METHODS"]
 
@@ -128,13 +129,8 @@ class LSQQuantizer(nn.Module):
                                  f"(per_channel_axis=None), got {num_channels!r}")
             shape: Tuple[int, ...] = (1,)
         else:
-            if isinstance(per_channel_axis, bool) or not isinstance(per_channel_axis, int):
-                raise ValueError("per_channel_axis expected None or an integer, got "
-                                 f"{per_channel_axis!r}")
-            if isinstance(num_channels, bool) or not isinstance(num_channels, int) \
-                    or num_channels < 1:
-                raise ValueError("num_channels expected a positive integer with "
-                                 f"per_channel_axis={per_channel_axis}, got {num_channels!r}")
+            check_int("per_channel_axis", per_channel_axis, allow_none=True)
+            check_int("num_channels (with per_channel_axis)", num_channels, minimum=1)
             shape = (num_channels,)
         if grad_factor is not None and not float(grad_factor) > 0:
             raise ValueError(f"grad_factor expected None or a positive number, got {grad_factor!r}")
