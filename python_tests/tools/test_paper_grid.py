@@ -10,7 +10,7 @@ import pytest
 
 from oqfl_ext.fl.cli import build_config, build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

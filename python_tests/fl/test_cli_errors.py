@@ -20,7 +20,7 @@ from oqfl_ext.fl.cli import main
 from oqfl_ext.models import create
 from test_checkpoint import disk_full
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DIGITS = ["--dataset", "digits", "--width", "4", "--clients", "4", "--fraction", "0.5",
           "--weight-bits", "float", "--act-bits", "float", "--uplink", "float32",

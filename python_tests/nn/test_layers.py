@@ -107,7 +107,8 @@ def _mse(x, s, z, qmin, qmax, axis):
 @pytest.mark.parametrize("case", ["signed", "unsigned", "offset", "per_channel"])
 def test_init_mse_rule_minimizes_error(case):
     # an independent float64 search over the documented candidates full * k/64
-    x = torch.randn(8, 50) * torch.linspace(0.2, 3, 8)[:, None]
+    # 2000 Gaussian values per row: enough that clipping the tails beats min/max for any seed
+    x = torch.randn(8, 2000) * torch.linspace(0.2, 3, 8)[:, None]
     x[0, 0] = 12.0  # an outlier: the best range clips it
     signed, axis, learn_offset = {"signed": (True, None, False), "unsigned": (False, None, False),
                                   "offset": (True, None, True),

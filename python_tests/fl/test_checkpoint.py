@@ -28,7 +28,7 @@ from oqfl_ext.fl.client import float_state
 from oqfl_ext.models import SmallCNN
 from oqfl_ext.nn import quantize_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -95,7 +95,7 @@ def test_dirichlet_min_size():
     with pytest.raises(ValueError, match="min_size"):
         partition_dirichlet(LABELS[:100], 20, alpha=0.5, seed=0, min_size=6)
     # no draw meets min_size exactly when min_size * num_clients == the number of samples: the
-    # split is topped up by construction (python_tests/test_partition_scale.py tests more)
+    # split is topped up by construction (python_tests/data/test_partition_scale.py tests more)
     parts = partition_dirichlet(LABELS[:100], 10, alpha=0.01, seed=0, min_size=10, max_tries=3)
     assert_partition(parts, 100, 10)
     assert [p.numel() for p in parts] == [10] * 10
