@@ -67,6 +67,7 @@ struct QConvKernelTable {
 const QConvKernelTable& qconv_kernels_default();
 #if defined(__x86_64__) || defined(_M_X64)
 const QConvKernelTable& qconv_kernels_avx512_vnni();
+const QConvKernelTable& qconv_kernels_avx2();
 #endif
 
 }  // namespace cpu
