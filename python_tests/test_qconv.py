@@ -746,28 +746,40 @@ def _saturating_weights(shape, bits):
     w = w.expand(shape).clone()
     w[1::3] = -w[1::3].clamp(min=lo + 1)       # other channels: the signs swapped
     w[2::5] = torch.randint(lo, hi + 1, w[2::5].shape)
+    w[3], w[4] = hi, lo     # every pair sum at its extreme: consecutive k-steps add up
     return w.to(torch.int8)
 
 
+@pytest.mark.parametrize("xmax", [255, 127, 15], ids=["codes255", "float0_127", "float0_15"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("ic,k", [(64, 3), (1000, 3), (8191, 1)], ids=["ic64", "ic1000", "ic8191"])
-def test_qconv2d_products_do_not_saturate(capability, bits, ic, k):
-    # input codes mostly 255 (zero point 0: nothing centred away) against weight pairs at the
-    # code extremes; K up to 9000 (long int32 reductions) and a tail block (8191 = 4 * 2047 + 3)
+def test_qconv2d_products_do_not_saturate(capability, bits, ic, k, xmax):
+    # input codes mostly at their maximum (zero point 0: nothing centred away) against weight
+    # pairs at the code extremes; K up to 9000 (long int32 reductions) and a tail block
+    # (8191 = 4 * 2047 + 3). The code ranges decide how many pair sums the AVX2 kernel may add
+    # in int16 (none for 255 x int8, one for 127 x int8, eight for 255 x int4 or 15 x int8,
+    # qconv2d_cpu.cpp int16_steps): one more would overflow here.
     oc, hw = 19, (5, 6)
-    x = torch.where(torch.rand((1, ic) + hw) < 0.9, 255, torch.randint(0, 256, (1, ic) + hw))
-    x = x.to(torch.uint8).contiguous(memory_format=torch.channels_last)
-    w_codes = _saturating_weights((oc, ic, k, k), bits)
-    args = (x, torch.tensor(0.01), torch.tensor(0), oq.pack_conv_weight(w_codes, bits),
-            torch.rand(oc) * 1e-3 + 1e-4, torch.randn(oc))
+    codes = torch.where(torch.rand((1, ic) + hw) < 0.9, xmax,
+                        torch.randint(0, xmax + 1, (1, ic) + hw))
     kw = dict(w_bits=bits, padding=k // 2)
+    if xmax == 255:
+        x = codes.to(torch.uint8)
+    else:   # float input on the code grid (a power-of-two scale: exact)
+        x = codes.to(torch.float32) * 0.0625
+        kw.update(x_quant_min=0, x_quant_max=xmax)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w_codes = _saturating_weights((oc, ic, k, k), bits)
+    args = (x, torch.tensor(0.0625), torch.tensor(0), oq.pack_conv_weight(w_codes, bits),
+            torch.rand(oc) * 1e-3 + 1e-4, torch.randn(oc))
     want = ref.qconv2d_ref(*args, **kw)
     _assert_equal(oq.qconv2d(*args, **kw), want, f"{capability} ic={ic} bits={bits}")
     # the same products through qlinear (one row of pixels)
     xl = x.permute(0, 2, 3, 1).reshape(-1, ic)
     wl = w_codes[:, :, k // 2, k // 2].contiguous()
     largs = (xl, args[1], args[2], oq.pack_linear_weight(wl, bits), args[4], args[5])
-    _assert_equal(oq.qlinear(*largs, w_bits=bits), ref.qlinear_ref(*largs, w_bits=bits),
+    lkw = {key: v for key, v in kw.items() if key != "padding"}
+    _assert_equal(oq.qlinear(*largs, **lkw), ref.qlinear_ref(*largs, **lkw),
                   f"qlinear {capability} ic={ic} bits={bits}")
 
 

@@ -53,7 +53,22 @@ struct Problem {
   int64_t cg = 0;        // padded channels per group (ICB * 4)
   int64_t ctot = 0;      // G * cg: bytes per padded pixel
   int64_t hp = 0, wp = 0;
+  int64_t i16_steps = 0;  // QConvRowArgs::i16_steps
 };
+
+// QConvRowArgs::i16_steps: with input bytes <= umax and |weight code| <= wmax, one pair sum
+// is at most 2 * umax * wmax in magnitude, so 32767 / (2 * umax * wmax) of them add up in int16
+// without saturating (docs/DESIGN.md section 7.1).
+int64_t int16_steps(const QConvGeometry& g, int32_t zp_u, int32_t offset) {
+  // Code input may hold any byte; a float input's codes stay in its range (a NaN gives code 0,
+  // the byte `offset`); padding is zp_u.
+  const int64_t umax =
+      g.input_is_float ? std::max<int64_t>({g.x_quant_max + offset, int64_t{zp_u}, int64_t{offset}})
+                       : 255;
+  const int64_t wmax = g.w_bits == 8 ? 128 : 8;
+  if (umax == 0) return 1 << 20;
+  return std::min<int64_t>(32767 / (2 * umax * wmax), 1 << 20);
+}
 
 // Codes of one input row (n, h) in NHWC order [W, C] (uint8, shifted), written to `row`.
 // `tmp` holds C * W bytes of scratch for NCHW inputs.
@@ -177,6 +192,7 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   a.scale = c.scale + pad0;
   a.bias = c.bias ? c.bias + pad0 : nullptr;
   a.noc = std::min<int64_t>(OCg - ob * 16, w1 ? 32 : 16);
+  a.i16_steps = p.i16_steps;
   a.res_pix_stride = c.o.res_nhwc ? OC : 1;
   a.res_oc_stride = c.o.res_nhwc ? 1 : OH * OW;
   a.relu = g.relu;
@@ -236,6 +252,7 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   p.ctot = g.groups * p.cg;
   p.hp = g.padded_h;
   p.wp = g.padded_w;
+  p.i16_steps = int16_steps(g, p.zp_u, p.offset);
 
   // Per padded output channel (G * OCB * 16): the scale product and the bias.
   const int64_t G = g.groups, OCB = g.oc_blocks, OCg = g.out_per_group;

@@ -11,6 +11,10 @@
 // madd(even) + madd(odd) = u0 w0 + u1 w1 + u2 w2 + u3 w3 in its own int32 lane, the same
 // layout as the VNNI kernel, so the blocked weight layout is used unchanged.
 //
+// Small codes (QConvRowArgs::i16_steps >= 1: e.g. int4 weights, or 7-bit / 4-bit activations):
+// there vpmaddubsw provably cannot saturate, and its int16 pair sums are added for up to
+// i16_steps k-steps before one vpmaddwd by ones widens them (tile_i16), half the multiplies.
+//
 // Microkernel: kTile = 4 consecutive output pixels x 16 output channels (one slab): 8 ymm
 // accumulators, 4 ymm of split weights per k-step (reused by the 4 pixels), 2 of input.
 // The two slabs of a run are computed one after the other.
@@ -256,14 +260,88 @@ void tile(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, const int8_t* 
   }
 }
 
-void slab_row(const QConvRowArgs& a, const FinishVecs& e, const int8_t* w, int64_t ch0) {
+// The same tile where a.i16_steps >= 1 (small codes): vpmaddubsw pair sums (exact, and
+// provably without saturation) added in int16 for up to a.i16_steps k-steps, then widened to
+// int32 with one vpmaddwd by ones: about half the multiplies of `tile` when i16_steps is large.
+template <int M>
+void tile_i16(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, const int8_t* w,
+              int64_t ch0) {
+  __m256i c0[M], c1[M], s0[M], s1[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    c0[m] = _mm256_setzero_si256();
+    c1[m] = _mm256_setzero_si256();
+  }
+  const int64_t ps = a.pix_step, icb = a.icb;
+  const uint8_t* in = a.in + p0 * ps;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const bool merged = a.tap_w == 4 * icb;
+  const int64_t nkw = merged ? 1 : a.kw, steps = merged ? a.kw * icb : icb;
+  const int64_t chunk = a.i16_steps;
+  for (int64_t kh = 0; kh < a.kh; ++kh) {
+    for (int64_t kw = 0; kw < nkw; ++kw) {
+      const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
+      const int8_t* pw = w + (kh * a.kw + kw) * icb * 64;
+      for (int64_t cb0 = 0; cb0 < steps; cb0 += chunk) {
+        const int64_t cb1 = steps - cb0 < chunk ? steps : cb0 + chunk;
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          s0[m] = _mm256_setzero_si256();
+          s1[m] = _mm256_setzero_si256();
+        }
+        for (int64_t cb = cb0; cb < cb1; ++cb, t += 4, pw += 64) {
+          const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw));
+          const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + 32));
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) {
+            const __m256i u = _mm256_set1_epi32(load_u32(t + m * ps));
+            s0[m] = _mm256_add_epi16(s0[m], _mm256_maddubs_epi16(u, wa));
+            s1[m] = _mm256_add_epi16(s1[m], _mm256_maddubs_epi16(u, wb));
+          }
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          c0[m] = _mm256_add_epi32(c0[m], _mm256_madd_epi16(s0[m], ones));
+          c1[m] = _mm256_add_epi32(c1[m], _mm256_madd_epi16(s1[m], ones));
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    finish8(a, e, p0 + m, ch0, a.noc - ch0, c0[m]);
+    finish8(a, e, p0 + m, ch0 + 8, a.noc - ch0 - 8, c1[m]);
+  }
+}
+
+template <template <int> class K>
+void slab_row_with(const QConvRowArgs& a, const FinishVecs& e, const int8_t* w, int64_t ch0) {
   int64_t p = 0;
-  for (; p + kTile <= a.npix; p += kTile) tile<kTile>(a, e, p, w, ch0);
+  for (; p + kTile <= a.npix; p += kTile) K<kTile>::run(a, e, p, w, ch0);
   switch (a.npix - p) {
-    case 1: tile<1>(a, e, p, w, ch0); break;
-    case 2: tile<2>(a, e, p, w, ch0); break;
-    case 3: tile<3>(a, e, p, w, ch0); break;
+    case 1: K<1>::run(a, e, p, w, ch0); break;
+    case 2: K<2>::run(a, e, p, w, ch0); break;
+    case 3: K<3>::run(a, e, p, w, ch0); break;
     default: break;
+  }
+}
+
+template <int M>
+struct Exact {
+  static void run(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, const int8_t* w,
+                  int64_t ch0) { tile<M>(a, e, p0, w, ch0); }
+};
+template <int M>
+struct Int16 {
+  static void run(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, const int8_t* w,
+                  int64_t ch0) { tile_i16<M>(a, e, p0, w, ch0); }
+};
+
+void slab_row(const QConvRowArgs& a, const FinishVecs& e, const int8_t* w, int64_t ch0) {
+  if (a.i16_steps >= 1) {
+    slab_row_with<Int16>(a, e, w, ch0);
+  } else {
+    slab_row_with<Exact>(a, e, w, ch0);
   }
 }
 

@@ -31,6 +31,11 @@ struct QConvRowArgs {
   const float* scale;      // [32] x_scale * w_scale[o] (a float32 product)
   const float* bias;       // [32] bias, or null
   int64_t noc;             // valid output channels, 1..32 (16 at most when w1 is null)
+  // How many k-steps of u8 x s8 pair sums provably fit a (saturating) int16 accumulator: from
+  // the largest input byte (code range and zero point) and the weight bits (0: not even one).
+  // The AVX2 kernel sums that many vpmaddubsw results in int16 before widening; the others
+  // ignore it.
+  int64_t i16_steps;
   // The epilogue (qconv_args.h; scalar version in qconv2d_epilogue.h): + residual, relu,
   // min(., clamp_max), then the float32 value or its code.
   const float* residual;   // residual of pixel 0, channel 0, or null
