@@ -811,6 +811,37 @@ def test_qconv2d_tails_every_path(capability, restore_threads, n, epi):
             _assert_codes(got, want, epi, what)
 
 
+@pytest.mark.parametrize("epi", [Epi(None), Epi("channels_last", relu=True, clamp_max=6.0),
+                                 Epi(None, relu=True, codes=(0, 255))], ids=str)
+@pytest.mark.parametrize("n", [1, 9], ids=["b1", "b9"])   # both schedules
+def test_qconv2d_depthwise_every_path(capability, restore_threads, n, epi):
+    # groups == channels (the AVX2 depthwise kernel: 32- and 8-channel blocks, masked tails):
+    # channel counts around the blocks, 3x3 and 5x5, stride 1 and 2, dilation, int8 and int4,
+    # float and code input, both memory formats
+    torch.set_num_threads(2)
+    for i, (c, k, stride, dil) in enumerate([(8, 3, 1, 1), (19, 3, 2, 1), (32, 5, 1, 1),
+                                             (45, 3, 1, 2), (96, 5, 2, 1), (33, 3, 2, 1)]):
+        hw = (7 + i, 6 + 2 * i)
+        pad = (k // 2) * dil
+        case = ConvCase(n, c, hw, c, (k, k), stride=(stride, stride), padding=(pad, pad),
+                        dilation=(dil, dil), groups=c, w_bits=(8, 4)[i % 2],
+                        x_kind=("float", "uint8", "int8")[i % 3],
+                        qrange=((0, 255), (0, 255), (-128, 127))[i % 3], bias=i % 2 == 0,
+                        channels_last=i % 3 != 1)
+        inp = _conv_inputs(case, salt=i)
+        oh, ow = case.out_hw()
+        base = ref.qconv2d_ref(*inp.args, **dict(inp.kwargs, relu=False))
+        kw = _epilogue_kwargs(inp.kwargs, epi, (n, c, oh, ow), base, case.relu,
+                              ref.qconv2d_ref, inp.args)
+        want = ref.qconv2d_ref(*inp.args, **kw)
+        got = oq.qconv2d(*inp.args, **kw)
+        what = f"{capability} {case} {epi}"
+        if epi.codes is None:
+            _assert_equal(got, want, what)
+        else:
+            _assert_codes(got, want, epi, what)
+
+
 def test_qconv2d_epilogue_all_capabilities_agree(use_capability):
     # every CPU path, back to back, gives the same codes and the same floats
     from conftest import supported_capabilities

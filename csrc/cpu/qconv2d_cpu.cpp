@@ -166,6 +166,10 @@ struct ConvPlan {
   const QConvScalars* sc;
   int64_t pieces, piece_w;
   bool stream;  // output larger than the caches: non-temporal stores
+  // Depthwise through the table's dw_row (else null): weights [taps][dw_stride] int32; scale,
+  // bias and the zws passed to conv_runs are then per channel, padded to dw_stride.
+  const int32_t* dw_w = nullptr;
+  int64_t dw_stride = 0;
 };
 
 // Runs [r0, r1) of one image's output rows (a run is a piece of a row: r = oh * pieces + piece)
@@ -193,6 +197,9 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   a.bias = c.bias ? c.bias + pad0 : nullptr;
   a.noc = std::min<int64_t>(OCg - ob * 16, w1 ? 32 : 16);
   a.i16_steps = p.i16_steps;
+  a.dw_w = c.dw_w;
+  a.dw_stride = c.dw_stride;
+  if (c.dw_w != nullptr) a.noc = OC;  // every channel in one run
   a.res_pix_stride = c.o.res_nhwc ? OC : 1;
   a.res_oc_stride = c.o.res_nhwc ? 1 : OH * OW;
   a.relu = g.relu;
@@ -220,7 +227,11 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
     a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
     a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
                                          : nullptr;
-    c.k->conv_row(a);
+    if (c.dw_w != nullptr) {
+      c.k->dw_row(a);
+    } else {
+      c.k->conv_row(a);
+    }
   }
 }
 
@@ -295,6 +306,58 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   const int64_t slab_tasks = G * pairs;
   const int64_t threads = at::get_num_threads();
   const int64_t img_bytes = p.hp * p.wp * p.ctot;
+
+  // Depthwise (one input and one output channel per group) where the instruction set has a
+  // kernel for it: all channels of a pixel at once instead of one 16-channel slab per channel.
+  if (k.dw_row != nullptr && g.in_per_group == 1 && OCg == 1) {
+    const int64_t C = g.out_channels, cpad = ceil_div(C, 8) * 8;
+    const int64_t taps = g.kernel_h * g.kernel_w;
+    std::vector<int32_t> dw_w(taps * cpad, 0), dw_zws(cpad, 0);
+    std::vector<float> dw_scale(cpad, 0.f), dw_bias(bp ? cpad : 0, 0.f);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const uint8_t* slab = wbytes + ch * slab_bytes;  // group ch, block 0: element [0, 0]
+      int32_t sum = 0;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int32_t v = g.w_bits == 8 ? static_cast<int8_t>(slab[t * 64])
+                                        : ((slab[t * 32] & 15) ^ 8) - 8;
+        dw_w[t * cpad + ch] = v;
+        sum += v;
+      }
+      make_zws(p.zp_u, &sum, &dw_zws[ch], 1);
+      dw_scale[ch] = scale[ch * 16];
+      if (bp) dw_bias[ch] = bias_pad[ch * 16];
+    }
+    c.scale = dw_scale.data();
+    c.bias = bp ? dw_bias.data() : nullptr;
+    c.dw_w = dw_w.data();
+    c.dw_stride = cpad;
+    if (g.batch >= 4 * threads) {
+      at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+        std::vector<uint8_t> img(img_bytes), tmp, line;
+        for (int64_t n = n0; n < n1; ++n) {
+          fill_rows(k, p, x, sc.x_scale, img.data(), n * p.hp, n * p.hp, (n + 1) * p.hp, tmp,
+                    line);
+          conv_runs(c, img.data(), n, 0, 0, nullptr, nullptr, dw_zws.data(), 0, runs);
+        }
+      });
+      return;
+    }
+    at::Tensor buf = at::empty({g.batch * img_bytes}, x.options().dtype(at::kByte));
+    uint8_t* xb = buf.data_ptr<uint8_t>();
+    at::parallel_for(0, g.batch * p.hp, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> tmp, line;
+      fill_rows(k, p, x, sc.x_scale, xb, 0, begin, end, tmp, line);
+    });
+    at::parallel_for(0, g.batch * runs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {  // split at image boundaries
+        const int64_t n = r / runs, stop = std::min(end - n * runs, runs);
+        conv_runs(c, xb + n * img_bytes, n, 0, 0, nullptr, nullptr, dw_zws.data(), r % runs,
+                  stop);
+        r = n * runs + stop;
+      }
+    });
+    return;
+  }
 
   if (g.batch >= 4 * threads) {
     // Slabs once: wsum (and int4: the unpacked codes) of every slab.

@@ -77,7 +77,7 @@ void conv_row(const QConvRowArgs& a) {
 
 const QConvKernelTable& qconv_kernels_default() {
   static const QConvKernelTable table{"default", &portable::quantize, &portable::prepare_slab,
-                                      &portable::conv_row};
+                                      &portable::conv_row, nullptr};
   return table;
 }
 

@@ -36,6 +36,10 @@ struct QConvRowArgs {
   // The AVX2 kernel sums that many vpmaddubsw results in int16 before widening; the others
   // ignore it.
   int64_t i16_steps;
+  // Depthwise runs only (dw_row): the weight codes as int32 [KH * KW][channels rounded up to 8],
+  // zero past the last channel; w0 / w1 unused, and zws / scale / bias / noc cover all channels.
+  const int32_t* dw_w;
+  int64_t dw_stride;       // int32 elements between the taps of dw_w
   // The epilogue (qconv_args.h; scalar version in qconv2d_epilogue.h): + residual, relu,
   // min(., clamp_max), then the float32 value or its code.
   const float* residual;   // residual of pixel 0, channel 0, or null
@@ -66,6 +70,10 @@ struct QConvKernelTable {
   void (*prepare_slab)(const uint8_t* src, int bits, int64_t rows, int8_t* dst, int32_t* wsum);
   // Computes one run of output pixels (see QConvRowArgs).
   void (*conv_row)(const QConvRowArgs& a);
+  // Depthwise (groups == in channels == out channels): one run of output pixels times all the
+  // channels, channel c reading the byte at c * 4 of each padded pixel (ICB = 1). Null where the
+  // instruction set has none (then conv_row runs each channel's slab).
+  void (*dw_row)(const QConvRowArgs& a);
 };
 
 // Defined by the instruction-set translation units (qconv2d_isa_*.cpp).
