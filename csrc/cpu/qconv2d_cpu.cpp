@@ -136,6 +136,16 @@ void fill_rows(const QConvKernelTable& k, const Problem& p, const at::Tensor& x,
     uint8_t* d = dst + left;
     const uint8_t* s = line.data();
     const int64_t icg = g.in_per_group;
+    if (icg == 1 && p.cg == 4) {
+      // One channel per group (depthwise): each code, then three bytes of the zero point
+      // (plain stores, no call per channel).
+      const int64_t count = g.in_w * g.groups;
+      for (int64_t i = 0; i < count; ++i) {
+        d[4 * i] = s[i];
+        d[4 * i + 1] = d[4 * i + 2] = d[4 * i + 3] = fill;
+      }
+      continue;
+    }
     for (int64_t w = 0; w < g.in_w; ++w) {
       for (int64_t grp = 0; grp < g.groups; ++grp, d += p.cg, s += icg) {
         std::memcpy(d, s, icg);
