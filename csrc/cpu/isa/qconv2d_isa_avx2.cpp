@@ -18,6 +18,8 @@
 // Microkernel: kTile = 4 consecutive output pixels x 16 output channels (one slab): 8 ymm
 // accumulators, 4 ymm of split weights per k-step (reused by the 4 pixels), 2 of input.
 // The two slabs of a run are computed one after the other.
+// Depthwise layers (dw_row): 8 channels per vector from the words of the padded pixel, int32
+// weights, vpmaddwd; 32 channels (4 accumulators) per step, masked loads at the channel tail.
 // Epilogue in registers: acc - zp * wsum, cvt, * scale, + bias, + residual, relu, clamp (plain
 // AVX arithmetic; this file is compiled without FMA and without contraction, so every product
 // is rounded before the following addition, as in qconv2d_epilogue.h), then float32 stores or
