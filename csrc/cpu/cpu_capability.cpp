@@ -75,8 +75,10 @@ const FakeQuantKernelTable& active_fake_quant_kernels() {
 const QConvKernelTable& active_qconv_kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool vnni = has_avx512_vnni();
-  if (vnni && active().load(std::memory_order_relaxed) == kAvx512)
-    return qconv_kernels_avx512_vnni();
+  const int cap = active().load(std::memory_order_relaxed);
+  if (vnni && cap == kAvx512) return qconv_kernels_avx512_vnni();
+  // AVX-512 without VNNI has no faster integer product than AVX2's vpmaddwd.
+  if (cap == kAvx512 || cap == kAvx2) return qconv_kernels_avx2();
 #endif
   return qconv_kernels_default();
 }

@@ -14,7 +14,8 @@ namespace cpu {
 const FakeQuantKernelTable& active_fake_quant_kernels();
 
 // The qconv2d kernel table of the active instruction set: under "avx512" the AVX-512 VNNI
-// kernels when the CPU has AVX-512 VNNI, else (and under "avx2" / "default") the portable ones.
+// kernels when the CPU has AVX-512 VNNI, else (and under "avx2") the AVX2 ones; under
+// "default" the portable ones.
 const QConvKernelTable& active_qconv_kernels();
 
 // The packing kernel table (quantize_pack / unpack_dequantize) of the active instruction set:

@@ -15,6 +15,8 @@
 // Two schedules (run_qconv): with many images each thread quantizes and convolves whole images
 // (the padded image stays in its L2); with few images one parallel pass quantizes the batch and
 // the threads split the output channels (then the rows), so batch 1 also uses every core.
+// Depthwise layers go to the table's dw_row where it has one (AVX2): all channels of a pixel per
+// run, weights gathered to int32 per channel once per call (docs/DESIGN.md section 7.1).
 // int4 weights are unpacked to int8 once per slab (shared copy, or a thread-local one reused
 // for all the pixels of the slab) and then run the int8 kernel.
 // qlinear is the same 1x1 convolution over one row of M = prod(leading dims) pixels.
@@ -53,7 +55,22 @@ struct Problem {
   int64_t cg = 0;        // padded channels per group (ICB * 4)
   int64_t ctot = 0;      // G * cg: bytes per padded pixel
   int64_t hp = 0, wp = 0;
+  int64_t i16_steps = 0;  // QConvRowArgs::i16_steps
 };
+
+// QConvRowArgs::i16_steps: with input bytes <= umax and |weight code| <= wmax, one pair sum
+// is at most 2 * umax * wmax in magnitude, so 32767 / (2 * umax * wmax) of them add up in int16
+// without saturating (docs/DESIGN.md section 7.1).
+int64_t int16_steps(const QConvGeometry& g, int32_t zp_u, int32_t offset) {
+  // Code input may hold any byte; a float input's codes stay in its range (a NaN gives code 0,
+  // the byte `offset`); padding is zp_u.
+  const int64_t umax =
+      g.input_is_float ? std::max<int64_t>({g.x_quant_max + offset, int64_t{zp_u}, int64_t{offset}})
+                       : 255;
+  const int64_t wmax = g.w_bits == 8 ? 128 : 8;
+  if (umax == 0) return 1 << 20;
+  return std::min<int64_t>(32767 / (2 * umax * wmax), 1 << 20);
+}
 
 // Codes of one input row (n, h) in NHWC order [W, C] (uint8, shifted), written to `row`.
 // `tmp` holds C * W bytes of scratch for NCHW inputs.
@@ -121,6 +138,16 @@ void fill_rows(const QConvKernelTable& k, const Problem& p, const at::Tensor& x,
     uint8_t* d = dst + left;
     const uint8_t* s = line.data();
     const int64_t icg = g.in_per_group;
+    if (icg == 1 && p.cg == 4) {
+      // One channel per group (depthwise): each code, then three bytes of the zero point
+      // (plain stores, no call per channel).
+      const int64_t count = g.in_w * g.groups;
+      for (int64_t i = 0; i < count; ++i) {
+        d[4 * i] = s[i];
+        d[4 * i + 1] = d[4 * i + 2] = d[4 * i + 3] = fill;
+      }
+      continue;
+    }
     for (int64_t w = 0; w < g.in_w; ++w) {
       for (int64_t grp = 0; grp < g.groups; ++grp, d += p.cg, s += icg) {
         std::memcpy(d, s, icg);
@@ -151,6 +178,10 @@ struct ConvPlan {
   const QConvScalars* sc;
   int64_t pieces, piece_w;
   bool stream;  // output larger than the caches: non-temporal stores
+  // Depthwise through the table's dw_row (else null): weights [taps][dw_stride] int32; scale,
+  // bias and the zws passed to conv_runs are then per channel, padded to dw_stride.
+  const int32_t* dw_w = nullptr;
+  int64_t dw_stride = 0;
 };
 
 // Runs [r0, r1) of one image's output rows (a run is a piece of a row: r = oh * pieces + piece)
@@ -177,6 +208,10 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   a.scale = c.scale + pad0;
   a.bias = c.bias ? c.bias + pad0 : nullptr;
   a.noc = std::min<int64_t>(OCg - ob * 16, w1 ? 32 : 16);
+  a.i16_steps = p.i16_steps;
+  a.dw_w = c.dw_w;
+  a.dw_stride = c.dw_stride;
+  if (c.dw_w != nullptr) a.noc = OC;  // every channel in one run
   a.res_pix_stride = c.o.res_nhwc ? OC : 1;
   a.res_oc_stride = c.o.res_nhwc ? 1 : OH * OW;
   a.relu = g.relu;
@@ -204,7 +239,11 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
     a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
     a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
                                          : nullptr;
-    c.k->conv_row(a);
+    if (c.dw_w != nullptr) {
+      c.k->dw_row(a);
+    } else {
+      c.k->conv_row(a);
+    }
   }
 }
 
@@ -236,6 +275,7 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   p.ctot = g.groups * p.cg;
   p.hp = g.padded_h;
   p.wp = g.padded_w;
+  p.i16_steps = int16_steps(g, p.zp_u, p.offset);
 
   // Per padded output channel (G * OCB * 16): the scale product and the bias.
   const int64_t G = g.groups, OCB = g.oc_blocks, OCg = g.out_per_group;
@@ -278,6 +318,58 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   const int64_t slab_tasks = G * pairs;
   const int64_t threads = at::get_num_threads();
   const int64_t img_bytes = p.hp * p.wp * p.ctot;
+
+  // Depthwise (one input and one output channel per group) where the instruction set has a
+  // kernel for it: all channels of a pixel at once instead of one 16-channel slab per channel.
+  if (k.dw_row != nullptr && g.in_per_group == 1 && OCg == 1) {
+    const int64_t C = g.out_channels, cpad = ceil_div(C, 8) * 8;
+    const int64_t taps = g.kernel_h * g.kernel_w;
+    std::vector<int32_t> dw_w(taps * cpad, 0), dw_zws(cpad, 0);
+    std::vector<float> dw_scale(cpad, 0.f), dw_bias(bp ? cpad : 0, 0.f);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const uint8_t* slab = wbytes + ch * slab_bytes;  // group ch, block 0: element [0, 0]
+      int32_t sum = 0;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int32_t v = g.w_bits == 8 ? static_cast<int8_t>(slab[t * 64])
+                                        : ((slab[t * 32] & 15) ^ 8) - 8;
+        dw_w[t * cpad + ch] = v;
+        sum += v;
+      }
+      make_zws(p.zp_u, &sum, &dw_zws[ch], 1);
+      dw_scale[ch] = scale[ch * 16];
+      if (bp) dw_bias[ch] = bias_pad[ch * 16];
+    }
+    c.scale = dw_scale.data();
+    c.bias = bp ? dw_bias.data() : nullptr;
+    c.dw_w = dw_w.data();
+    c.dw_stride = cpad;
+    if (g.batch >= 4 * threads) {
+      at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+        std::vector<uint8_t> img(img_bytes), tmp, line;
+        for (int64_t n = n0; n < n1; ++n) {
+          fill_rows(k, p, x, sc.x_scale, img.data(), n * p.hp, n * p.hp, (n + 1) * p.hp, tmp,
+                    line);
+          conv_runs(c, img.data(), n, 0, 0, nullptr, nullptr, dw_zws.data(), 0, runs);
+        }
+      });
+      return;
+    }
+    at::Tensor buf = at::empty({g.batch * img_bytes}, x.options().dtype(at::kByte));
+    uint8_t* xb = buf.data_ptr<uint8_t>();
+    at::parallel_for(0, g.batch * p.hp, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> tmp, line;
+      fill_rows(k, p, x, sc.x_scale, xb, 0, begin, end, tmp, line);
+    });
+    at::parallel_for(0, g.batch * runs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {  // split at image boundaries
+        const int64_t n = r / runs, stop = std::min(end - n * runs, runs);
+        conv_runs(c, xb + n * img_bytes, n, 0, 0, nullptr, nullptr, dw_zws.data(), r % runs,
+                  stop);
+        r = n * runs + stop;
+      }
+    });
+    return;
+  }
 
   if (g.batch >= 4 * threads) {
     // Slabs once: wsum (and int4: the unpacked codes) of every slab.

@@ -733,6 +733,115 @@ def test_epilogue_nan_and_inf(device, op):
     assert torch.equal(codes, want)
 
 
+# ------------------------------------------------------------------ SIMD paths: products, tails
+
+def _saturating_weights(shape, bits):
+    """Weight codes whose adjacent input channels pair up as (hi, hi), (lo, lo) and (lo, hi):
+    against input code 255 a u8 x s8 pair sum in int16 (vpmaddubsw) would saturate on the first
+    two (255 * 127 * 2 > 32767, 255 * -128 * 2 < -32768)."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    pattern = torch.tensor([hi, hi, lo, lo, lo, hi, hi, lo])
+    ic = shape[1]
+    w = pattern.repeat(ic // len(pattern) + 1)[:ic].reshape(1, ic, *([1] * (len(shape) - 2)))
+    w = w.expand(shape).clone()
+    w[1::3] = -w[1::3].clamp(min=lo + 1)       # other channels: the signs swapped
+    w[2::5] = torch.randint(lo, hi + 1, w[2::5].shape)
+    w[3], w[4] = hi, lo     # every pair sum at its extreme: consecutive k-steps add up
+    return w.to(torch.int8)
+
+
+@pytest.mark.parametrize("xmax", [255, 127, 15], ids=["codes255", "float0_127", "float0_15"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("ic,k", [(64, 3), (1000, 3), (8191, 1)], ids=["ic64", "ic1000", "ic8191"])
+def test_qconv2d_products_do_not_saturate(capability, bits, ic, k, xmax):
+    # input codes mostly at their maximum (zero point 0: nothing centred away) against weight
+    # pairs at the code extremes; K up to 9000 (long int32 reductions) and a tail block
+    # (8191 = 4 * 2047 + 3). The code ranges decide how many pair sums the AVX2 kernel may add
+    # in int16 (none for 255 x int8, one for 127 x int8, eight for 255 x int4 or 15 x int8,
+    # qconv2d_cpu.cpp int16_steps): one more would overflow here.
+    oc, hw = 19, (5, 6)
+    codes = torch.where(torch.rand((1, ic) + hw) < 0.9, xmax,
+                        torch.randint(0, xmax + 1, (1, ic) + hw))
+    kw = dict(w_bits=bits, padding=k // 2)
+    if xmax == 255:
+        x = codes.to(torch.uint8)
+    else:   # float input on the code grid (a power-of-two scale: exact)
+        x = codes.to(torch.float32) * 0.0625
+        kw.update(x_quant_min=0, x_quant_max=xmax)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w_codes = _saturating_weights((oc, ic, k, k), bits)
+    args = (x, torch.tensor(0.0625), torch.tensor(0), oq.pack_conv_weight(w_codes, bits),
+            torch.rand(oc) * 1e-3 + 1e-4, torch.randn(oc))
+    want = ref.qconv2d_ref(*args, **kw)
+    _assert_equal(oq.qconv2d(*args, **kw), want, f"{capability} ic={ic} bits={bits}")
+    # the same products through qlinear (one row of pixels)
+    xl = x.permute(0, 2, 3, 1).reshape(-1, ic)
+    wl = w_codes[:, :, k // 2, k // 2].contiguous()
+    largs = (xl, args[1], args[2], oq.pack_linear_weight(wl, bits), args[4], args[5])
+    lkw = {key: v for key, v in kw.items() if key != "padding"}
+    _assert_equal(oq.qlinear(*largs, **lkw), ref.qlinear_ref(*largs, **lkw),
+                  f"qlinear {capability} ic={ic} bits={bits}")
+
+
+_TAIL_EPIS = [Epi(None), Epi(None, relu=True, codes=(0, 255)),
+              Epi("channels_last", relu=True, clamp_max=6.0, codes=(-128, 127))]
+
+
+@pytest.mark.parametrize("epi", _TAIL_EPIS, ids=str)
+@pytest.mark.parametrize("n", [1, 9], ids=["b1", "b9"])   # both schedules of qconv2d_cpu.cpp
+def test_qconv2d_tails_every_path(capability, restore_threads, n, epi):
+    # output widths 1..9 (every remainder of a pixel tile), output channels around the 8- and
+    # 16-channel blocks, odd input channels (partial 4-channel blocks), both memory formats
+    torch.set_num_threads(2)
+    for i, (ow, oc, ic) in enumerate([(1, 1, 1), (2, 7, 3), (3, 8, 5), (4, 9, 6), (5, 15, 7),
+                                      (6, 16, 9), (7, 17, 2), (8, 24, 11), (9, 33, 13)]):
+        case = ConvCase(n, ic, (3, ow), oc, (3, 3), padding=(1, 1), bias=i % 2 == 0,
+                        w_bits=(8, 4)[i % 2], x_kind=("float", "uint8")[i % 3 == 2],
+                        channels_last=i % 2 == 1, relu=i % 4 == 1)
+        inp = _conv_inputs(case, salt=i)
+        base = ref.qconv2d_ref(*inp.args, **dict(inp.kwargs, relu=False))
+        kw = _epilogue_kwargs(inp.kwargs, epi, (n, oc, 3, ow), base, case.relu,
+                              ref.qconv2d_ref, inp.args)
+        want = ref.qconv2d_ref(*inp.args, **kw)
+        got = oq.qconv2d(*inp.args, **kw)
+        what = f"{capability} {case} {epi}"
+        if epi.codes is None:
+            _assert_equal(got, want, what)
+        else:
+            _assert_codes(got, want, epi, what)
+
+
+@pytest.mark.parametrize("epi", [Epi(None), Epi("channels_last", relu=True, clamp_max=6.0),
+                                 Epi(None, relu=True, codes=(0, 255))], ids=str)
+@pytest.mark.parametrize("n", [1, 9], ids=["b1", "b9"])   # both schedules
+def test_qconv2d_depthwise_every_path(capability, restore_threads, n, epi):
+    # groups == channels (the AVX2 depthwise kernel: 32- and 8-channel blocks, masked tails):
+    # channel counts around the blocks, 3x3 and 5x5, stride 1 and 2, dilation, int8 and int4,
+    # float and code input, both memory formats
+    torch.set_num_threads(2)
+    for i, (c, k, stride, dil) in enumerate([(8, 3, 1, 1), (19, 3, 2, 1), (32, 5, 1, 1),
+                                             (45, 3, 1, 2), (96, 5, 2, 1), (33, 3, 2, 1)]):
+        hw = (7 + i, 6 + 2 * i)
+        pad = (k // 2) * dil
+        case = ConvCase(n, c, hw, c, (k, k), stride=(stride, stride), padding=(pad, pad),
+                        dilation=(dil, dil), groups=c, w_bits=(8, 4)[i % 2],
+                        x_kind=("float", "uint8", "int8")[i % 3],
+                        qrange=((0, 255), (0, 255), (-128, 127))[i % 3], bias=i % 2 == 0,
+                        channels_last=i % 3 != 1)
+        inp = _conv_inputs(case, salt=i)
+        oh, ow = case.out_hw()
+        base = ref.qconv2d_ref(*inp.args, **dict(inp.kwargs, relu=False))
+        kw = _epilogue_kwargs(inp.kwargs, epi, (n, c, oh, ow), base, case.relu,
+                              ref.qconv2d_ref, inp.args)
+        want = ref.qconv2d_ref(*inp.args, **kw)
+        got = oq.qconv2d(*inp.args, **kw)
+        what = f"{capability} {case} {epi}"
+        if epi.codes is None:
+            _assert_equal(got, want, what)
+        else:
+            _assert_codes(got, want, epi, what)
+
+
 def test_qconv2d_epilogue_all_capabilities_agree(use_capability):
     # every CPU path, back to back, gives the same codes and the same floats
     from conftest import supported_capabilities

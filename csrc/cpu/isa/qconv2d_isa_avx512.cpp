@@ -318,7 +318,7 @@ void conv_row(const QConvRowArgs& a) {
 
 const QConvKernelTable& qconv_kernels_avx512_vnni() {
   static const QConvKernelTable table{"avx512_vnni", &avx512_vnni::quantize,
-                                      &avx512_vnni::prepare_slab, &avx512_vnni::conv_row};
+                                      &avx512_vnni::prepare_slab, &avx512_vnni::conv_row, nullptr};
   return table;
 }
 

@@ -1,6 +1,6 @@
 // Portable instance of the qconv2d kernels (plain int32 loops, no target pragma): used on CPUs
-// without AVX-512 VNNI, under the "avx2" / "default" capabilities, and as the reference the
-// VNNI path is tested against. Correct for every geometry the torch side hands it.
+// without AVX2, under the "default" capability, and as the reference the VNNI and AVX2 paths
+// are tested against. Correct for every geometry the torch side hands it.
 //
 // FMA contraction of the epilogue (float)(acc - zp * wsum) * scale + bias (qconv2d_epilogue.h)
 // is switched off for this file (GCC: optimize pragma; clang: STDC FP_CONTRACT), so the product
@@ -77,7 +77,7 @@ void conv_row(const QConvRowArgs& a) {
 
 const QConvKernelTable& qconv_kernels_default() {
   static const QConvKernelTable table{"default", &portable::quantize, &portable::prepare_slab,
-                                      &portable::conv_row};
+                                      &portable::conv_row, nullptr};
   return table;
 }
 

@@ -31,6 +31,15 @@ struct QConvRowArgs {
   const float* scale;      // [32] x_scale * w_scale[o] (a float32 product)
   const float* bias;       // [32] bias, or null
   int64_t noc;             // valid output channels, 1..32 (16 at most when w1 is null)
+  // How many k-steps of u8 x s8 pair sums provably fit a (saturating) int16 accumulator: from
+  // the largest input byte (code range and zero point) and the weight bits (0: not even one).
+  // The AVX2 kernel sums that many vpmaddubsw results in int16 before widening; the others
+  // ignore it.
+  int64_t i16_steps;
+  // Depthwise runs only (dw_row): the weight codes as int32 [KH * KW][channels rounded up to 8],
+  // zero past the last channel; w0 / w1 unused, and zws / scale / bias / noc cover all channels.
+  const int32_t* dw_w;
+  int64_t dw_stride;       // int32 elements between the taps of dw_w
   // The epilogue (qconv_args.h; scalar version in qconv2d_epilogue.h): + residual, relu,
   // min(., clamp_max), then the float32 value or its code.
   const float* residual;   // residual of pixel 0, channel 0, or null
@@ -61,12 +70,17 @@ struct QConvKernelTable {
   void (*prepare_slab)(const uint8_t* src, int bits, int64_t rows, int8_t* dst, int32_t* wsum);
   // Computes one run of output pixels (see QConvRowArgs).
   void (*conv_row)(const QConvRowArgs& a);
+  // Depthwise (groups == in channels == out channels): one run of output pixels times all the
+  // channels, channel c reading the byte at c * 4 of each padded pixel (ICB = 1). Null where the
+  // instruction set has none (then conv_row runs each channel's slab).
+  void (*dw_row)(const QConvRowArgs& a);
 };
 
 // Defined by the instruction-set translation units (qconv2d_isa_*.cpp).
 const QConvKernelTable& qconv_kernels_default();
 #if defined(__x86_64__) || defined(_M_X64)
 const QConvKernelTable& qconv_kernels_avx512_vnni();
+const QConvKernelTable& qconv_kernels_avx2();
 #endif
 
 }  // namespace cpu
