@@ -1,6 +1,9 @@
-"""Builds oqfl_ext._C against the torch installed in the running environment.
+"""Builds oqfl_ext._C against the torch of the build environment.
 
-    pip install --no-build-isolation .       # or -e . for development
+    pip install .                            # isolated build against pyproject's pinned torch
+    pip install --no-build-isolation .       # against the torch installed here (-e for development)
+
+Either way the package requires exactly the torch it was compiled against (install_requires).
 
 CPU kernels are always built; CUDA kernels whenever torch is a CUDA build and nvcc is found
 (no GPU needed), unless OQFL_NO_CUDA=1. The build records what it was built against in
@@ -26,9 +29,10 @@ try:
     import torch
 except ImportError:
     sys.exit(
-        "oqfl_ext must be compiled against the torch you will run it with, but torch cannot be "
-        "imported in this build environment. Install torch first, then build without pip's "
-        "build isolation (which hides the installed torch):\n\n"
+        "oqfl_ext is compiled against torch, but torch cannot be imported in this build "
+        "environment. Either let pip build it in isolation against the pinned torch:\n\n"
+        "    pip install .\n\n"
+        "or install the torch you want first and build against it:\n\n"
         "    pip install --no-build-isolation .\n"
     )
 
@@ -74,6 +78,17 @@ WITH_CUDA, CUDA_REASON = want_cuda()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+def torch_distribution_version():
+    """The version pip knows this torch by: PyPI's CUDA wheel of 2.14.1 is distribution
+    2.14.1 while torch.__version__ says 2.14.1+cu130, which no index offers."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # a torch built from source, not installed by pip
+        return torch.__version__.split("+")[0]
+
+
 def write_build_info():
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
     text = (
@@ -112,6 +127,10 @@ print(f"oqfl_ext: building against torch {torch.__version__}; CUDA kernels "
       f"{'on' if WITH_CUDA else 'off'} ({CUDA_REASON})", file=sys.stderr)
 write_build_info()
 setup(
+    # the compiled _C works with this torch only (import oqfl_ext checks it too); tqdm and
+    # matplotlib are the oqfl-fl command's progress bar and plots
+    install_requires=[f"torch=={torch_distribution_version()}", "numpy", "safetensors", "tqdm",
+                      "matplotlib"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

@@ -23,7 +23,8 @@ from torch.utils.data import TensorDataset
 
 from .codec import check_compression, decode_update, encode_update, wrap_update
 
-__all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed"]
+__all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed",
+           "encode_with_feedback"]
 
 _MASK63 = (1 << 63) - 1
 
@@ -38,6 +39,29 @@ def derive_seed(*parts: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x & _MASK63
+
+
+def encode_with_feedback(delta: Dict[str, Tensor], residual: Optional[Dict[str, Tensor]], *,
+                         bits: int, round: int, client_id: str, num_samples: int,
+                         stochastic: bool = True, generator: Optional[torch.Generator] = None,
+                         error_feedback: bool = False, compression: str = "none"
+                         ) -> Tuple[bytes, Optional[Dict[str, Tensor]]]:
+    """The uplink of one update with error feedback (EF-SGD style): ``delta`` plus the previous
+    ``residual`` (entries it has) encoded by :func:`~oqfl_ext.fl.codec.encode_update` and
+    wrapped in ``compression``; returns ``(blob, new residual)``, the new residual being what
+    the blob failed to carry (``sent - decoded``, float32 on the CPU) with ``error_feedback``,
+    else None. Nothing is stored: the caller keeps the residual (a :class:`Client`, or the
+    Flower mod's node state, :mod:`oqfl_ext.fl.flower.mod`)."""
+    if residual is not None:
+        delta = {k: v + residual[k].to(v.device, v.dtype) if k in residual else v
+                 for k, v in delta.items()}
+    blob = encode_update(delta, bits=bits, round=round, client_id=client_id,
+                         num_samples=num_samples, stochastic=stochastic, generator=generator)
+    new_residual = None
+    if error_feedback:
+        sent = decode_update(blob, delta)
+        new_residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
+    return wrap_update(blob, compression), new_residual
 
 
 class ClientTimeout(TimeoutError):
@@ -202,18 +226,15 @@ class Client:
         delta = {k: (local[k].detach() - reference[k].to(local[k].device, local[k].dtype))
                  for k in local}
         ef = cfg.error_feedback and cfg.uplink_bits != 32
-        if ef and self.residual is not None:
-            delta = {k: v + self.residual[k].to(v.device, v.dtype) if k in self.residual else v
-                     for k, v in delta.items()}
         gen = torch.Generator().manual_seed(derive_seed(base_seed, 2))
-        blob = encode_update(delta, bits=cfg.uplink_bits, round=round_idx,
-                             client_id=self.client_id, num_samples=len(self),
-                             stochastic=cfg.stochastic, generator=gen)
+        blob, residual = encode_with_feedback(
+            delta, self.residual if ef else None, bits=cfg.uplink_bits, round=round_idx,
+            client_id=self.client_id, num_samples=len(self), stochastic=cfg.stochastic,
+            generator=gen, error_feedback=ef, compression=cfg.uplink_compression)
         _check_deadline(deadline, "after encoding its update")
         if ef:
-            sent = decode_update(blob, delta)
-            self.residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
-        return wrap_update(blob, cfg.uplink_compression)
+            self.residual = residual
+        return blob
 
     def _fit(self, model: nn.Module, device: torch.device, seed: int,
              deadline: Optional[float] = None) -> None:

@@ -81,7 +81,8 @@ from . import codec as _codec
 from .codec import UpdateRejected, check_compression, decode_update
 
 __all__ = ["Server", "RoundResult", "RoundStart", "RemoteClient", "Dropped", "DOWNLINK_CODECS",
-           "downlink_codec", "NotDelivered", "DeliveryUnconfirmed"]
+           "downlink_codec", "NotDelivered", "DeliveryUnconfirmed", "accept_update",
+           "AcceptedUpdate", "step_problem"]
 
 logger = logging.getLogger("oqfl_ext.fl")
 
@@ -214,6 +215,66 @@ def _assigned_samples(client) -> Optional[int]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         return None
     return n
+
+
+class AcceptedUpdate(NamedTuple):
+    """What :func:`accept_update` returns for an update it accepts."""
+
+    update: Dict[str, Tensor]
+    """the decoded update (float32, the template's names, shapes and order), clipped"""
+    num_samples: int
+    """its FedAvg weight: the claim, capped at ``max_samples``"""
+    claimed_samples: int
+    """the blob's ``num_samples`` as sent"""
+    norm: Optional[float]
+    """the update's global L2 norm before clipping (None without ``norm_bound``)"""
+    clipped: bool
+    """whether ``norm_bound`` scaled it down"""
+
+
+def accept_update(blob, template: Dict[str, Tensor], *, round_idx: int, client_id: str,
+                  max_samples: Optional[int] = None, norm_bound: Optional[float] = None,
+                  compression: str = "none") -> AcceptedUpdate:
+    """Steps 3-4 of the module docstring for one received update blob: decodes and checks it
+    against ``template`` (:func:`oqfl_ext.fl.codec.decode_update`), refuses metadata naming
+    another round or client, caps the ``num_samples`` claim at ``max_samples`` (when the
+    receiver knows how many samples the client holds) and scales the update down to
+    ``norm_bound`` (global L2 norm). The one place these checks live: :meth:`Server.end_round`
+    and the Flower strategy (:mod:`oqfl_ext.fl.flower.strategy`) both call it.
+
+    Raises :class:`~oqfl_ext.fl.codec.UpdateRejected` (the message says why) for a blob that
+    is not accepted; nothing of it is returned then."""
+    update, info = decode_update(blob, template, return_info=True, compression=compression)
+    if info["round"] != round_idx:
+        raise UpdateRejected(f"update rejected: round {info['round']}, expected {round_idx}")
+    if info["client_id"] != client_id:
+        raise UpdateRejected(f"update rejected: client_id {info['client_id']!r}, expected "
+                             f"{client_id!r}")
+    claimed = num_samples = info["num_samples"]
+    if max_samples is not None and num_samples > max_samples:
+        num_samples = max_samples
+    norm, clipped = None, False
+    if norm_bound is not None:
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
+        if norm > norm_bound:
+            factor = norm_bound / norm
+            update = {k: v * factor for k, v in update.items()}
+            clipped = True
+    return AcceptedUpdate(update, num_samples, claimed, norm, clipped)
+
+
+def step_problem(new_values: Mapping[str, Tensor],
+                 momentum: Optional[Mapping[str, Tensor]] = None) -> Optional[str]:
+    """Why a server step to ``new_values`` (and the FedAvgM buffer ``momentum``) must not be
+    applied, or None: it would leave an entry non-finite (step 5 of the module docstring)."""
+    bad = [k for k, v in new_values.items() if not bool(torch.isfinite(v).all())]
+    if momentum is not None:
+        bad += [f"momentum.{k}" for k, v in momentum.items()
+                if not bool(torch.isfinite(v).all())]
+    if bad:
+        return (f"the step would make {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
+                f"non-finite (first: {bad[0]})")
+    return None
 
 
 def _has_uninitialized_quantizers(model: nn.Module) -> bool:
@@ -442,35 +503,22 @@ class Server:
                 continue
             uplink += len(reply)
             try:
-                update, info = decode_update(reply, template, return_info=True,
-                                             compression=self.uplink_compression)
+                got = accept_update(reply, template, round_idx=round_idx, client_id=cid,
+                                    max_samples=_assigned_samples(client),
+                                    norm_bound=self.norm_bound,
+                                    compression=self.uplink_compression)
             except UpdateRejected as e:
                 self._drop(dropped, cid, str(e))
                 continue
-            if info["round"] != round_idx:
-                self._drop(dropped, cid, f"update rejected: round {info['round']}, expected "
-                                         f"{round_idx}")
-                continue
-            if info["client_id"] != cid:
-                self._drop(dropped, cid, f"update rejected: client_id {info['client_id']!r}, "
-                                         f"expected {cid!r}")
-                continue
-            num_samples = info["num_samples"]
-            assigned = _assigned_samples(client)
-            if assigned is not None and num_samples > assigned:
+            if got.num_samples < got.claimed_samples:
                 logger.warning("round %d: client %s claims %d samples, it was assigned %d; "
-                               "capped", round_idx, cid, num_samples, assigned)
-                num_samples = assigned
+                               "capped", round_idx, cid, got.claimed_samples, got.num_samples)
                 capped.append(cid)
-            if self.norm_bound is not None:
-                norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
-                if norm > self.norm_bound:
-                    factor = self.norm_bound / norm
-                    update = {k: v * factor for k, v in update.items()}
-                    clipped.append(cid)
-                    logger.info("round %d: client %s update norm %.4g clipped to %.4g",
-                                round_idx, cid, norm, self.norm_bound)
-            accepted.append((cid, update, num_samples))
+            if got.clipped:
+                clipped.append(cid)
+                logger.info("round %d: client %s update norm %.4g clipped to %.4g",
+                            round_idx, cid, got.norm, self.norm_bound)
+            accepted.append((cid, got.update, got.num_samples))
 
         total = sum(n for _, _, n in accepted)
         rejected: Optional[str] = None
@@ -645,13 +693,9 @@ class Server:
         state = self.model.state_dict()  # tensors share storage with the model
         new_values = {k: state[k] + (self.server_lr * v).to(state[k].device, state[k].dtype)
                       for k, v in step.items()}
-        bad = [k for k, v in new_values.items() if not bool(torch.isfinite(v).all())]
-        if momentum is not None:
-            bad += [f"momentum.{k}" for k, v in momentum.items()
-                    if not bool(torch.isfinite(v).all())]
-        if bad:
-            return (f"the step would make {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
-                    f"non-finite (first: {bad[0]})")
+        problem = step_problem(new_values, momentum)
+        if problem is not None:
+            return problem
         self.momentum = momentum
         for k, v in new_values.items():
             state[k].copy_(v)

@@ -134,10 +134,14 @@ class LocalFederation:
         nodes: number of SuperNodes; node ``i`` gets ``partition-id=i
             num-partitions=nodes``.
         node_env: extra environment per node index (e.g. fault injection).
+        app_dir: a Flower app folder to run instead of the package's own app (which is
+            written to ``run_dir/app``), e.g. a user's app using :mod:`.mod` and
+            :mod:`.strategy`; its run config must have an ``out-dir`` key (:meth:`submit`
+            sets it).
     """
 
     def __init__(self, run_dir, nodes: int = 3, node_env: Optional[Dict[int, Dict]] = None,
-                 start_timeout: float = 60.0):
+                 start_timeout: float = 60.0, app_dir=None):
         if nodes < 1:
             raise ValueError(f"nodes expected >= 1, got {nodes}")
         self.run_dir = Path(run_dir).resolve()
@@ -146,7 +150,11 @@ class LocalFederation:
         self.start_timeout = start_timeout
         self.flwr_home = self.run_dir / "flwr_home"
         self.logs = self.run_dir / "logs"
-        self.app_dir = self.run_dir / "app"
+        self.own_app = app_dir is None
+        self.app_dir = self.run_dir / "app" if app_dir is None else Path(app_dir).resolve()
+        if not self.own_app and not (self.app_dir / "pyproject.toml").is_file():
+            raise ValueError(f"app_dir expected a Flower app folder (with pyproject.toml), got "
+                             f"{app_dir}")
         self.out_dir = self.run_dir / "out"
         self.superlink: Optional[subprocess.Popen] = None
         self.supernodes: List[Optional[subprocess.Popen]] = []
@@ -171,7 +179,8 @@ class LocalFederation:
     def start(self) -> "LocalFederation":
         for d in (self.flwr_home, self.logs, self.out_dir):
             d.mkdir(parents=True, exist_ok=True)
-        write_app(self.app_dir)
+        if self.own_app:
+            write_app(self.app_dir)
         env = flower_env(self.flwr_home)
         atexit.register(self.stop)
         self._trap_sigterm()
@@ -350,8 +359,9 @@ def _toml(v) -> str:
     return json.dumps(str(v))
 
 
-def _parse_run_config(text: str) -> Dict[str, object]:
-    """``"k=v k2='x'"`` (TOML values) into a dict, checked as the apps check the run config."""
+def _parse_run_config(text: str, check: bool = True) -> Dict[str, object]:
+    """``"k=v k2='x'"`` (TOML values) into a dict, with ``check`` checked as the package's apps
+    check the run config."""
     try:
         import tomllib
     except ImportError:  # Python < 3.11
@@ -368,6 +378,8 @@ def _parse_run_config(text: str) -> Dict[str, object]:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = value  # a bare string
+    if not check:
+        return out
     try:
         parse_run_config(out)  # fail here, before starting anything
     except ValueError as e:
@@ -382,10 +394,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run-dir", default="runs/flower", help="run folder (created)")
     p.add_argument("--run-config", default="", help='overrides, e.g. "rounds=5 seed=1"')
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run")
+    p.add_argument("--app", default=None, help="run this Flower app folder instead of the "
+                   "package's (its run config needs an out-dir key)")
     args = p.parse_args(argv)
-    cfg = _parse_run_config(args.run_config)
-    cfg["clients"] = args.nodes
-    with LocalFederation(args.run_dir, nodes=args.nodes) as fed:
+    cfg = _parse_run_config(args.run_config, check=args.app is None)
+    if args.app is None:
+        cfg["clients"] = args.nodes
+    with LocalFederation(args.run_dir, nodes=args.nodes, app_dir=args.app) as fed:
         print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {fed.logs}",
               flush=True)
         run_id = fed.submit(cfg)
