@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from .codec import check_compression, decode_update, encode_update, wrap_update
+from .codec import (DEFAULT_COMPRESSION, check_compression, decode_update, encode_update,
+                    wrap_update)
 
 __all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed"]
 
@@ -61,8 +62,9 @@ class ClientConfig:
         stochastic: unbiased stochastic rounding of the uplink codes (else round half to even).
         error_feedback: keep the uplink quantization error ``delta - decoded(delta)`` and add it
             to the next round's delta (EF-SGD style); no effect with ``uplink_bits=32``.
-        uplink_compression: ``"none"`` or ``"zlib"`` (the update blob entropy-coded, see
-            :mod:`oqfl_ext.fl.codec`); the server must expect the same.
+        uplink_compression: one of :data:`oqfl_ext.fl.codec.COMPRESSIONS` (default
+            ``"zstd"``: the update blob entropy-coded, see :mod:`oqfl_ext.fl.codec`); the
+            server must expect the same.
         step_size_lr_scale: the learning rate of the LSQ quantizers' step sizes and offsets,
             as a multiple of ``lr`` (> 0).
     """
@@ -75,7 +77,7 @@ class ClientConfig:
     uplink_bits: int = 32
     stochastic: bool = True
     error_feedback: bool = False
-    uplink_compression: str = "none"
+    uplink_compression: str = DEFAULT_COMPRESSION
     step_size_lr_scale: float = 1.0
 
     def __post_init__(self):
@@ -208,10 +210,10 @@ class Client:
         gen = torch.Generator().manual_seed(derive_seed(base_seed, 2))
         blob = encode_update(delta, bits=cfg.uplink_bits, round=round_idx,
                              client_id=self.client_id, num_samples=len(self),
-                             stochastic=cfg.stochastic, generator=gen)
+                             stochastic=cfg.stochastic, generator=gen, compression="none")
         _check_deadline(deadline, "after encoding its update")
         if ef:
-            sent = decode_update(blob, delta)
+            sent = decode_update(blob, delta, compression="none")
             self.residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
         return wrap_update(blob, cfg.uplink_compression)
 
