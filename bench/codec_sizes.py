@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))  # the checkout's package when run from anywhere
 COMPRESSIONS = ("none", "zlib", "zstd")
 
 
