@@ -836,9 +836,10 @@ def decode_update(blob: bytes, template: Dict[str, Tensor], *,
             the parameters clients send): the blob must carry exactly these names with these
             shapes.
         return_info: also return a dict ``{"round", "client_id", "num_samples", "bits",
-            "codec"}`` of the blob's metadata.
-        compression: what the sender's :func:`encode_update` was given (``"none"`` or
-            ``"zlib"``).
+            "codec"}`` of the blob's header (``codec``: ``{"rounding", "scale",
+            "granularity"}`` as in version 1).
+        compression: what the sender's :func:`encode_update` was given (one of
+            :data:`COMPRESSIONS`; default ``"zstd"``).
 
     Returns:
         name -> float32 tensor with the template's shape, on the template tensor's device, in
