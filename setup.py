@@ -127,10 +127,11 @@ print(f"oqfl_ext: building against torch {torch.__version__}; CUDA kernels "
       f"{'on' if WITH_CUDA else 'off'} ({CUDA_REASON})", file=sys.stderr)
 write_build_info()
 setup(
-    # the compiled _C works with this torch only (import oqfl_ext checks it too); tqdm and
-    # matplotlib are the oqfl-fl command's progress bar and plots
-    install_requires=[f"torch=={torch_distribution_version()}", "numpy", "safetensors", "tqdm",
-                      "matplotlib"],
+    # the compiled _C works with this torch only (import oqfl_ext checks it too); zstandard is
+    # the update codec's default compression; tqdm and matplotlib are the oqfl-fl command's
+    # progress bar and plots
+    install_requires=[f"torch=={torch_distribution_version()}", "numpy", "safetensors",
+                      "zstandard", "tqdm", "matplotlib"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

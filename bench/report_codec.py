@@ -30,11 +30,11 @@ DEFAULT_MAX_TIME = 1.0
 BYTES_TARGETS = {4: 0.127, 8: 0.255}
 GBPS_TARGET = 1.0
 ROUND_TARGET = 1.5
-STAGES = ("scales", "quantize_pack", "seal", "open", "unpack_dequantize")
+STAGES = ("scales", "quantize_pack", "compress", "decompress", "unpack_dequantize")
 STAGE_WHAT = {"scales": "per-channel absmax step sizes",
               "quantize_pack": "oqfl::quantize_pack op (stochastic)",
-              "seal": "digest + safetensors framing",
-              "open": "framing + digest check (receiver)",
+              "compress": "zstd compression of the blob",
+              "decompress": "bounded zstd decompression (receiver)",
               "unpack_dequantize": "oqfl::unpack_dequantize op"}
 
 
@@ -62,15 +62,17 @@ def render(data: dict) -> str:
     # (a) bytes
     out += ["", "### (a) Update size: ResNet-18-sized update (torchvision resnet18 state_dict "
             "floating-point shapes)", "",
-            "`blob` = the encoded update's length (safetensors header, metadata, scales "
-            "included); `float32` = 4 bytes per value.", "",
-            "| codec | values | blob bytes | codes/values | scales | header (metadata) "
+            "`blob` = the encoded update's length before compression (header, digest, "
+            "steps and vectors included; docs/DESIGN.md 4.2); `float32` = 4 bytes per value.",
+            "",
+            "| codec | values | blob bytes | codes/values | steps + vectors | header + digest "
             "| float32 bytes | blob / float32 | target |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name in order:
         stats_info = codec[name].get("roundtrip") or next(iter(codec[name].values()))
         info = stats_info[1]
-        bits, blob, fb = info.get("bits"), info.get("blob_bytes"), info.get("float_bytes")
+        bits, fb = info.get("bits"), info.get("float_bytes")
+        blob = info.get("raw_bytes", info.get("blob_bytes"))  # before compression
         if not (blob and fb):
             continue
         ratio = blob / fb

@@ -5,22 +5,25 @@ floating-point entries of ``torchvision.models.resnet18().state_dict()`` (11.7M 
 ``N(0, 0.01^2)``, 46.8 MB as float32), on 2 threads (``torch.set_num_threads(2)``):
 
 ``roundtrip``
-    :func:`oqfl_ext.fl.encode_update` (stochastic rounding, a seeded generator) then
-    :func:`oqfl_ext.fl.decode_update` against the template: what a client and the server spend
-    on one update. Target: >= 1 GB/s of float32 input (46.8 MB / median) for int4 and int8.
+    :func:`oqfl_ext.fl.encode_update` (stochastic rounding, a seeded generator, the default
+    compression, zstd) then :func:`oqfl_ext.fl.decode_update` against the template: what a
+    client and the server spend on one update. Target: >= 1 GB/s of float32 input (46.8 MB /
+    median) for int4.
+``roundtrip_raw``
+    the same without compression.
 ``encode`` / ``decode``
-    each half alone.
-``stage_scales``, ``stage_quantize_pack``, ``stage_seal``, ``stage_open``,
+    each half of ``roundtrip`` alone.
+``stage_scales``, ``stage_quantize_pack``, ``stage_compress``, ``stage_decompress``,
 ``stage_unpack_dequantize``
     the pieces of the round trip (int4/int8 groups): the per-channel absmax step sizes, the
-    ``oqfl::quantize_pack`` op on every entry, digest + safetensors framing of the encoded
-    tensors, the receiver's framing + digest check, the ``oqfl::unpack_dequantize`` op.
+    ``oqfl::quantize_pack`` op on every entry, zstd compression of the raw blob, its bounded
+    decompression, the ``oqfl::unpack_dequantize`` op.
 ``copy``
     ``dst.copy_(src)`` of the 46.8 MB of float32: the memory-bandwidth reference.
 
-``extra_info`` of ``roundtrip`` holds ``float_bytes`` (4 bytes per value) and ``blob_bytes``
-(the blob's length, headers and scales included): the report prints their ratio (targets:
-int4 <= 12.7 %, int8 <= 25.5 %).
+``extra_info`` of ``roundtrip`` holds ``float_bytes`` (4 bytes per value), ``raw_bytes`` (the
+uncompressed blob), ``blob_bytes`` (what travels, zstd) and the parts of the raw blob: the report
+prints their ratios (targets: int4 <= 12.7 %, int8 <= 25.5 %, before compression).
 
 ``fl-round-smallcnn-fmnist-cpu`` group: one :meth:`oqfl_ext.fl.Server.run_round` (4 clients,
 1 local epoch, batch 32, SGD lr 0.05; training, encoding, decoding, FedAvg, evaluation on 1000
@@ -51,7 +54,7 @@ from test_bench_fake_quant import _oqfl_ops
 
 CODEC_THREADS = 2
 BITS = {"int4": 4, "int8": 8, "f32": 32}
-STAGES = ("scales", "quantize_pack", "seal", "open", "unpack_dequantize")
+STAGES = ("scales", "quantize_pack", "compress", "decompress", "unpack_dequantize")
 
 
 def _skip_without_oqfl():
@@ -85,20 +88,17 @@ def resnet18_update(small: bool):
     return {k: torch.randn(s, generator=g) * 0.01 for k, s in shapes}
 
 
-def blob_parts(blob: bytes) -> dict:
-    """The blob's length and what it is made of: the 8-byte size field and the JSON header
-    (tensor table and metadata), the codes (or float32 values) and the scales."""
-    import json
-    import struct
-
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    meta = header.pop("__metadata__")
-    size = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()}
-    return {"blob_bytes": len(blob), "header_bytes": 8 + n,
-            "metadata_bytes": len(json.dumps(meta, separators=(",", ":"))),
-            "scale_bytes": sum(v for k, v in size.items() if k.endswith("::scale")),
-            "data_bytes": sum(v for k, v in size.items() if not k.endswith("::scale"))}
+def blob_parts(update, bits: int, blob: bytes) -> dict:
+    """What the blob is made of (:func:`oqfl_ext.fl.codec.update_layout`): the raw blob's
+    header + digest, codes (or float32 values), steps and bfloat16 vectors, and the length that
+    travels (compressed)."""
+    from oqfl_ext.fl.codec import update_layout
+    parts = update_layout(update, bits, client_id="bench")
+    data = parts["codes"] if bits != 32 else parts["vectors"]
+    return {"blob_bytes": len(blob), "raw_bytes": parts["total"],
+            "header_bytes": parts["header"] + parts["digest"], "metadata_bytes": 0,
+            "scale_bytes": parts["steps"] + (parts["vectors"] if bits != 32 else 0),
+            "data_bytes": data}
 
 
 def _template(update):
@@ -108,7 +108,7 @@ def _template(update):
 def _codec_params():
     out = []
     for name in BITS:
-        impls = ["roundtrip", "encode", "decode", "copy"]
+        impls = ["roundtrip", "roundtrip_raw", "encode", "decode", "copy"]
         if name != "f32":
             impls += [f"stage_{s}" for s in STAGES]
         out += [pytest.param(name, impl, id=f"codec-resnet18-{name}-cpu-{impl}") for impl in impls]
@@ -130,17 +130,20 @@ def test_codec(benchmark, codec_threads, bits_name, impl):
             "torch_num_threads": torch.get_num_threads()}
     gen = torch.Generator().manual_seed(1)
 
-    def encode():
+    def encode(compression="zstd"):
         return encode_update(update, bits=bits, round=1, client_id="bench", num_samples=1,
-                             stochastic=True, generator=gen)
+                             stochastic=True, generator=gen, compression=compression)
 
     blob = encode()
-    info.update(blob_parts(blob))
+    info.update(blob_parts(update, bits, blob))
     benchmark.extra_info.update(info)
 
     if impl == "roundtrip":
         def fn():
             return decode_update(encode(), template)
+    elif impl == "roundtrip_raw":
+        def fn():
+            return decode_update(encode("none"), template, compression="none")
     elif impl == "encode":
         fn = encode
     elif impl == "decode":
@@ -153,11 +156,11 @@ def test_codec(benchmark, codec_threads, bits_name, impl):
         def fn():
             return dst.copy_(src)
     else:
-        fn = _stage(impl[len("stage_"):], update, template, bits, gen, blob)
+        fn = _stage(impl[len("stage_"):], update, template, bits, gen, encode("none"))
     benchmark(fn)
 
 
-def _stage(stage: str, update, template, bits: int, gen, blob):
+def _stage(stage: str, update, template, bits: int, gen, raw: bytes):
     """A callable running one stage of the round trip over every entry of ``update``."""
     from oqfl_ext import ops
     from oqfl_ext.fl import codec
@@ -177,14 +180,11 @@ def _stage(stage: str, update, template, bits: int, gen, blob):
     if stage == "quantize_pack":
         return quantize_pack
     codes = quantize_pack()
-    if stage == "seal":
-        tensors = {}
-        for k in update:
-            tensors[k + "::codes"], tensors[k + "::scale"] = codes[k], scales[k]
-        return lambda: codec._seal({"format": "bench", "params": "[]"}, tensors)
-    if stage == "open":
-        return lambda: codec._open(blob, template, codec.FORMAT_NAME, codec.FORMAT_VERSION,
-                                   codec._META_KEYS, codec._UPDATE_ST)
+    if stage == "compress":
+        return lambda: codec.wrap_update(raw, "zstd")
+    if stage == "decompress":
+        packed, limit = codec.wrap_update(raw, "zstd"), codec.update_size_limit(template)
+        return lambda: codec._decompress(packed, "zstd", limit)
     if stage == "unpack_dequantize":
         return lambda: [ops.unpack_dequantize(codes[k], scales[k], bits=bits,
                                               shape=list(v.shape), axis=0)

@@ -291,14 +291,13 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int
 
 def uplink_breakdown(out: Path, net: str, split: str, rounds: int) -> Optional[str]:
     """One markdown row per uplink codec of ``net``: where the bytes of one client update go
-    (safetensors header and metadata, int codes, per-channel step sizes, 0-D/1-D entries),
-    from a blob the codec makes of the run's own final model (sizes do not depend on values)."""
-    import struct
-
-    from oqfl_ext.fl.codec import encode_update
+    (header and digest, int codes, per-channel step sizes, 0-D/1-D entries; docs/DESIGN.md
+    section 4.2), and its size with the default compression, from a blob the codec makes of the
+    run's own final model (sizes before compression do not depend on values)."""
+    from oqfl_ext.fl.codec import encode_update, update_layout
     from oqfl_ext.fl.metrics import load_run
     rows = []
-    base = base_sent = None
+    base = base_sent = base_packed = None
     for arm, bits in (("fp32", 32), ("w8a8", 8), ("w4a4", 4)):
         folder = run_dir(out, net, split, arm)
         if not finished(folder, rounds):
@@ -308,22 +307,20 @@ def uplink_breakdown(out: Path, net: str, split: str, rounds: int) -> Optional[s
         sent = sum(r["uplink_bytes"] for r in records) / sum(len(r["accepted"]) for r in records)
         base_sent = base_sent or sent
         update = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        blob = encode_update(update, bits=bits, round=0, client_id="client-0", num_samples=1)
-        header = struct.unpack("<Q", blob[:8])[0] + 8
-        parts = {"codes": 0, "scale": 0, "values": 0}
-        entries = json.loads(blob[8:header])
-        entries.pop("__metadata__")
-        for key, e in entries.items():
-            parts[key.rsplit("::", 1)[1]] += e["data_offsets"][1] - e["data_offsets"][0]
-        base = base or len(blob)
+        parts = update_layout(update, bits, client_id="client-0")
+        packed = len(encode_update(update, bits=bits, round=0, client_id="client-0",
+                                   num_samples=1))
+        base, base_packed = base or parts["total"], base_packed or packed
+        overhead = parts["header"] + parts["digest"]
         if bits == 32:
-            detail = f"| {parts['values'] / 1e3:.1f} | - | - "
+            detail = f"| {parts['vectors'] / 1e3:.1f} | - | - "
         else:
-            detail = (f"| {parts['codes'] / 1e3:.1f} | {parts['scale'] / 1e3:.1f} "
-                      f"| {parts['values'] / 1e3:.1f} ")
-        rows.append(f"| {net} | {ARMS[arm][0]} ({bits}-bit) | {len(blob) / 1e3:.1f} "
-                    f"| {header / 1e3:.1f} {detail}| {base / len(blob):.2f}x "
-                    f"| {len(entries)} | {sent / 1e3:.1f} | {base_sent / sent:.2f}x |")
+            detail = (f"| {parts['codes'] / 1e3:.1f} | {parts['steps'] / 1e3:.1f} "
+                      f"| {parts['vectors'] / 1e3:.1f} ")
+        rows.append(f"| {net} | {ARMS[arm][0]} ({bits}-bit) | {parts['total'] / 1e3:.1f} "
+                    f"| {overhead} {detail}| {base / parts['total']:.2f}x "
+                    f"| {packed / 1e3:.1f} | {base_packed / packed:.2f}x "
+                    f"| {sent / 1e3:.1f} | {base_sent / sent:.2f}x |")
     return "\n".join(rows)
 
 
@@ -421,10 +418,11 @@ def cmd_report(args) -> int:
                         for net in args.nets) if r]
     _splice(docs / "RESULTS.md", {
         "grid": "\n".join(sections) + f"\nAll runs: {total_s / 3600:.2f} h of one-thread time.",
-        "uplink": "| network | update | blob before zlib, kB | header kB "
+        "uplink": "| network | update | blob, kB | header + digest, bytes "
                   "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
-                  "| tensors | sent per client in the runs (zlib), kB | vs FP32 |\n"
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows),
+                  "| zstd blob, kB | vs FP32 | sent per client in the runs, kB | vs FP32 |\n"
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                  + "\n".join(rows),
         "seeds": seed_table(args.out, args.nets, args.splits, args.rounds),
         "trials": trial_table(args.out, args.nets, args.splits, args.rounds)})
     print(f"wrote {len(sections)} tables and plots into {docs}")

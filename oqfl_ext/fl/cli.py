@@ -3,9 +3,9 @@ CNN on simulated clients, with compressed uplink updates, per-round checkpoints 
 
 One run writes into ``--out`` (default ``runs/<name>-<date>-<time>``):
 
-* ``metrics.json`` -- the configuration and, per round, accuracy, loss, uplink and downlink
-  bytes, wall time, accepted and dropped clients (:mod:`oqfl_ext.fl.metrics`); rewritten after
-  every round;
+* ``metrics.json`` -- the configuration and, per round, accuracy, loss, uplink, downlink and
+  total bytes, wall time, accepted and dropped clients, and the run's bytes per direction and
+  in total (``traffic``; :mod:`oqfl_ext.fl.metrics`); rewritten after every round;
 * ``accuracy.png`` -- accuracy against round and against cumulative uplink MB;
 * ``checkpoints/`` -- the server state after the last round (:mod:`oqfl_ext.fl.checkpoint`);
   ``--resume`` continues a killed run from it, bit-identically (in a folder without one it
@@ -166,7 +166,7 @@ def run_experiment(cfg: Union[ExperimentConfig, dict], out, *, resume: bool = Fa
     rounds_total = cfg["rounds"]
     bar = tqdm(total=rounds_total, desc=cfg["name"], unit="round", disable=not progress,
                position=position, leave=True, dynamic_ncols=True, file=sys.stderr)
-    state = {"records": [], "up": 0}
+    state = {"records": []}
 
     def on_client(i, m, cid):
         if i < m:
@@ -177,9 +177,8 @@ def run_experiment(cfg: Union[ExperimentConfig, dict], out, *, resume: bool = Fa
 
     def on_round(record, result):
         state["records"].append(record)
-        state["up"] += record["uplink_bytes"]
         write_metrics(out / METRICS_FILE, cfg, state["records"])
-        bar.set_postfix_str(_postfix(record, state["up"]), refresh=False)
+        bar.set_postfix_str(_postfix(state["records"]), refresh=False)
         bar.update(1)
         for cid, reason in result.dropped:
             bar.write(f"{cfg['name']} round {result.round + 1}: dropped {cid}: {reason}")
@@ -191,10 +190,9 @@ def run_experiment(cfg: Union[ExperimentConfig, dict], out, *, resume: bool = Fa
                 from .checkpoint import load_checkpoint
                 done = load_checkpoint(ckpt_dir).rounds
                 state["records"] = list(done)
-                state["up"] = sum(int(r["uplink_bytes"]) for r in done)
                 if done:
                     bar.update(min(len(done), rounds_total))
-                    bar.set_postfix_str(_postfix(done[-1], state["up"]) + " (resumed)")
+                    bar.set_postfix_str(_postfix(done) + " (resumed)")
             records = server.fit(rounds_total, checkpoint_dir=ckpt_dir, config=cfg,
                                  resume=resume, on_round=on_round, on_client=on_client)
     finally:
@@ -216,10 +214,14 @@ def _check_out_folder(out: Path) -> None:
             return
 
 
-def _postfix(record: dict, up_bytes: int) -> str:
-    acc = record.get("accuracy")
+def _postfix(records: List[dict]) -> str:
+    """The progress bar's text after a round: accuracy, MB so far per direction and in all."""
+    from .metrics import traffic
+    acc = records[-1].get("accuracy")
     acc_s = "n/a" if acc is None or not math.isfinite(acc) else f"{100 * acc:.2f}%"
-    return f"acc {acc_s}, up {up_bytes / 1e6:.2f} MB"
+    t = traffic(records)
+    return (f"acc {acc_s}, up {t['uplink_bytes'] / 1e6:.2f} MB, down "
+            f"{t['downlink_bytes'] / 1e6:.2f} MB, total {t['total_bytes'] / 1e6:.2f} MB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +238,10 @@ def _summary_line(name: str, records: List[dict], out: Path) -> str:
     acc = s["final_accuracy"]
     acc_s = "n/a" if not math.isfinite(acc) else f"{100 * acc:.2f}%"
     return (f"{name}: {s['rounds']} rounds, final accuracy {acc_s}, uplink "
-            f"{s['uplink_mb']:.2f} MB, {s['time_per_round_s']:.1f} s/round -> {out}")
+            f"{s['uplink_mb']:.2f} MB ({s['uplink_mb_per_round']:.3f}/round), downlink "
+            f"{s['downlink_mb']:.2f} MB ({s['downlink_mb_per_round']:.3f}/round), total "
+            f"{s['total_mb']:.2f} MB ({s['total_mb_per_round']:.3f}/round), "
+            f"{s['time_per_round_s']:.1f} s/round -> {out}")
 
 
 def _check_runtime_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from .codec import check_compression, decode_update, encode_update, wrap_update
+from .codec import (DEFAULT_COMPRESSION, check_compression, decode_update, encode_update,
+                    wrap_update)
 
 __all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed",
            "encode_with_feedback"]
@@ -44,7 +45,7 @@ def derive_seed(*parts: int) -> int:
 def encode_with_feedback(delta: Dict[str, Tensor], residual: Optional[Dict[str, Tensor]], *,
                          bits: int, round: int, client_id: str, num_samples: int,
                          stochastic: bool = True, generator: Optional[torch.Generator] = None,
-                         error_feedback: bool = False, compression: str = "none"
+                         error_feedback: bool = False, compression: str = DEFAULT_COMPRESSION
                          ) -> Tuple[bytes, Optional[Dict[str, Tensor]]]:
     """The uplink of one update with error feedback (EF-SGD style): ``delta`` plus the previous
     ``residual`` (entries it has) encoded by :func:`~oqfl_ext.fl.codec.encode_update` and
@@ -56,10 +57,11 @@ def encode_with_feedback(delta: Dict[str, Tensor], residual: Optional[Dict[str, 
         delta = {k: v + residual[k].to(v.device, v.dtype) if k in residual else v
                  for k, v in delta.items()}
     blob = encode_update(delta, bits=bits, round=round, client_id=client_id,
-                         num_samples=num_samples, stochastic=stochastic, generator=generator)
+                         num_samples=num_samples, stochastic=stochastic, generator=generator,
+                         compression="none")
     new_residual = None
     if error_feedback:
-        sent = decode_update(blob, delta)
+        sent = decode_update(blob, delta, compression="none")
         new_residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
     return wrap_update(blob, compression), new_residual
 
@@ -85,8 +87,9 @@ class ClientConfig:
         stochastic: unbiased stochastic rounding of the uplink codes (else round half to even).
         error_feedback: keep the uplink quantization error ``delta - decoded(delta)`` and add it
             to the next round's delta (EF-SGD style); no effect with ``uplink_bits=32``.
-        uplink_compression: ``"none"`` or ``"zlib"`` (the update blob entropy-coded, see
-            :mod:`oqfl_ext.fl.codec`); the server must expect the same.
+        uplink_compression: one of :data:`oqfl_ext.fl.codec.COMPRESSIONS` (default
+            ``"zstd"``: the update blob entropy-coded, see :mod:`oqfl_ext.fl.codec`); the
+            server must expect the same.
         step_size_lr_scale: the learning rate of the LSQ quantizers' step sizes and offsets,
             as a multiple of ``lr`` (> 0).
     """
@@ -99,7 +102,7 @@ class ClientConfig:
     uplink_bits: int = 32
     stochastic: bool = True
     error_feedback: bool = False
-    uplink_compression: str = "none"
+    uplink_compression: str = DEFAULT_COMPRESSION
     step_size_lr_scale: float = 1.0
 
     def __post_init__(self):

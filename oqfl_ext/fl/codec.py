@@ -1,53 +1,66 @@
 """Wire formats of a federated client update (docs/DESIGN.md section 4) and of the model broadcast.
 
 An update (a dict of named float tensors, e.g. ``new_weights - global_weights``) travels as ONE
-safetensors blob; nothing on this path uses pickle.
+version 2 blob; nothing on this path uses pickle. Sender and receiver both hold the model, so
+the blob names no parameter: it carries a digest of the template (names, shapes, how each entry
+travels) and the values as one buffer per kind, every entry in sorted-name order.
 
-Tensors (safetensors keys), for each parameter ``NAME`` of the update:
+How an entry travels:
 
-* ``bits`` 4 or 8, tensors with 2 or more dimensions (conv/linear weights): ``NAME::codes``,
-  uint8 ``[ceil(numel * bits / 8)]``, the signed codes packed by
-  :func:`oqfl_ext.ops.quantize_pack` (layout: :func:`oqfl_ext.ops.pack`), and ``NAME::scale``,
-  float32 step sizes ``[shape[0]]`` (per output channel, ``axis = 0``). A step size is
-  ``max|slice| / qmax`` (qmax 7 or 127); a slice of zeros gets the smallest normal float32 instead
-  of 0. Values are recovered as ``code * scale``: the error is at most ``scale / 2`` with
-  round-half-to-even, below ``scale`` with (unbiased) stochastic rounding.
-* ``bits`` 4 or 8, 0-D and 1-D tensors (biases, normalization statistics, LSQ step sizes and
-  offsets): ``NAME::values``, bfloat16 (``axis = null``). One shared int4 step size for a whole
-  vector lets the rounding noise of its largest element swamp the small ones (it drove LSQ step
-  sizes and BatchNorm variances negative in training); bfloat16 keeps every element to 2^-9
-  relative error for 2 bytes each, about 0.09 % of a ResNet-18 update.
-* ``bits`` 32: ``NAME::values``, the float32 values with the parameter's shape.
+* ``bits`` 4 or 8, 2 or more dimensions (conv/linear weights): signed codes packed by
+  :func:`oqfl_ext.ops.quantize_pack` (layout: :func:`oqfl_ext.ops.pack`), ``ceil(numel * bits /
+  8)`` bytes, and float32 step sizes, one per output channel (``shape[0]``, axis 0). A step size
+  is ``max|slice| / qmax`` (qmax 7 or 127); a slice of zeros gets the smallest normal float32
+  instead of 0. Values are recovered as ``code * step``: the error is at most ``step / 2`` with
+  round-half-to-even, below ``step`` with (unbiased) stochastic rounding.
+* ``bits`` 4 or 8, 0-D and 1-D (biases, normalization statistics, LSQ step sizes and offsets):
+  bfloat16 values. One shared int4 step size for a whole vector lets the rounding noise of its
+  largest element swamp the small ones (it drove LSQ step sizes and BatchNorm variances
+  negative in training); bfloat16 keeps every element to 2^-9 relative error for 2 bytes each,
+  about 0.09 % of a ResNet-18 update.
+* ``bits`` 32: float32 values.
 
-Metadata (safetensors string metadata; every key is required and no other is allowed):
+Layout (little-endian):
 
-=================  =====================================================================
-``format``         ``"oqfl-update"``
-``version``        ``"1"``
-``bits``           ``"4"``, ``"8"`` or ``"32"``
-``params``         JSON list, in the update's order, of
-                   ``{"name": str, "shape": [int, ...], "dtype": str, "axis": 0 | null}``
-                   (``dtype``: the dtype the client's tensor had, e.g. ``"float32"``)
-``round``          decimal integer >= 0
-``client_id``      the client's id (printable text, at most 256 characters)
-``num_samples``    decimal integer >= 0 (the FedAvg weight)
-``codec``          JSON ``{"rounding": "stochastic" | "half_even", "scale": "absmax",
-                   "granularity": "per_channel_axis0_for_ndim_ge_2"}``
-``digest``         ``"sha256:" + hex`` of SHA-256 over every other metadata field (canonical
-                   JSON, sorted keys) and, for every tensor in name order, its name, dtype, shape
-                   and raw bytes
-=================  =====================================================================
+==========  =========================================================================
+4 bytes     magic ``b"OQFU"``
+u8          version, 2
+u8          bits: 4, 8 or 32
+u8          rounding: 0 none (bits 32), 1 half to even, 2 stochastic
+u8          reserved, 0
+u64         round
+u64         num_samples (the FedAvg weight)
+32 bytes    template digest: SHA-256 over ``b"oqfl-update-template-v2\\0"``, the bits byte,
+            then per entry in sorted-name order ``u64 len(name) name(UTF-8) u8 kind u64 ndim
+            u64 dims`` (kind 0 float32, 1 bfloat16, 2 codes + steps)
+u16         n, bytes of the client id (at most 1024)
+n bytes     client id, UTF-8 (printable, at most 256 characters)
+0-7 bytes   zeros, up to a multiple of 8
+steps       float32 step sizes of every coded entry, back to back
+vectors     bfloat16 (bits 4/8) or float32 (bits 32) values of the other entries
+codes       packed codes of every coded entry, each starting on a byte
+32 bytes    SHA-256 of everything before it
+==========  =========================================================================
 
-Decoding (:func:`decode_update`) checks the safetensors framing itself (header length, JSON,
-canonical compact encoding, offsets that tile the data exactly, no trailing bytes), the format,
-version, digest, client id, names, shapes and sizes against the receiver's template, scale
-shapes and values, and finite float32 values; whatever is wrong raises :class:`UpdateRejected`
-(a ValueError) whose message says what, quoting at most a short prefix (60 characters) of any
-text taken from the blob. A single changed byte anywhere in a blob, header included, is
-rejected.
+Everything but the header's 58 bytes (plus the client id and padding) and the final 32 is a
+code, a step or a value, so a blob is its payload plus about 100 bytes whatever the model.
 
-The model broadcast (server -> clients, :func:`encode_model` / :func:`decode_model`) uses the
-same framing, digest and checks with its own format name:
+Decoding (:func:`decode_update`) checks, in this order: the magic (a version 1 blob, the
+safetensors format of earlier releases, is refused with a message saying so: both sides run
+the same package, so one format is kept), the version, the final digest (a single changed or
+missing byte anywhere is rejected), bits, rounding, reserved byte, client id (length, UTF-8,
+printable), the template digest against the receiver's model (a blob made for other names or
+shapes is refused), zero padding, the exact size the template implies, step sizes finite and
+positive, values finite, and float32 overflow of ``code * step`` (a pass over the output only
+for a step within a factor 8/7 (int4) or 128/127 (int8) of float32's maximum). Whatever is
+wrong raises :class:`UpdateRejected` (a ValueError) whose message says what, quoting at most a
+short prefix (60 characters) of any text taken from the blob. Decoding copies the blob once and
+reads every buffer as a view of that copy.
+
+The model broadcast (server -> clients, :func:`encode_model` / :func:`decode_model`) is one
+safetensors blob (written by :func:`oqfl_ext._io.encode_safetensors`) with tensors
+``NAME::values``, or ``NAME::codes`` (uint8, packed as above) and ``NAME::scale`` (float32
+step sizes per output channel), and string metadata, every key required and no other allowed:
 
 =================  =====================================================================
 ``format``         ``"oqfl-model"``
@@ -61,8 +74,15 @@ same framing, digest and checks with its own format name:
 ``round``          decimal integer >= 0
 ``codec``          JSON ``{"rounding": "half_even" | "none", "scale": "absmax" | "none",
                    "granularity": ...}``
-``digest``         as above
+``digest``         ``"sha256:" + hex`` of SHA-256 over every other metadata field (canonical
+                   JSON, sorted keys) and, for every tensor in name order, its name, dtype,
+                   shape and raw bytes
 =================  =====================================================================
+
+:func:`decode_model` checks the safetensors framing itself (header length, JSON, canonical
+compact encoding, offsets that tile the data exactly, no trailing bytes), the format, version,
+metadata keys, digest, names, shapes, dtypes and sizes against the receiver's template, step
+sizes and finite values, with the same rejections as updates.
 
 With ``bits=8`` the floating-point entries with 2 or more dimensions (conv/linear weights) are
 int8 codes per output channel with round half to even (deterministic: every client decodes
@@ -70,25 +90,27 @@ the same model); 0-D and 1-D floating-point entries (biases, normalization stati
 sizes and offsets: few bytes, and a step size rounded to 0 would break a quantizer) travel as
 float32. Entries that are not floating point travel exactly.
 
-Entropy coding (optional, ``compression="zlib"`` on both sides): the blob above is sent as one
-zlib stream (RFC 1950, DEFLATE level 6) instead. The int4/int8 codes of an update are far from
-uniform (most are small), so DEFLATE's Huffman stage saves a good part of their bytes, and the
-JSON header shrinks too (the ResNet-20 updates of docs/RESULTS.md: int4 blobs 32 % smaller, int8
-17 %, float32 12 %). :func:`wrap_update` makes the stream. The receiver inflates at most
-:func:`update_size_limit` bytes for its template (a larger stream is rejected before it is
-inflated further, so a small "zip bomb" cannot exhaust memory) and requires the stream to end
-exactly at the end of the data; then the checks above apply to the inflated blob.
+Entropy coding (``compression`` on both sides; :data:`DEFAULT_COMPRESSION` ``"zstd"``): the
+update blob travels as one Zstandard frame (level 1, its content size in the frame header, no
+dictionary), or as one zlib stream (RFC 1950, DEFLATE level 6) with ``"zlib"``, or as it is with
+``"none"``. The int4/int8 codes of an update are far from uniform (most are small), so the
+literal entropy coder saves a good part of their bytes (about a quarter of an int4 update); on
+such data Zstandard level 1 is as small as DEFLATE and 10-20x faster (``bench/codec_sizes.py``).
+:func:`wrap_update` makes the stream. The receiver decompresses at most
+:func:`update_size_limit` bytes for its template: a zstd frame must state a content size within
+it before anything is decompressed, a zlib stream is cut off there, so a small "bomb" cannot
+exhaust memory; the stream must end exactly at the end of the data; then the checks above apply
+to the decompressed blob.
 
-Implementation notes (speed): tensors are hashed and framed straight from their memory
-(memoryviews, no ``bytes`` copies) into one output buffer; non-finite inputs of a quantized
-update are caught by their (per-channel) absmax scale rather than by an extra pass; decoding
-copies the blob once and reads every tensor as a view of that copy, and checks float32
-overflow of ``code * scale`` from the scales (a pass over the output only for a scale within a
-factor 8/7 (int4) or 128/127 (int8) of float32's maximum).
+Implementation notes (speed): values are framed straight from their memory (memoryviews, no
+``bytes`` copies) into one output buffer; non-finite inputs of a quantized update are caught by
+their (per-channel) absmax step rather than by an extra pass; the step sizes are checked in one
+pass over their buffer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -102,17 +124,15 @@ from .. import ops
 from .._io import encode_safetensors, tensor_bytes, tensor_digest
 
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
-           "update_size_limit", "wrap_update", "check_compression", "COMPRESSIONS",
+           "update_size_limit", "update_layout", "wrap_update", "check_compression", "COMPRESSIONS",
            "FORMAT_NAME", "FORMAT_VERSION", "MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION"]
 
 FORMAT_NAME = "oqfl-update"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 MODEL_FORMAT_NAME = "oqfl-model"
 MODEL_FORMAT_VERSION = "1"
 _BITS = (4, 8, 32)
 _QMAX = {4: 7, 8: 127}
-_META_KEYS = frozenset({"format", "version", "bits", "params", "round", "client_id",
-                        "num_samples", "codec", "digest"})
 _MODEL_META_KEYS = frozenset({"format", "version", "bits", "params", "round", "codec",
                               "digest"})
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -124,7 +144,6 @@ _ST_DTYPES = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", t
               torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
 _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 _ST_ITEMSIZE = {"U8": 1, "F32": 4, "BF16": 2, "BOOL": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8}
-_UPDATE_ST = ("U8", "F32", "BF16")
 _MODEL_ST = tuple(k for k in _ST_ITEMSIZE if k != "BF16")
 _TINY = torch.finfo(torch.float32).tiny
 _F32_MAX = float(torch.finfo(torch.float32).max)
@@ -133,9 +152,24 @@ _MAX_CLIENT_ID = 256
 _QUOTE = 60        # characters of received text a rejection message quotes at most
 _MAX_DETAIL = 300  # characters of a foreign exception's text a rejection message keeps
 _SUFFIX_CODES, _SUFFIX_SCALE, _SUFFIX_VALUES = "::codes", "::scale", "::values"
-COMPRESSIONS = ("none", "zlib")
+COMPRESSIONS = ("none", "zlib", "zstd")
+# Zstandard level 1: on int4/int8 codes it compresses as well as level 3 or DEFLATE (the literal
+# entropy coder does the work; there are few matches) at 10-20x DEFLATE's speed
+# (docs/RESULTS.md "Where the uplink bytes go")
+DEFAULT_COMPRESSION = "zstd"
 _ZLIB_LEVEL = 6
-_ENC_F32, _ENC_BF16, _ENC_INT8, _ENC_EXACT = "f32", "bf16", "int8", "exact"
+_ZSTD_LEVEL = 1
+_ENC_F32, _ENC_INT8, _ENC_EXACT = "f32", "int8", "exact"
+# version 2 update blobs (module docstring)
+_MAGIC = b"OQFU"
+# magic, version, bits, rounding, reserved, round, num_samples, template digest, client id bytes
+_HEAD = struct.Struct("<4sBBBBQQ32sH")
+_DIGEST_SIZE = 32
+_MAX_CLIENT_ID_BYTES = 4 * _MAX_CLIENT_ID
+_KIND_F32, _KIND_BF16, _KIND_CODES = 0, 1, 2
+_ROUND_NONE, _ROUND_EVEN, _ROUND_STOCH = 0, 1, 2
+_ROUNDINGS = (_ROUND_NONE, _ROUND_EVEN, _ROUND_STOCH)
+_TEMPLATE_DOMAIN = b"oqfl-update-template-v2\0"
 
 
 class UpdateRejected(ValueError):
@@ -171,6 +205,12 @@ def _check_text(name: str, value: str) -> None:
 def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_u64(name: str, value) -> int:
+    if _check_count(name, value) >= 1 << 64:
+        raise ValueError(f"{name} expected an integer below 2**64, got {value!r}")
     return value
 
 
@@ -254,25 +294,63 @@ def _seal(meta: Dict[str, str], tensors: Dict[str, Tensor]) -> bytes:
     return encode_safetensors(tensors, meta)
 
 
+def _kind(bits: int, ndim: int) -> int:
+    """How an entry of an update travels: float32 values (bits 32), bfloat16 values (0-D/1-D)
+    or packed codes with per-channel steps (2 or more dimensions)."""
+    return _KIND_F32 if bits == 32 else _KIND_BF16 if ndim <= 1 else _KIND_CODES
+
+
+def _layout(shapes, bits: int):
+    """Where each entry of an update lives in a version 2 payload, from the (name, shape)
+    pairs both sides know: ``(entries, (steps, vectors, codes) byte sizes, template digest)``.
+    ``entries`` is in canonical (sorted name) order, each ``(name, shape, kind, step offset,
+    vector offset, code offset)`` with offsets relative to the start of their buffer (steps in
+    float32 elements, vectors in elements of their dtype, codes in bytes)."""
+    h = hashlib.sha256(_TEMPLATE_DOMAIN + bytes([bits]))
+    entries, steps, vectors, codes = [], 0, 0, 0
+    for name, shape in sorted(shapes, key=lambda e: e[0]):
+        kind = _kind(bits, len(shape))
+        key = name.encode("utf-8", "surrogatepass")
+        h.update(struct.pack("<Q", len(key)) + key + bytes([kind])
+                 + struct.pack(f"<Q{len(shape)}Q", len(shape), *shape))
+        entries.append((name, shape, kind, steps, vectors, codes))
+        numel = math.prod(shape)
+        if kind == _KIND_CODES:
+            steps += shape[0]
+            codes += (numel * bits + 7) // 8
+        else:
+            vectors += numel
+    vsize = 4 if bits == 32 else 2
+    return entries, (4 * steps, vsize * vectors, codes), h.digest()
+
+
+def _header(bits: int, rounding: int, round_: int, num_samples: int, tdigest: bytes,
+            client_id: bytes) -> bytes:
+    head = _HEAD.pack(_MAGIC, int(FORMAT_VERSION), bits, rounding, 0, round_, num_samples,
+                      tdigest, len(client_id)) + client_id
+    return head + bytes(-len(head) % 8)
+
+
 def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, client_id: str = "",
                   num_samples: int = 0, stochastic: bool = True,
                   generator: Optional[torch.Generator] = None,
-                  compression: str = "none") -> bytes:
-    """Serializes a client update into one safetensors blob (format: the module docstring).
+                  compression: str = DEFAULT_COMPRESSION) -> bytes:
+    """Serializes a client update into one version 2 blob (format: the module docstring).
 
     Args:
         update: parameter name -> float tensor (float32/16, bfloat16 or float64; any device,
             any strides). Values must be finite.
-        bits: 4 or 8 (signed codes with per-channel/per-tensor float32 step sizes) or 32
-            (float32 values as they are).
-        round, num_samples: non-negative integers stored in the metadata.
+        bits: 4 or 8 (signed codes with per-channel float32 step sizes, bfloat16 vectors) or
+            32 (float32 values as they are).
+        round, num_samples: integers in [0, 2**64) stored in the header.
         client_id: printable text (at most 256 characters).
         stochastic: unbiased stochastic rounding (True) or round half to even (False);
             ignored with bits=32.
-        generator: the generator stochastic rounding draws its seeds from (one per parameter,
-            see :func:`oqfl_ext.ops.quantize_pack`); None: the default generator.
-        compression: ``"none"`` or ``"zlib"`` (the blob as one zlib stream, see the module
-            docstring); the receiver must pass the same to :func:`decode_update`.
+        generator: the generator stochastic rounding draws its seeds from (one per parameter
+            with 2 or more dimensions, in the update's order, see
+            :func:`oqfl_ext.ops.quantize_pack`); None: the default generator.
+        compression: one of :data:`COMPRESSIONS` (see the module docstring); the receiver
+            must pass the same to :func:`decode_update`.
 
     Returns:
         The blob (bytes). Raises ValueError/TypeError for bad arguments or non-finite values.
@@ -280,43 +358,43 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
     if isinstance(bits, bool) or bits not in _BITS:
         raise ValueError(f"bits expected one of {_BITS}, got {bits!r}")
     check_compression(compression)
-    round = _check_count("round", round)
-    num_samples = _check_count("num_samples", num_samples)
+    round = _check_u64("round", round)
+    num_samples = _check_u64("num_samples", num_samples)
     _check_text("client_id", client_id)
     _check_entries("update", update)
-    tensors: Dict[str, Tensor] = {}
-    params: List[dict] = []
+    # quantize in the update's order (the generator's draws do not depend on the layout)
+    parts: Dict[str, Tuple[Tensor, ...]] = {}
     for name, value in update.items():
         x = _float32("update", name, value)
-        entry = {"name": name, "shape": list(x.shape), "dtype": _dtype_name(value), "axis": None}
-        if bits == 32:
+        kind = _kind(bits, x.dim())
+        if kind == _KIND_F32:
             _check_finite("update", name, x)
-            tensors[name + _SUFFIX_VALUES] = x.cpu()
-        elif x.dim() <= 1:
+            parts[name] = (x.cpu(),)
+        elif kind == _KIND_BF16:
             _check_finite("update", name, x)
             values = x.to(torch.bfloat16)
             if not bool(torch.isfinite(values).all()):
                 raise ValueError(f"update[{name!r}] has values beyond bfloat16's range "
                                  f"(|x| > {torch.finfo(torch.bfloat16).max:.4g})")
-            tensors[name + _SUFFIX_VALUES] = values.cpu()
+            parts[name] = (values.cpu(),)
         else:
-            codes, scale, entry["axis"] = _quantize("update", name, x, bits, stochastic,
-                                                    generator)
-            tensors[name + _SUFFIX_CODES] = codes
-            tensors[name + _SUFFIX_SCALE] = scale
-        params.append(entry)
-    meta = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "bits": str(bits),
-        "params": _compact(params),
-        "round": str(round),
-        "client_id": client_id,
-        "num_samples": str(num_samples),
-        "codec": json.dumps(_codec_options(bits, stochastic), separators=(",", ":"),
-                            sort_keys=True),
-    }
-    return wrap_update(_seal(meta, tensors), compression)
+            codes, scale, _ = _quantize("update", name, x, bits, stochastic, generator)
+            parts[name] = (codes, scale)
+    entries, _, tdigest = _layout([(k, list(v.shape)) for k, v in update.items()], bits)
+    rounding = _ROUND_NONE if bits == 32 else (_ROUND_STOCH if stochastic else _ROUND_EVEN)
+    steps, vectors, codes = [], [], []
+    for name, _, kind, *_ in entries:
+        if kind == _KIND_CODES:
+            codes.append(tensor_bytes(parts[name][0]))
+            steps.append(tensor_bytes(parts[name][1]))
+        else:
+            vectors.append(tensor_bytes(parts[name][0]))
+    out = bytearray(_header(bits, rounding, round, num_samples, tdigest,
+                            client_id.encode("utf-8")))
+    for chunk in (*steps, *vectors, *codes):
+        out += chunk
+    out += hashlib.sha256(out).digest()
+    return wrap_update(out, compression)
 
 
 def check_compression(compression, name: str = "compression") -> None:
@@ -325,27 +403,61 @@ def check_compression(compression, name: str = "compression") -> None:
         raise ValueError(f"{name} expected one of {COMPRESSIONS}, got {compression!r}")
 
 
-def update_size_limit(template: Dict[str, Tensor]) -> int:
-    """An upper bound of the size of any valid update blob for ``template``: the largest header
-    the decoder accepts (64 MiB) plus float32 values and per-channel scales of every entry.
-    How much a receiver inflates at most."""
+def update_layout(template: Dict[str, Tensor], bits: int, client_id: str = "") -> Dict[str, int]:
+    """Bytes of an uncompressed update blob for ``template`` and ``bits``, by part: ``header``
+    (fixed fields, client id, padding), ``steps``, ``vectors``, ``codes``, ``digest``, and
+    ``total`` (the blob's length). Sizes do not depend on the values."""
     _check_template(template)
-    data = sum(4 * (t.numel() + (t.shape[0] if t.dim() else 1)) for t in template.values())
-    return 8 + _MAX_HEADER + data
+    if isinstance(bits, bool) or bits not in _BITS:
+        raise ValueError(f"bits expected one of {_BITS}, got {bits!r}")
+    _check_text("client_id", client_id)
+    _, (steps, vectors, codes), _ = _layout([(k, list(v.shape)) for k, v in template.items()],
+                                            bits)
+    head = _HEAD.size + len(client_id.encode("utf-8"))
+    parts = {"header": head + (-head % 8), "steps": steps, "vectors": vectors, "codes": codes,
+             "digest": _DIGEST_SIZE}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def update_size_limit(template: Dict[str, Tensor]) -> int:
+    """The size of the largest valid update blob for ``template`` (the longest client id, the
+    larger of the 32-bit and the quantized payloads): how much a receiver decompresses at
+    most."""
+    _check_template(template)
+    shapes = [(k, list(v.shape)) for k, v in template.items()]
+    payload = max(sum(_layout(shapes, bits)[1]) for bits in _BITS)
+    head = _HEAD.size + _MAX_CLIENT_ID_BYTES
+    return head + (-head % 8) + payload + _DIGEST_SIZE
 
 
 def wrap_update(blob: bytes, compression: str) -> bytes:
-    """The bytes that travel for an update blob of :func:`encode_update`: the blob itself
-    (``"none"``) or one zlib stream of it (``"zlib"``)."""
+    """The bytes that travel for an uncompressed update blob (``compression="none"``): the
+    blob itself (``"none"``) or its compressed stream."""
     check_compression(compression)
-    return blob if compression == "none" else zlib.compress(blob, _ZLIB_LEVEL)
+    if compression == "zlib":
+        return zlib.compress(blob, _ZLIB_LEVEL)
+    if compression == "zstd":
+        # one frame with its content size, which the receiver checks before it decompresses
+        return _zstd().ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True,
+                                      write_checksum=False).compress(blob)
+    return blob if isinstance(blob, bytes) else bytes(blob)
 
 
-def _inflate(data, limit: int) -> bytes:
-    """The zlib stream ``data`` inflated, refusing more than ``limit`` bytes of output, an
+def _zstd():
+    try:
+        import zstandard
+    except ImportError as e:  # pragma: no cover - a requirement (requirements.txt)
+        raise RuntimeError("compression 'zstd' needs the zstandard package "
+                           "(pip install zstandard)") from e
+    return zstandard
+
+
+def _decompress(data, compression: str, limit: int) -> bytes:
+    """The stream ``data`` decompressed, refusing more than ``limit`` bytes of output, an
     unfinished stream or bytes after its end."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        _reject(f"expected bytes, got {type(data).__name__}")
+    if compression == "zstd":
+        return _unzstd(data, limit)
     d = zlib.decompressobj()
     try:
         out = d.decompress(data, limit)
@@ -358,6 +470,31 @@ def _inflate(data, limit: int) -> bytes:
         _reject("the zlib stream is truncated")
     if d.unused_data:
         _reject(f"{len(d.unused_data)} bytes after the end of the zlib stream")
+    return out
+
+
+def _unzstd(data, limit: int) -> bytes:
+    """One Zstandard frame decompressed: its header must state a content size of at most
+    ``limit`` (checked before anything is allocated; the library checks the frame against
+    it), no dictionary, nothing after the frame."""
+    zstd = _zstd()
+    try:
+        params = zstd.get_frame_parameters(data)
+    except zstd.ZstdError as e:
+        _reject(f"not a valid zstd frame ({e})")
+    if params.content_size == zstd.CONTENTSIZE_UNKNOWN:
+        _reject("the zstd frame does not state its content size")
+    if params.content_size > limit:
+        _reject(f"the zstd frame decompresses to {params.content_size} bytes, more than the "
+                f"{limit} an update for this model can take")
+    if params.dict_id:
+        _reject(f"the zstd frame needs dictionary {params.dict_id}; none is used")
+    try:
+        out = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+    except zstd.ZstdError as e:
+        _reject(f"the zstd frame is truncated or corrupted ({e})")
+    if len(out) != params.content_size:
+        _reject("the zstd frame's content size is wrong")
     return out
 
 
@@ -448,7 +585,7 @@ def _no_duplicates(pairs):
     return seen
 
 
-def _parse_framing(blob, allowed=_UPDATE_ST):
+def _parse_framing(blob, allowed):
     """(metadata dict, {key: (dtype, shape, (begin, end))}, data offset) of a safetensors blob
     (bytes-like), checked to be in the canonical form :func:`_seal` (and safetensors) writes,
     with tensor dtypes among ``allowed``."""
@@ -514,16 +651,15 @@ def _parse_int(meta: Dict[str, str], key: str) -> int:
     return int(v)
 
 
-def _parse_params(meta: Dict[str, str], bits: int, model: bool = False):
-    """[(name, shape, axis, dtype, encoding)] of the ``params`` metadata. Update blobs have no
-    ``encoding`` field: theirs is "f32" with bits 32, else "int8" (codes of ``bits`` bits)."""
+def _parse_params(meta: Dict[str, str], bits: int):
+    """[(name, shape, axis, dtype, encoding)] of a model blob's ``params`` metadata."""
     try:
         params = json.loads(meta["params"], object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as e:
         _reject(f"metadata 'params' is not valid JSON ({e})")
     if not isinstance(params, list) or not params:
         _reject("metadata 'params' is not a non-empty list")
-    fields = {"name", "shape", "dtype", "axis"} | ({"encoding"} if model else set())
+    fields = {"name", "shape", "dtype", "axis", "encoding"}
     out = []
     for p in params:
         if not isinstance(p, dict) or set(p) != fields:
@@ -534,19 +670,14 @@ def _parse_params(meta: Dict[str, str], bits: int, model: bool = False):
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(type(d) is int and d >= 0 for d in shape)):
             _reject(f"parameter {_quote(name)}: malformed shape {_quote(shape)}")
-        if not isinstance(dtype, str) or (dtype not in _DTYPES and not (
-                model and dtype in _EXACT_DTYPES)):
+        if not isinstance(dtype, str) or (dtype not in _DTYPES and dtype not in _EXACT_DTYPES):
             _reject(f"parameter {_quote(name)}: unknown dtype {_quote(dtype)}")
-        if model:
-            encoding = p["encoding"]
-            allowed = ((_ENC_EXACT,) if dtype in _EXACT_DTYPES
-                       else (_ENC_F32, _ENC_INT8) if bits == 8 else (_ENC_F32,))
-            if encoding not in allowed:
-                _reject(f"parameter {_quote(name)}: encoding {_quote(encoding)} for a {dtype} "
-                        f"entry with bits={bits}, expected one of {allowed}")
-        else:
-            encoding = (_ENC_F32 if bits == 32 else _ENC_BF16 if len(shape) <= 1
-                        else _ENC_INT8)
+        encoding = p["encoding"]
+        allowed = ((_ENC_EXACT,) if dtype in _EXACT_DTYPES
+                   else (_ENC_F32, _ENC_INT8) if bits == 8 else (_ENC_F32,))
+        if encoding not in allowed:
+            _reject(f"parameter {_quote(name)}: encoding {_quote(encoding)} for a {dtype} "
+                    f"entry with bits={bits}, expected one of {allowed}")
         if encoding != _ENC_INT8:
             if axis is not None:
                 _reject(f"parameter {_quote(name)}: axis {_quote(axis)} with {encoding} values")
@@ -696,7 +827,7 @@ def _guarded(kind: str, fn, *args):
 
 
 def decode_update(blob: bytes, template: Dict[str, Tensor], *,
-                  return_info: bool = False, compression: str = "none"):
+                  return_info: bool = False, compression: str = DEFAULT_COMPRESSION):
     """Checks and decodes a blob of :func:`encode_update` against the receiver's model.
 
     Args:
@@ -705,9 +836,10 @@ def decode_update(blob: bytes, template: Dict[str, Tensor], *,
             the parameters clients send): the blob must carry exactly these names with these
             shapes.
         return_info: also return a dict ``{"round", "client_id", "num_samples", "bits",
-            "codec"}`` of the blob's metadata.
-        compression: what the sender's :func:`encode_update` was given (``"none"`` or
-            ``"zlib"``).
+            "codec"}`` of the blob's header (``codec``: ``{"rounding", "scale",
+            "granularity"}`` as in version 1).
+        compression: what the sender's :func:`encode_update` was given (one of
+            :data:`COMPRESSIONS`; default ``"zstd"``).
 
     Returns:
         name -> float32 tensor with the template's shape, on the template tensor's device, in
@@ -724,39 +856,113 @@ def decode_update(blob: bytes, template: Dict[str, Tensor], *,
 
 
 def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
-                   compression: str = "none"):
-    if compression == "zlib":
-        _check_template(template)
-        blob = _inflate(blob, update_size_limit(template))
-    meta, tensors = _open(blob, template, FORMAT_NAME, FORMAT_VERSION, _META_KEYS, _UPDATE_ST)
-    if meta["bits"] not in ("4", "8", "32"):
-        _reject(f"bits {_quote(meta['bits'])}, expected 4, 8 or 32")
-    bits = int(meta["bits"])
-    problem = _text_problem(meta["client_id"])
+                   compression: str = DEFAULT_COMPRESSION):
+    _check_template(template)
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        _reject(f"expected bytes, got {type(blob).__name__}")
+    if compression != "none":
+        blob = _decompress(blob, compression, update_size_limit(template))
+    buf = bytearray(blob)  # the one copy: every tensor below is a view of it
+    if len(buf) < _HEAD.size + _DIGEST_SIZE:
+        _not_v2(buf)
+        _reject(f"truncated: {len(buf)} bytes, fewer than the {_HEAD.size + _DIGEST_SIZE} of "
+                "an empty update")
+    (magic, version, bits, rounding, reserved, round_, num_samples, tdigest,
+     nid) = _HEAD.unpack_from(buf)
+    if magic != _MAGIC:
+        _not_v2(buf)
+        _reject(f"not an {FORMAT_NAME} blob of format version {FORMAT_VERSION} (starts with "
+                f"{bytes(buf[:4])!r}, expected {_MAGIC!r})")
+    if version != int(FORMAT_VERSION):
+        _reject(f"format version {version}, expected {FORMAT_VERSION}")
+    if hashlib.sha256(memoryview(buf)[:-_DIGEST_SIZE]).digest() != buf[-_DIGEST_SIZE:]:
+        _reject("digest mismatch: the blob was corrupted, truncated or altered")
+    if bits not in _BITS:
+        _reject(f"bits {bits}, expected 4, 8 or 32")
+    if rounding not in _ROUNDINGS or (rounding == _ROUND_NONE) != (bits == 32):
+        _reject(f"rounding {rounding} with bits {bits}")
+    if reserved:
+        _reject(f"reserved header byte is {reserved}, expected 0")
+    if nid > _MAX_CLIENT_ID_BYTES:
+        _reject(f"client id of {nid} bytes, expected at most {_MAX_CLIENT_ID_BYTES}")
+    try:
+        client_id = bytes(buf[_HEAD.size:_HEAD.size + nid]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        _reject(f"client id is not UTF-8 ({e})")
+    problem = _text_problem(client_id)
     if problem:
-        _reject(f"metadata 'client_id' {problem}")
-    round_, num_samples = _parse_int(meta, "round"), _parse_int(meta, "num_samples")
-    params = _parse_params(meta, bits)
-    codec = _parse_codec(meta)
-    _check_names(params, template, "parameter")
-    _check_keys(params, tensors)
-
+        _reject(f"client id {problem}")
+    entries, (nsteps, nvectors, ncodes), want = _layout(
+        [(k, list(v.shape)) for k, v in template.items()], bits)
+    if tdigest != want:
+        _reject(f"template digest mismatch: the blob (bits {bits}) was made for a model with "
+                "other parameter names or shapes")
+    start = _HEAD.size + nid
+    start += -start % 8
+    if any(buf[_HEAD.size + nid:start]):
+        _reject("header padding is not zero")
+    size = start + nsteps + nvectors + ncodes + _DIGEST_SIZE
+    if len(buf) != size:
+        _reject(f"blob is {len(buf)} bytes, the model takes {size} with bits {bits} "
+                "(truncated or trailing bytes)")
+    vtype = torch.float32 if bits == 32 else torch.bfloat16
+    steps = _frombuffer(buf, torch.float32, nsteps // 4, start)
+    vectors = _frombuffer(buf, vtype, nvectors // vtype.itemsize, start + nsteps)
+    code_start = start + nsteps + nvectors
+    if steps.numel():
+        ok = torch.isfinite(steps) & (steps > 0)
+        if not bool(ok.all()):
+            _reject(f"step sizes must be finite and positive, got {steps[~ok][:4].tolist()}")
+    if vectors.numel() and not bool(torch.isfinite(vectors).all()):
+        bad = next(name for name, shape, kind, _, v, _ in entries if kind != _KIND_CODES
+                   and not bool(torch.isfinite(vectors[v:v + math.prod(shape)]).all()))
+        _reject(f"parameter {bad!r}: non-finite values")
+    step_max = float(steps.max()) if steps.numel() else 0.0
     decoded: Dict[str, Tensor] = {}
-    for name, shape, axis, _, encoding in params:
-        want = list(template[name].shape)
-        if shape != want:
-            _reject(f"parameter {name!r}: shape {shape}, the model has {want}")
-        if encoding == _ENC_F32:
-            decoded[name] = _values(name, tensors[name + _SUFFIX_VALUES], shape)
-        elif encoding == _ENC_BF16:
-            decoded[name] = _values(name, tensors[name + _SUFFIX_VALUES], shape, "BF16").float()
-        else:
-            decoded[name] = _dequantized(name, tensors, shape, axis, bits)
+    for name, shape, kind, s, v, c in entries:
+        numel = math.prod(shape)
+        if kind != _KIND_CODES:
+            decoded[name] = vectors[v:v + numel].reshape(shape).float()
+            continue
+        scale = steps[s:s + shape[0]]
+        if not numel:
+            decoded[name] = torch.zeros(shape, dtype=torch.float32)
+            continue
+        nbytes = (numel * bits + 7) // 8
+        x = ops.unpack_dequantize(_frombuffer(buf, torch.uint8, nbytes, code_start + c), scale,
+                                  bits=bits, shape=shape, axis=0)
+        # |code| <= 2**(bits-1): code * scale can only overflow when this bound exceeds float32's
+        # range; only then look at the values (a huge scale times a large code)
+        if step_max * (1 << (bits - 1)) > _F32_MAX and not bool(torch.isfinite(x).all()):
+            _reject(f"parameter {name!r}: step size too large, code * step overflows float32")
+        decoded[name] = x
     out = {name: decoded[name].to(template[name].device) for name in template}
     if return_info:
-        return out, {"round": round_, "client_id": meta["client_id"],
-                     "num_samples": num_samples, "bits": bits, "codec": codec}
+        return out, {"round": round_, "client_id": client_id, "num_samples": num_samples,
+                     "bits": bits, "codec": _codec_options(bits, rounding == _ROUND_STOCH)}
     return out
+
+
+def _frombuffer(buf: bytearray, dtype: torch.dtype, count: int, offset: int) -> Tensor:
+    """``count`` elements of ``dtype`` at byte ``offset`` of ``buf``, sharing its memory."""
+    if not count:
+        return torch.zeros(0, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+
+
+def _not_v2(buf) -> None:
+    """Names what a blob that is not a version 2 update is, when it is a safetensors blob of
+    this codec: a version 1 update (refused: both sides run the same package) or a model."""
+    if len(buf) < 9 or buf[8:9] != b"{":
+        return
+    head = bytes(buf[8:8 + min(len(buf) - 8, 4096)])
+    for fmt in (FORMAT_NAME, MODEL_FORMAT_NAME):
+        if f'"format":"{fmt}"'.encode() in head:
+            if fmt == FORMAT_NAME:
+                _reject("format version 1 (a safetensors update blob): this receiver reads "
+                        f"version {FORMAT_VERSION} only; sender and receiver must run the same "
+                        "oqfl_ext")
+            _reject(f"format {fmt!r} (a model blob), expected an update blob")
 
 
 def decode_model(blob: bytes, template: Dict[str, Tensor], *, return_info: bool = False):
@@ -782,13 +988,15 @@ def decode_model(blob: bytes, template: Dict[str, Tensor], *, return_info: bool 
 
 
 def _decode_model(blob, template: Dict[str, Tensor], return_info: bool):
+    if isinstance(blob, (bytes, bytearray, memoryview)) and bytes(blob[:4]) == _MAGIC:
+        _reject(f"format {FORMAT_NAME!r} (an update blob), expected {MODEL_FORMAT_NAME!r}")
     meta, tensors = _open(blob, template, MODEL_FORMAT_NAME, MODEL_FORMAT_VERSION,
                           _MODEL_META_KEYS, _MODEL_ST)
     if meta["bits"] not in ("8", "32"):
         _reject(f"bits {_quote(meta['bits'])}, expected 8 or 32")
     bits = int(meta["bits"])
     round_ = _parse_int(meta, "round")
-    params = _parse_params(meta, bits, model=True)
+    params = _parse_params(meta, bits)
     codec = _parse_codec(meta)
     _check_names(params, template, "state entry")
     _check_keys(params, tensors)

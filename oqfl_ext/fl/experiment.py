@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from ..models import MODELS
 from .client import Client, ClientConfig, derive_seed
-from .codec import COMPRESSIONS
+from .codec import COMPRESSIONS, DEFAULT_COMPRESSION
 from .server import DOWNLINK_CODECS, Server
 
 __all__ = ["ExperimentConfig", "ExperimentError", "ConfigError", "ExperimentData", "Built",
@@ -231,8 +231,8 @@ _OPTIONS: Tuple[_Option, ...] = (
             parse_positive_float),
     _Option("uplink", "--uplink", _QUANT, "codec of the client updates", choices=tuple(UPLINKS)),
     _Option("uplink_compression", "--uplink-compression", _QUANT,
-            "entropy-code each update blob (zlib: lossless, DEFLATE level 6; about a third "
-            "fewer bytes for int4 updates, 12 %% for float32)", choices=COMPRESSIONS),
+            "entropy-code each update blob, losslessly (zstd: Zstandard level 1, the "
+            "default; zlib: DEFLATE level 6, as small and 10-20x slower)", choices=COMPRESSIONS),
     _Option("stochastic", "--stochastic", _QUANT,
             "unbiased stochastic rounding of the uplink codes (otherwise round half to even)"),
     _Option("error_feedback", "--error-feedback", _QUANT,
@@ -292,7 +292,7 @@ class ExperimentConfig:
     grad_scale: str = "lsq"
     step_size_lr_scale: float = 1.0
     uplink: str = "int4"
-    uplink_compression: str = "none"
+    uplink_compression: str = DEFAULT_COMPRESSION
     stochastic: bool = True
     error_feedback: bool = True
     downlink: str = "float32"

@@ -14,8 +14,13 @@ Stable API (reused by the command line and the Flower app):
     {"format": "oqfl-metrics", "version": 1,
      "config": {...},                       # whatever the caller passed (JSON-able)
      "rounds": [{"round": 0, "accuracy": 0.71, "loss": 0.83,
-                 "uplink_bytes": 123456, "downlink_bytes": 234567,
-                 "wall_time_s": 1.25, ...}, ...]}
+                 "uplink_bytes": 123456, "downlink_bytes": 234567, "total_bytes": 358023,
+                 "wall_time_s": 1.25, ...}, ...],
+     "traffic": {"rounds": 1, "uplink_bytes": 123456, "downlink_bytes": 234567,
+                 "total_bytes": 358023, "uplink_bytes_per_round": 123456.0, ...}}
+
+``traffic`` (:func:`traffic`) holds the run's bytes per direction and in total, summed and per
+round; it is derived from ``rounds`` when the file is written (readers may ignore it).
 
 Each round record must hold at least the keys of :data:`REQUIRED_KEYS` (``round`` and the byte
 counts integers >= 0, the others numbers or ``None``); any other JSON-able keys are kept as
@@ -41,7 +46,7 @@ from .._io import atomic_write_bytes
 
 __all__ = ["REQUIRED_KEYS", "METRICS_FILE", "PLOT_FILE", "MB", "save_run", "load_run",
            "write_metrics", "plot_run", "plot_runs", "cumulative_uplink_mb", "round_record",
-           "summarize", "format_table", "atomic_write_bytes", "jsonable", "check_rounds",
+           "summarize", "traffic", "format_table", "atomic_write_bytes", "jsonable", "check_rounds",
            "mean_train_loss"]
 
 REQUIRED_KEYS = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "wall_time_s")
@@ -117,8 +122,9 @@ def write_metrics(path: PathLike, config: Mapping[str, Any],
     path."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config expected a dict, got {type(config).__name__}")
+    rounds = check_rounds(rounds)
     doc = {"format": _FORMAT, "version": _VERSION, "config": jsonable(dict(config)),
-           "rounds": check_rounds(rounds)}
+           "rounds": rounds, "traffic": traffic(rounds)}
     data = json.dumps(doc, indent=1, allow_nan=False).encode() + b"\n"
     atomic_write_bytes(path, data)
     return Path(path)
@@ -179,7 +185,9 @@ def round_record(result, *, downlink_bytes: int, **extra) -> dict:
     keys."""
     rec = {"round": int(result.round), "accuracy": float(result.accuracy),
            "loss": float(result.loss), "uplink_bytes": int(result.uplink_bytes),
-           "downlink_bytes": int(downlink_bytes), "wall_time_s": float(result.wall_time_s)}
+           "downlink_bytes": int(downlink_bytes),
+           "total_bytes": int(result.uplink_bytes) + int(downlink_bytes),
+           "wall_time_s": float(result.wall_time_s)}
     for key in ("sampled", "accepted", "clipped", "capped", "not_delivered", "unconfirmed"):
         if hasattr(result, key):
             rec[key] = list(getattr(result, key))
@@ -203,6 +211,18 @@ def mean_train_loss(losses: Iterable[Tuple[Optional[float], Any]]) -> Optional[f
     return sum(loss * n for loss, n in kept) / sum(n for _, n in kept)
 
 
+def traffic(rounds: Sequence[Mapping[str, Any]]) -> dict:
+    """Bytes of a run per direction and in total (``uplink_bytes``, ``downlink_bytes``,
+    ``total_bytes``), summed over ``rounds`` and per round (``*_per_round``, 0.0 for none)."""
+    n = len(rounds)
+    up = sum(int(r["uplink_bytes"]) for r in rounds)
+    down = sum(int(r["downlink_bytes"]) for r in rounds)
+    out = {"rounds": n, "uplink_bytes": up, "downlink_bytes": down, "total_bytes": up + down}
+    for key in ("uplink_bytes", "downlink_bytes", "total_bytes"):
+        out[key + "_per_round"] = out[key] / n if n else 0.0
+    return out
+
+
 def cumulative_uplink_mb(rounds: Sequence[Mapping[str, Any]]) -> List[float]:
     """The uplink MB (10**6 bytes) sent up to and including each round."""
     out, total = [], 0
@@ -220,13 +240,14 @@ def _acc(r: Mapping[str, Any]) -> float:
 def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict:
     """Totals of a run: ``rounds``, ``final_accuracy``, ``best_accuracy``, ``final_loss``,
     ``uplink_mb`` (total), ``uplink_mb_per_round``, ``downlink_mb``, ``downlink_mb_per_round``,
+    ``total_mb`` (up + down), ``total_mb_per_round``,
     ``time_per_round_s`` (mean wall time), ``total_time_s``, ``final_integer_accuracy`` (the
     converted integer model's, NaN when not evaluated). Empty runs give NaNs and zeros."""
     n = len(rounds)
     accs = [_acc(r) for r in rounds]
     finite = [a for a in accs if math.isfinite(a)]
-    up = sum(int(r["uplink_bytes"]) for r in rounds) / MB
-    down = sum(int(r["downlink_bytes"]) for r in rounds) / MB
+    t = traffic(rounds)
+    up, down = t["uplink_bytes"] / MB, t["downlink_bytes"] / MB
     wall = sum(float(r["wall_time_s"]) for r in rounds)
     last_loss = rounds[-1].get("loss") if rounds else None
     last_int = rounds[-1].get("integer_accuracy") if rounds else None
@@ -236,6 +257,7 @@ def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict:
             "final_loss": float("nan") if last_loss is None else float(last_loss),
             "uplink_mb": up, "uplink_mb_per_round": up / n if n else 0.0,
             "downlink_mb": down, "downlink_mb_per_round": down / n if n else 0.0,
+            "total_mb": up + down, "total_mb_per_round": (up + down) / n if n else 0.0,
             "time_per_round_s": wall / n if n else 0.0, "total_time_s": wall,
             "final_integer_accuracy": float("nan") if last_int is None else float(last_int)}
 

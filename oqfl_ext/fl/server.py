@@ -78,7 +78,7 @@ from ..nn import LSQQuantizer, QuantConv2d, QuantLinear, calibrate, convert
 from ..nn.integer import ConversionWarning
 from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
-from .codec import UpdateRejected, check_compression, decode_update
+from .codec import DEFAULT_COMPRESSION, UpdateRejected, check_compression, decode_update
 
 __all__ = ["Server", "RoundResult", "RoundStart", "RemoteClient", "Dropped", "DOWNLINK_CODECS",
            "downlink_codec", "NotDelivered", "DeliveryUnconfirmed", "accept_update",
@@ -305,8 +305,9 @@ class Server:
         client_time_limit_s: seconds each sampled client may take per round (> 0); None: no
             limit. See step 2 of the module docstring.
         downlink: the downlink codec, ``"float32"`` or ``"int8"`` (:func:`downlink_codec`).
-        uplink_compression: what the clients' updates are wrapped in, ``"none"`` or ``"zlib"``
-            (:func:`oqfl_ext.fl.codec.decode_update`); ``uplink_bytes`` counts what arrived.
+        uplink_compression: what the clients' updates are wrapped in, one of
+            :data:`oqfl_ext.fl.codec.COMPRESSIONS` (default ``"zstd"``,
+            :func:`oqfl_ext.fl.codec.decode_update`); ``uplink_bytes`` counts what arrived.
         evaluate_integer: also evaluate, every round, the global model converted to integer
             inference (:func:`oqfl_ext.convert`; layers it cannot convert stay fake-quant).
     """
@@ -317,7 +318,7 @@ class Server:
                  calibration_data: Optional[Tensor] = None, calibration_size: int = 256,
                  eval_batch_size: int = 512, client_time_limit_s: Optional[float] = None,
                  downlink: str = "float32", evaluate_integer: bool = False,
-                 uplink_compression: str = "none"):
+                 uplink_compression: str = DEFAULT_COMPRESSION):
         if not callable(model_fn):
             raise TypeError("model_fn expected a callable returning an nn.Module")
         clients = list(clients)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import pickle
 import random
@@ -14,11 +14,25 @@ import torch
 from safetensors.torch import save as st_save
 
 import oqfl_ext  # noqa: F401
-from oqfl_ext.fl import UpdateRejected, decode_update, encode_update
+from oqfl_ext.fl import UpdateRejected
+from oqfl_ext.fl import decode_update as _decode_update
+from oqfl_ext.fl import encode_update as _encode_update
 
-from helpers import forge, read_blob
 
 QMAX = {4: 7, 8: 127}
+COMPRESSED = ("zlib", "zstd")
+
+
+def encode_update(update, **kwargs):
+    """The raw version 2 blob unless told otherwise (the compressed streams have their own
+    tests at the end)."""
+    kwargs.setdefault("compression", "none")
+    return _encode_update(update, **kwargs)
+
+
+def decode_update(blob, template, **kwargs):
+    kwargs.setdefault("compression", "none")
+    return _decode_update(blob, template, **kwargs)
 
 
 def small_update(dtype=torch.float32):
@@ -189,18 +203,30 @@ def resnet18_like_update():
 
 
 def test_blob_size_ratio_resnet18_sized():
+    from oqfl_ext.fl.codec import update_layout
     u = resnet18_like_update()
+    template = template_of(u)
     n = sum(v.numel() for v in u.values())
     assert 11_600_000 < n < 11_800_000
     f32 = 4 * n
-    ratios = {}
-    for bits, limit in ((4, 0.127), (8, 0.255)):
-        blob = encode_update(u, bits=bits, stochastic=False)
-        ratios[bits] = len(blob) / f32                 # headers and scales included
-        assert ratios[bits] <= limit, ratios
+    vectors = sum(v.numel() for v in u.values() if v.dim() <= 1)
+    steps = sum(v.shape[0] for v in u.values() if v.dim() >= 2)
+    for bits in (4, 8):
+        blob = encode_update(u, bits=bits, stochastic=False, client_id="client-0")
+        parts = update_layout(template, bits, client_id="client-0")
+        assert parts["total"] == len(blob)
+        assert parts["vectors"] == 2 * vectors and parts["steps"] == 4 * steps
+        assert parts["codes"] == sum((v.numel() * bits + 7) // 8 for v in u.values()
+                                     if v.dim() >= 2)
+        # everything that is not a code, a step or a value: under 1 % plus a few hundred bytes
+        overhead = len(blob) - parts["codes"] - parts["steps"] - parts["vectors"]
+        assert overhead == parts["header"] + parts["digest"] <= 0.01 * len(blob) + 300
+        assert len(blob) / f32 <= bits / 32 + 0.002     # steps and vectors: 0.11 % of float32
+        packed = encode_update(u, bits=bits, stochastic=False, compression="zstd")
+        # the codes of Gaussian deltas are far from uniform: about 3.1 of 4 bits, 7.1 of 8
+        assert len(packed) < {4: 0.8, 8: 0.92}[bits] * len(blob)
     blob32 = encode_update(u, bits=32)
-    assert len(blob32) / f32 < 1.01
-    print("blob / float32 bytes:", ratios)
+    assert len(blob32) - f32 <= 300
 
 
 # ------------------------------------------------------------------------------ rejections
@@ -252,7 +278,7 @@ def test_garbage_is_rejected(fuzz_case, garbage):
 
 def test_foreign_safetensors_blob_is_rejected(fuzz_case):
     reject(st_save({"conv.weight": torch.zeros(6, 3, 3, 3)}), fuzz_case[1])
-    reject(st_save({"a": torch.zeros(2)}, metadata={"format": "pt"}), fuzz_case[1], "format")
+    reject(st_save({"a": torch.zeros(2)}, metadata={"format": "pt"}), fuzz_case[1], "not an")
 
 
 def test_random_byte_corruption_is_rejected(fuzz_case):
@@ -268,83 +294,103 @@ def test_random_byte_corruption_is_rejected(fuzz_case):
 
 
 def test_template_disagreements_are_rejected(fuzz_case):
+    # the blob names no parameter: any other name set or shape changes the template digest
     u, template = fuzz_case
     blob = encode_update(u, bits=4)
     t = dict(template)
     t["extra"] = torch.zeros(3)
-    reject(blob, t, "names differ")
+    reject(blob, t, "template digest")
     t = dict(template)
     del t["odd"]
-    reject(blob, t, "names differ")
+    reject(blob, t, "template digest")
     t = dict(template)
     t["renamed"] = t.pop("bn.bias")
-    reject(blob, t, "names differ")
+    reject(blob, t, "template digest")
     for name, shape in (("conv.weight", (3, 6, 3, 3)), ("fc.weight", (7, 5)),
-                        ("bn.bias", (6, 1)), ("temp", (1,)), ("odd", (8,)), ("fc.weight", (35,))):
+                        ("bn.bias", (6, 1)), ("temp", (1,)), ("odd", (8,)), ("fc.weight", (35,)),
+                        ("odd", (7, 3))):
         t = dict(template)
         t[name] = torch.zeros(shape)
-        reject(blob, t, "shape")
+        reject(blob, t, "template digest")
     # names swapped between differently-shaped parameters at the sender
     swapped = dict(u)
     swapped["bn.bias"], swapped["odd"] = u["odd"], u["bn.bias"]
-    reject(encode_update(swapped, bits=8), template, "shape")
-    reject(encode_update(swapped, bits=32), template, "shape")
+    for bits in (4, 8, 32):
+        reject(encode_update(swapped, bits=bits), template, "template digest")
     decode_update(blob, template)
 
 
-def _set(d, k, v):
-    d[k] = v
+# ------------------------------------------------------------------------------ forged blobs
+# The layout of docs/DESIGN.md section 4.2, written out here independently of the codec: a
+# forged blob gets a valid final digest, so each check behind the digest is reached.
+
+HEAD = struct.Struct("<4sBBBBQQ32sH")
+FIELDS = ("magic", "version", "bits", "rounding", "reserved", "round", "num_samples",
+          "template", "nid")
 
 
-def _set_param_field(meta, name, field, value):
-    params = json.loads(meta["params"])
-    for p in params:
-        if p["name"] == name:
-            p[field] = value
-    meta["params"] = json.dumps(params)
+def parse_v2(blob):
+    """(header fields, client id bytes, payload between the padding and the final digest)."""
+    f = dict(zip(FIELDS, HEAD.unpack_from(blob)))
+    start = HEAD.size + f["nid"]
+    cid = bytes(blob[HEAD.size:start])
+    start += -start % 8
+    return f, cid, bytearray(blob[start:-32])
 
 
-FORGERIES_Q = {  # (tensor change, metadata change, message expected with a valid digest)
-    "nan_scale": (lambda t: _set(t, "fc.weight::scale", t["fc.weight::scale"].clone().fill_(
-        float("nan"))), None, "scale"),
-    "inf_scale": (lambda t: _set(t, "bn.bias::scale", torch.tensor([float("inf")])), None,
-                  "scale"),
-    "negative_scale": (lambda t: _set(t, "conv.weight::scale", -t["conv.weight::scale"]), None,
-                       "scale"),
-    "huge_scale": (lambda t: _set(t, "bn.bias::scale", torch.tensor([3e38])), None, "scale"),
-    "zero_scale": (lambda t: _set(t, "temp::scale", torch.zeros(1)), None, "scale"),
-    "scale_shape": (lambda t: _set(t, "fc.weight::scale", torch.ones(7)), None, "scale"),
-    "scale_dtype": (lambda t: _set(t, "odd::scale", torch.ones(1, dtype=torch.float16)), None,
-                    None),
-    "scale_2d": (lambda t: _set(t, "fc.weight::scale", torch.ones(5, 1)), None, "scale"),
-    "short_codes": (lambda t: _set(t, "odd::codes", t["odd::codes"][:-1].clone()), None,
-                    "packed"),
-    "long_codes": (lambda t: _set(t, "odd::codes", torch.zeros(5, dtype=torch.uint8)), None,
-                   "packed"),
-    "codes_dtype": (lambda t: _set(t, "odd::codes", torch.zeros(4, dtype=torch.int8)), None,
-                    None),
-    "missing_tensor": (lambda t: t.pop("fc.weight::scale"), None, "tensors differ"),
-    "extra_tensor": (lambda t: _set(t, "x::codes", torch.zeros(1, dtype=torch.uint8)), None,
-                     "tensors differ"),
-    "shape_lie": (None, lambda m: _set_param_field(m, "odd", "shape", [3, 9]), "shape"),
-    "numel_lie": (None, lambda m: _set_param_field(m, "fc.weight", "shape", [5, 9]), "shape"),
-    "axis_lie": (None, lambda m: _set_param_field(m, "fc.weight", "axis", 1), "scale"),
-    "axis_range": (None, lambda m: _set_param_field(m, "fc.weight", "axis", 5), "axis"),
-    "dtype_lie": (None, lambda m: _set_param_field(m, "odd", "dtype", "int64"), "dtype"),
-    "bits_2": (None, lambda m: _set(m, "bits", "2"), "bits"),
-    "bits_16": (None, lambda m: _set(m, "bits", "16"), "bits"),
-    "bits_8": (None, lambda m: _set(m, "bits", "8"), "packed"),
-    "bits_32": (None, lambda m: _set(m, "bits", "32"), "axis|tensors differ"),
-    "format": (None, lambda m: _set(m, "format", "other"), "format"),
-    "version": (None, lambda m: _set(m, "version", "2"), "version"),
-    "extra_key": (None, lambda m: _set(m, "note", "hi"), "metadata keys"),
-    "missing_key": (None, lambda m: m.pop("num_samples"), "metadata keys"),
-    "round": (None, lambda m: _set(m, "round", "-1"), "round"),
-    "num_samples": (None, lambda m: _set(m, "num_samples", "1e3"), "num_samples"),
-    "params_json": (None, lambda m: _set(m, "params", "[{"), "params"),
-    "params_dup": (None, lambda m: _set(m, "params", json.dumps(
-        json.loads(m["params"]) + json.loads(m["params"])[:1])), "twice"),
-    "params_empty": (None, lambda m: _set(m, "params", "[]"), "params"),
+def redigest(body):
+    body = bytes(body)
+    return body + hashlib.sha256(body).digest()
+
+
+def forge_v2(blob, fields=None, cid=None, payload_fn=None, valid_digest=True):
+    f, c, payload = parse_v2(blob)
+    if cid is not None:
+        c, f["nid"] = cid, len(cid)
+    f.update(fields or {})
+    if payload_fn:
+        payload_fn(payload)
+    head = HEAD.pack(*[f[k] for k in FIELDS]) + c
+    body = head + bytes(-len(head) % 8) + bytes(payload)
+    return redigest(body) if valid_digest else body + bytes(blob[-32:])
+
+
+def put(fmt, offset, value):
+    return lambda p: struct.pack_into(fmt, p, offset, value)
+
+
+# payload of small_update() at bits 4, entries in sorted-name order: steps conv.weight [0, 6),
+# fc.weight [6, 11), odd [11, 14) (float32, bytes 0-55); vectors bn.bias [0, 6), temp [6]
+# (bfloat16, bytes 56-69); codes conv.weight (81 bytes), fc.weight (18), odd (11)
+STEPS, VECTORS, CODES = 0, 56, 70
+BF16_NAN, BF16_INF = 0x7FC0, 0xFF80
+FORGERIES_Q = {  # name: (forge_v2 keyword arguments, message expected with a valid digest)
+    "nan_step": ({"payload_fn": put("<f", STEPS + 4 * 7, float("nan"))}, "step sizes"),
+    "inf_step": ({"payload_fn": put("<f", STEPS, float("inf"))}, "step sizes"),
+    "negative_step": ({"payload_fn": put("<f", STEPS + 4 * 12, -0.5)}, "step sizes"),
+    "zero_step": ({"payload_fn": put("<f", STEPS + 4 * 13, 0.0)}, "step sizes"),
+    "huge_step": ({"payload_fn": put("<f", STEPS + 4 * 6, 3e38)}, "overflows"),
+    "nan_vector": ({"payload_fn": put("<H", VECTORS + 2 * 3, BF16_NAN)}, "'bn.bias'.*non-finite"),
+    "inf_vector": ({"payload_fn": put("<H", VECTORS + 2 * 6, BF16_INF)}, "'temp'.*non-finite"),
+    "short_payload": ({"payload_fn": lambda p: p.pop()}, "truncated or trailing"),
+    "long_payload": ({"payload_fn": lambda p: p.append(0)}, "truncated or trailing"),
+    "no_payload": ({"payload_fn": lambda p: p.clear()}, "truncated or trailing"),
+    "bits_2": ({"fields": {"bits": 2}}, "bits 2"),
+    "bits_16": ({"fields": {"bits": 16}}, "bits 16"),
+    "bits_8": ({"fields": {"bits": 8}}, "template digest"),
+    "bits_32": ({"fields": {"bits": 32}}, "rounding"),
+    "rounding_none": ({"fields": {"rounding": 0}}, "rounding"),
+    "rounding_3": ({"fields": {"rounding": 3}}, "rounding"),
+    "reserved": ({"fields": {"reserved": 1}}, "reserved"),
+    "template": ({"fields": {"template": bytes(32)}}, "template digest"),
+    "magic": ({"fields": {"magic": b"OQFV"}}, "not an"),
+    "version_1": ({"fields": {"version": 1}}, "version 1, expected 2"),
+    "version_3": ({"fields": {"version": 3}}, "version 3, expected 2"),
+    "client_id_control": ({"cid": b"a\x1b[2Jb"}, "client id"),
+    "client_id_utf8": ({"cid": b"\xff\xfe"}, "UTF-8"),
+    "client_id_257": ({"cid": b"c" * 257}, "client id"),
+    "client_id_1025_bytes": ({"cid": b"c" * 1025}, "1025 bytes"),
+    "client_id_length_lie": ({"fields": {"nid": 2}}, "client id|padding"),
 }
 
 
@@ -352,26 +398,28 @@ FORGERIES_Q = {  # (tensor change, metadata change, message expected with a vali
 @pytest.mark.parametrize("case", sorted(FORGERIES_Q))
 def test_forged_quantized_blobs_are_rejected(fuzz_case, case, valid_digest):
     u, template = fuzz_case
-    blob = encode_update(u, bits=4)
-    tfn, mfn, msg = FORGERIES_Q[case]
-    bad = forge(blob, tfn, mfn, valid_digest)
-    reject(bad, template, msg if valid_digest else None)
-    if not valid_digest:
-        reject(bad, template, "digest|format|version|metadata keys|dtype")
+    blob = encode_update(u, bits=4, client_id="c")
+    kwargs, msg = FORGERIES_Q[case]
+    bad = forge_v2(blob, valid_digest=valid_digest, **kwargs)
+    assert bad != blob
+    # with the old digest every forgery fails the digest (or an earlier, cheaper check)
+    reject(bad, template, msg if valid_digest else "digest|not an|version")
+
+
+def test_nonzero_padding_is_rejected(fuzz_case):
+    u, template = fuzz_case
+    blob = bytearray(encode_update(u, bits=4, client_id="c"))  # 59 header bytes, 5 of padding
+    blob[HEAD.size + 1] = 1
+    reject(redigest(blob[:-32]), template, "padding")
 
 
 FORGERIES_F = {
-    "nan_value": (lambda t: t["bn.bias::values"].__setitem__(2, float("nan")), None,
-                  "non-finite"),
-    "inf_value": (lambda t: t["conv.weight::values"].__setitem__((0, 0, 0, 0), float("-inf")),
-                  None, "non-finite"),
-    "values_shape": (lambda t: _set(t, "fc.weight::values", torch.zeros(7, 5)), None,
-                     "values"),
-    "values_flat": (lambda t: _set(t, "fc.weight::values", torch.zeros(35)), None, "values"),
-    "values_u8": (lambda t: _set(t, "temp::values", torch.zeros((), dtype=torch.uint8)), None,
-                  "values"),
-    "axis_with_32": (None, lambda m: _set_param_field(m, "odd", "axis", 0), "axis"),
-    "bits_4": (None, lambda m: _set(m, "bits", "4"), "tensors differ"),
+    "nan_value": ({"payload_fn": put("<f", 4 * 2, float("nan"))}, "'bn.bias'.*non-finite"),
+    "inf_value": ({"payload_fn": put("<f", 4 * 6, float("-inf"))},
+                  "'conv.weight'.*non-finite"),
+    "rounding": ({"fields": {"rounding": 1}}, "rounding"),
+    "bits_4": ({"fields": {"bits": 4, "rounding": 1}}, "template digest"),
+    "short_payload": ({"payload_fn": lambda p: p.pop()}, "truncated or trailing"),
 }
 
 
@@ -379,77 +427,56 @@ FORGERIES_F = {
 @pytest.mark.parametrize("case", sorted(FORGERIES_F))
 def test_forged_float32_blobs_are_rejected(fuzz_case, case, valid_digest):
     u, template = fuzz_case
-    blob = encode_update(u, bits=32)
-    tfn, mfn, msg = FORGERIES_F[case]
-    reject(forge(blob, tfn, mfn, valid_digest), template, msg if valid_digest else "digest")
+    kwargs, msg = FORGERIES_F[case]
+    bad = forge_v2(encode_update(u, bits=32), valid_digest=valid_digest, **kwargs)
+    reject(bad, template, msg if valid_digest else "digest")
 
 
-HUGE = "A" * (2 << 20)   # 2 MiB of attacker-chosen text
-
-FORGERIES_LONG = {  # (tensor change, metadata change, message expected)
-    "client_id_2mb": (None, lambda m: _set(m, "client_id", HUGE), "client_id"),
-    "client_id_257": (None, lambda m: _set(m, "client_id", "c" * 257), "client_id"),
-    "client_id_newline": (None, lambda m: _set(m, "client_id", "evil\n" + HUGE), "client_id"),
-    "client_id_control": (None, lambda m: _set(m, "client_id", "a\x1b[2Jb"), "client_id"),
-    "round": (None, lambda m: _set(m, "round", "9" * 5 + HUGE), "round"),
-    "format": (None, lambda m: _set(m, "format", HUGE), "format"),
-    "extra_key": (None, lambda m: _set(m, HUGE, "x"), "metadata keys"),
-    "param_name": (None, lambda m: _set_param_field(m, "odd", "name", HUGE), "names differ"),
-    "param_shape": (None, lambda m: _set_param_field(m, "odd", "shape", [HUGE]), "shape"),
-    "param_entry": (None, lambda m: _set(m, "params", json.dumps([{"name": HUGE}])),
-                    "malformed entry"),
-    "codec": (None, lambda m: _set(m, "codec", HUGE), "codec"),
-    "tensor_name": (lambda t: _set(t, HUGE, torch.zeros(1)), None, "tensors differ"),
-    "tensor_dtype": (lambda t: _set(t, HUGE, torch.zeros(1, dtype=torch.float64)), None,
-                     "dtype"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(FORGERIES_LONG))
-def test_rejections_quote_only_a_short_prefix_of_long_text(fuzz_case, case):
+def test_rejections_quote_only_a_short_prefix_of_long_text(fuzz_case):
     # the drop reason goes into metrics.json and the log every round: a client must not be
-    # able to make it large
+    # able to make it large (the client id is the only text a version 2 blob carries)
     u, template = fuzz_case
-    tfn, mfn, msg = FORGERIES_LONG[case]
-    bad = forge(encode_update(u, bits=4, client_id="c-7"), tfn, mfn)
-    with pytest.raises(UpdateRejected, match=msg) as e:
-        decode_update(bad, template)
-    assert len(str(e.value)) <= 600, (case, len(str(e.value)))
+    blob = encode_update(u, bits=4, client_id="c-7")
+    for cid in (b"A" * 1024, b"evil\n" + b"A" * 1000, "\u00e9".encode() * 300):
+        with pytest.raises(UpdateRejected, match="client id") as e:
+            decode_update(forge_v2(blob, cid=cid), template)
+        assert len(str(e.value)) <= 600, len(str(e.value))
 
 
 def test_client_id_limit_on_decode_and_encode(fuzz_case):
     u, template = fuzz_case
-    longest = "\u00e9" * 256   # the documented limit counts characters, not bytes
-    _, info = decode_update(encode_update(u, bits=8, client_id=longest), template,
-                            return_info=True)
-    assert info["client_id"] == longest
+    for longest in ("\u00e9" * 256, "\U0001F600" * 256):  # characters, not bytes, are limited
+        _, info = decode_update(encode_update(u, bits=8, client_id=longest), template,
+                                return_info=True)
+        assert info["client_id"] == longest
     for bad in ("c" * 257, HUGE, "tab\there"):
         with pytest.raises(ValueError, match="client_id") as e:
             encode_update(u, bits=8, client_id=bad)
         assert len(str(e.value)) <= 300
 
 
+HUGE = "A" * (2 << 20)   # 2 MiB of attacker-chosen text
+
+
 def test_forge_without_changes_still_decodes(fuzz_case):
     # the forging helper itself produces valid blobs: rejections above come from the changes
     u, template = fuzz_case
     for bits in (4, 8, 32):
-        out = decode_update(forge(encode_update(u, bits=bits)), template)
+        blob = encode_update(u, bits=bits, client_id="c-1")
+        assert forge_v2(blob) == blob
+        out = decode_update(forge_v2(blob), template)
         assert out.keys() == template.keys()
 
 
-def test_non_canonical_header_is_rejected(fuzz_case):
+def test_version_1_and_model_blobs_are_refused_by_name(fuzz_case):
+    # a version 1 update (safetensors with metadata) is refused with a message naming it
+    from oqfl_ext._io import encode_safetensors
+    from oqfl_ext.fl import encode_model
     u, template = fuzz_case
-    blob = encode_update(u, bits=8)
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    text = json.dumps(header, indent=1).encode()      # same content, other whitespace
-    text += b" " * (-len(text) % 8)
-    reject(struct.pack("<Q", len(text)) + text + blob[8 + n:], template, "canonical")
-    # duplicated JSON key: the last one would win in a lenient parser
-    body = blob[8:8 + n].rstrip(b" ")
-    dup = body[:-1] + b',"__metadata__":{}}'
-    dup += b" " * (-len(dup) % 8)
-    reject(struct.pack("<Q", len(dup)) + dup + blob[8 + n:], template)
+    v1 = encode_safetensors({"fc.weight::values": torch.zeros(5, 7)},
+                            {"bits": "32", "format": "oqfl-update", "version": "1"})
+    reject(v1, template, "version 1")
+    reject(encode_model(u), template, "format 'oqfl-model'")
 
 
 def test_encode_argument_errors():
@@ -459,6 +486,8 @@ def test_encode_argument_errors():
             encode_update(u, bits=bad)
     with pytest.raises(ValueError, match="round"):
         encode_update(u, bits=8, round=-1)
+    with pytest.raises(ValueError, match="num_samples expected an integer below 2"):
+        encode_update(u, bits=8, num_samples=1 << 64)
     with pytest.raises(ValueError, match="num_samples"):
         encode_update(u, bits=8, num_samples=1.5)
     with pytest.raises(ValueError, match="client_id"):
@@ -503,86 +532,169 @@ def test_same_update_gives_the_same_bytes():
     assert encode_update(u, bits=32, round=2) == encode_update(u, bits=32, round=2)
 
 
-def test_blob_is_a_plain_safetensors_file():
+def test_blob_layout_is_the_documented_one():
+    # parses a blob by docs/DESIGN.md section 4.2 alone and checks each buffer against values
+    # computed here: step sizes (float64 absmax / qmax), bfloat16 vectors, the template digest,
+    # and a payload of nothing but codes, steps and values
     u = small_update()
-    for bits in (4, 32):
-        tensors, meta = read_blob(encode_update(u, bits=bits, round=4))
-        assert meta["format"] == "oqfl-update" and meta["round"] == "4"
-        if bits == 32:
-            for k, v in u.items():
-                assert torch.equal(tensors[k + "::values"], v)
-        else:
-            assert all(t.dtype in (torch.uint8, torch.float32, torch.bfloat16)
-                       for t in tensors.values())
+    blob = encode_update(u, bits=4, round=4, num_samples=9, client_id="c-1", stochastic=False)
+    f, cid, payload = parse_v2(blob)
+    assert (f["magic"], f["version"], f["bits"], f["rounding"], f["reserved"]) == \
+        (b"OQFU", 2, 4, 1, 0)
+    assert (f["round"], f["num_samples"], cid) == (4, 9, b"c-1")
+    assert blob[-32:] == hashlib.sha256(blob[:-32]).digest()
+    h = hashlib.sha256(b"oqfl-update-template-v2\0" + bytes([4]))
+    names = sorted(u)
+    for name in names:
+        shape = list(u[name].shape)
+        kind = 1 if len(shape) <= 1 else 2
+        h.update(struct.pack("<Q", len(name)) + name.encode() + bytes([kind])
+                 + struct.pack(f"<{1 + len(shape)}Q", len(shape), *shape))
+    assert f["template"] == h.digest()
+    coded = [n for n in names if u[n].dim() >= 2]
+    vectors = [n for n in names if u[n].dim() <= 1]
+    n_steps = sum(u[n].shape[0] for n in coded)
+    n_vec = sum(u[n].numel() for n in vectors)
+    n_codes = sum((u[n].numel() * 4 + 7) // 8 for n in coded)
+    assert len(payload) == 4 * n_steps + 2 * n_vec + n_codes
+    assert len(blob) - len(payload) == 58 + 3 + 3 + 32          # header, id, padding, digest
+    steps = torch.frombuffer(payload[:4 * n_steps], dtype=torch.float32)
+    want = torch.cat([(u[n].double().abs().reshape(u[n].shape[0], -1).amax(1) / 7)
+                      .clamp_min(torch.finfo(torch.float32).tiny) for n in coded])
+    torch.testing.assert_close(steps.double(), want, rtol=1e-6, atol=0)
+    vec = torch.frombuffer(payload[4 * n_steps:4 * n_steps + 2 * n_vec], dtype=torch.bfloat16)
+    assert torch.equal(vec, torch.cat([u[n].reshape(-1) for n in vectors]).to(torch.bfloat16))
+    codes = bytes(payload[4 * n_steps + 2 * n_vec:])
+    start = 0
+    for n in coded:                                            # each entry's codes in turn
+        nbytes = (u[n].numel() * 4 + 7) // 8
+        want = oqfl_ext.ops.quantize_pack(u[n], (u[n].abs().reshape(u[n].shape[0], -1)
+                                                 .amax(1) / 7).clamp_min(1e-38), bits=4, axis=0,
+                                          stochastic=False)
+        assert codes[start:start + nbytes] == bytes(want.numpy()), n
+        start += nbytes
 
 
-# ------------------------------------------------------------------------------ zlib wrapping
+# ------------------------------------------------------------------------------ compression
 
 
+def decompress(data, compression):
+    """An independent reader of each compressed stream."""
+    if compression == "zlib":
+        return zlib.decompress(data)
+    import zstandard
+    return zstandard.ZstdDecompressor().decompress(data)
+
+
+@pytest.mark.parametrize("compression", COMPRESSED)
 @pytest.mark.parametrize("bits", [4, 8, 32])
-def test_zlib_wrapping_is_lossless_and_a_plain_zlib_stream(bits):
+def test_compression_is_lossless_and_a_plain_stream(bits, compression):
     u = small_update()
     template = template_of(u)
     plain = encode_update(u, bits=bits, round=3, client_id="c", num_samples=7, stochastic=False)
     packed = encode_update(u, bits=bits, round=3, client_id="c", num_samples=7,
-                           stochastic=False, compression="zlib")
-    assert zlib.decompress(packed) == plain            # any zlib implementation can read it
-    got, info = decode_update(packed, template, return_info=True, compression="zlib")
+                           stochastic=False, compression=compression)
+    assert decompress(packed, compression) == plain    # any implementation can read it
+    got, info = decode_update(packed, template, return_info=True, compression=compression)
     want = decode_update(plain, template)
     assert info["round"] == 3 and info["num_samples"] == 7
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_zlib_shrinks_int4_codes_of_a_real_sized_update():
+def test_default_compression_is_zstd(fuzz_case):
+    u, template = fuzz_case
+    plain = encode_update(u, bits=4, stochastic=False)
+    default = _encode_update(u, bits=4, stochastic=False)
+    assert decompress(default, "zstd") == plain
+    assert _decode_update(default, template).keys() == template.keys()
+    reject(default, template, "not an")                 # a receiver expecting raw blobs
+
+
+@pytest.mark.parametrize("compression", COMPRESSED)
+def test_compression_shrinks_int4_codes_of_a_real_sized_update(compression):
     # a ResNet-20-sized update of small Gaussian deltas: the int4 codes are far from uniform
     g = torch.Generator().manual_seed(0)
     u = {f"conv{i}.weight": torch.randn(64, 64, 3, 3, generator=g) * 0.01 for i in range(8)}
     plain = encode_update(u, bits=4, stochastic=False)
-    packed = encode_update(u, bits=4, stochastic=False, compression="zlib")
-    # entropy of a rounded Gaussian with absmax/7 steps is about 3.1 bits; DEFLATE gets close
+    packed = encode_update(u, bits=4, stochastic=False, compression=compression)
+    # entropy of a rounded Gaussian with absmax/7 steps is about 3.1 bits of 4
     assert len(packed) < 0.85 * len(plain), (len(packed), len(plain))
 
 
-def test_zlib_stream_errors_are_rejections(fuzz_case):
+@pytest.mark.parametrize("compression", COMPRESSED)
+def test_stream_errors_are_rejections(fuzz_case, compression):
     u, template = fuzz_case
     plain = encode_update(u, bits=4)
-    packed = encode_update(u, bits=4, compression="zlib")
-    with pytest.raises(UpdateRejected, match="zlib"):
-        decode_update(plain, template, compression="zlib")   # sender did not compress
-    reject(packed, template)                                  # receiver did not expect zlib
+    packed = encode_update(u, bits=4, compression=compression)
+    with pytest.raises(UpdateRejected, match=compression):
+        decode_update(plain, template, compression=compression)   # sender did not compress
+    reject(packed, template)                                  # receiver expected a raw blob
+    other = "zstd" if compression == "zlib" else "zlib"
+    with pytest.raises(UpdateRejected, match=other):
+        decode_update(packed, template, compression=other)
     for n in (0, 1, len(packed) // 2, len(packed) - 1):
-        with pytest.raises(UpdateRejected, match="zlib"):
-            decode_update(packed[:n], template, compression="zlib")
-    with pytest.raises(UpdateRejected, match="after the end"):
-        decode_update(packed + b"\x00", template, compression="zlib")
+        with pytest.raises(UpdateRejected, match=compression):
+            decode_update(packed[:n], template, compression=compression)
+    with pytest.raises(UpdateRejected, match="after the end|unused data"):
+        decode_update(packed + b"\x00", template, compression=compression)
     with pytest.raises(UpdateRejected, match="bytes"):
-        decode_update("text", template, compression="zlib")
+        decode_update("text", template, compression=compression)
     # a valid stream of a corrupted blob: the blob's own checks still apply
     bad = bytearray(plain)
     bad[-1] ^= 1
+    from oqfl_ext.fl.codec import wrap_update
     with pytest.raises(UpdateRejected, match="digest"):
-        decode_update(zlib.compress(bytes(bad)), template, compression="zlib")
+        decode_update(wrap_update(bytes(bad), compression), template, compression=compression)
 
 
-def test_zlib_bomb_is_refused_before_it_is_inflated(fuzz_case):
+def test_every_byte_change_of_a_zstd_stream_is_rejected(fuzz_case):
+    u, template = fuzz_case
+    packed = encode_update(u, bits=4, client_id="c", compression="zstd")
+    for pos in range(len(packed)):
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(packed)
+            bad[pos] ^= mask
+            with pytest.raises(UpdateRejected):
+                decode_update(bytes(bad), template, compression="zstd")
+
+
+def _bomb(compression, n):
+    if compression == "zlib":
+        return zlib.compress(b"\x00" * n, 9)
+    import zstandard
+    return zstandard.ZstdCompressor(level=19).compress(b"\x00" * n)
+
+
+@pytest.mark.parametrize("compression", COMPRESSED)
+def test_bomb_is_refused_before_it_is_decompressed(fuzz_case, compression):
     from oqfl_ext.fl.codec import update_size_limit
     template = fuzz_case[1]
     limit = update_size_limit(template)
-    bomb = zlib.compress(b"\x00" * (limit + 1), 9)          # about 1000x smaller than it inflates
-    assert len(bomb) < limit // 500
+    bomb = _bomb(compression, limit + 1)                # far smaller than it decompresses
+    assert len(bomb) < limit // 20
     with pytest.raises(UpdateRejected, match="more than"):
-        decode_update(bomb, template, compression="zlib")
+        decode_update(bomb, template, compression=compression)
     # the bound holds every valid blob: float32 values of the template, long client id
     big = encode_update({k: torch.randn_like(v) for k, v in template.items()}, bits=32,
-                        client_id="x" * 256, num_samples=10 ** 18, round=10 ** 18,
-                        compression="zlib")
-    assert decode_update(big, template, compression="zlib").keys() == template.keys()
-    # names whose JSON escapes are long (quotes, characters outside the BMP) fit too
+                        client_id="\U0001F600" * 256, num_samples=(1 << 64) - 1,
+                        round=10 ** 18, compression=compression)
+    assert decode_update(big, template, compression=compression).keys() == template.keys()
+    # names whose encodings are long (quotes, characters outside the BMP) fit too
     odd = {'"\\' * 3000: torch.zeros(2, 2), "\U0001F600" * 3000: torch.zeros(3)}
     for bits in (4, 8, 32):
-        blob = encode_update(odd, bits=bits)
-        assert len(blob) < update_size_limit(odd)
-        decode_update(encode_update(odd, bits=bits, compression="zlib"), odd, compression="zlib")
+        blob = encode_update(odd, bits=bits, client_id="\U0001F600" * 256)
+        assert len(blob) <= update_size_limit(odd)
+        decode_update(encode_update(odd, bits=bits, compression=compression), odd,
+                      compression=compression)
+
+
+def test_zstd_frame_without_content_size_is_refused(fuzz_case):
+    import zstandard
+    u, template = fuzz_case
+    plain = encode_update(u, bits=4)
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(plain)
+    with pytest.raises(UpdateRejected, match="content size"):
+        decode_update(frame, template, compression="zstd")
 
 
 def test_compression_argument_errors(fuzz_case):

@@ -192,21 +192,27 @@ def _flip_bit(blob: bytes) -> bytes:
     return bytes(b)
 
 
-def test_corrupted_blob_is_rejected():
-    cfg = ClientConfig(batch_size=16, lr=0.1, uplink_bits=4)
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_corrupted_blob_is_rejected(compression):
+    cfg = ClientConfig(batch_size=16, lr=0.1, uplink_bits=4, uplink_compression=compression)
     bad = Recording(_clients([32], cfg, seed=50)[0], mutate=_flip_bit)
     bad.client_id = bad.inner.client_id = "bad"
     good = _clients([32, 64], cfg)
-    server = Server(_mlp, TEST, clients=good[:1] + [bad] + good[1:], seed=0)
-    reference = Server(_mlp, TEST, clients=_clients([32, 64], cfg), seed=0)
+    server = Server(_mlp, TEST, clients=good[:1] + [bad] + good[1:], seed=0,
+                    uplink_compression=compression)
+    reference = Server(_mlp, TEST, clients=_clients([32, 64], cfg), seed=0,
+                       uplink_compression=compression)
     before = server.template()
     res = server.run_round(0)
     reference.run_round(0)
     assert res.accepted == ["c0", "c1"]
     assert [cid for cid, _ in res.dropped] == ["bad"]
-    assert "rejected" in res.dropped[0][1] and "digest" in res.dropped[0][1]
+    # the blob's digest, or first the compressed stream's own checks
+    assert "rejected" in res.dropped[0][1]
+    reason = res.dropped[0][1]
+    assert "digest" in reason or (compression == "zstd" and "zstd" in reason), reason
     with pytest.raises(UpdateRejected):
-        decode_update(bad.blobs[0], before)
+        decode_update(bad.blobs[0], before, compression=compression)
     assert res.uplink_bytes > len(bad.blobs[0])  # the rejected blob was transmitted too
     assert _states_equal(server.model.state_dict(), reference.model.state_dict())
 
