@@ -269,6 +269,14 @@ def test_fake_quant_layers_and_unknown_operations_are_refused(tmp_path):
     gm = convert(_settle_and_quantize(Sigmoid(), xs, first_last_bits=None))
     with pytest.raises(ValueError, match="sigmoid.*no ONNX mapping"):
         export_onnx(gm, tmp_path / "m.onnx", xs)
+
+    # ceil_mode's last-window rule is not mapped (not checked against ONNX Runtime): refused
+    ceil = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(8, 1, 9, 9)
+    gm = convert(_settle_and_quantize(ceil, x, first_last_bits=None))
+    with pytest.raises(ValueError, match="ceil_mode"):
+        export_onnx(gm, tmp_path / "m.onnx", x)
     assert not (tmp_path / "m.onnx").exists()
 
 
