@@ -90,8 +90,9 @@ class _Builder:
                                              list(codes.shape), raw, raw=True))
         return name
 
-    def op(self, op_type: str, inputs: List[str], hint: Optional[str] = None, **attrs) -> str:
-        out = self.name(hint or op_type.lower())
+    def op(self, op_type: str, inputs: List[str], hint: Optional[str] = None,
+           out: Optional[str] = None, **attrs) -> str:
+        out = out or self.name(hint or op_type.lower())
         self.nodes.append(self.h.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
@@ -293,7 +294,7 @@ class _Emitter(fx.Interpreter):
                     value.dtype != torch.float32:
                 raise ValueError("export_onnx: the model's output expected one float32 tensor")
             name = self._float(n, out)
-            final = b.op("Identity", [name], "output")
+            final = b.op("Identity", [name], out="output")
             self.outputs.append(b.h.make_tensor_value_info(final, b.onnx.TensorProto.FLOAT,
                                                            self._shape(value)))
             return None
@@ -393,7 +394,9 @@ def export_onnx(model: nn.Module, path, example_input: Tensor, *, dynamic_batch:
         opset: the ONNX opset, at least 21 (INT4 tensors, ``Cast`` from INT4).
 
     Returns:
-        The ``onnx.ModelProto`` written (checked by ``onnx.checker``).
+        The ``onnx.ModelProto`` written (checked by ``onnx.checker``): one float32 input named
+        after ``forward``'s argument (``x`` for the zoo and torchvision), one float32 output
+        named ``output``.
 
     Raises:
         ImportError: the ``onnx`` package is not installed.

@@ -95,6 +95,7 @@ def _check(gm, x, path, example=None):
     """Export, run and compare; returns the ONNX outputs."""
     proto = export_onnx(gm, path, x[:2] if example is None else example)
     assert path.exists() and onnx.load(str(path)).graph.node
+    assert [v.name for v in proto.graph.output] == ["output"]
     ops_used = {n.op_type for n in proto.graph.node}
     assert ops_used & {"ConvInteger", "MatMulInteger"}
     assert not ops_used & {"Conv", "Gemm", "MatMul"}    # no float convolution or GEMM left
