@@ -156,7 +156,7 @@ def _cpu_flags() -> str:
     return ", ".join(f for f in want if f in flags) or "none of " + ", ".join(want)
 
 
-def render(rows, load_before, load_after) -> str:
+def render(rows, load_before, load_after, commit: str) -> str:
     import onnx
     import onnxruntime as ort
     mi = torch_machine_info()
@@ -170,7 +170,7 @@ def render(rows, load_before, load_after) -> str:
         f"graph optimizations: all), onnx {onnx.__version__}, Python "
         f"{platform.python_version()}",
         f"- threads: torch {THREADS}, ONNX Runtime intra-op {THREADS}",
-        f"- commit: {_commit()}; date: {_dt.datetime.now(_dt.timezone.utc).isoformat()}",
+        f"- commit: {commit}; date: {_dt.datetime.now(_dt.timezone.utc).isoformat()}",
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after}",
         "",
         "W4A4 (8-bit first and last layers), random weights with settled BatchNorm statistics, "
@@ -204,8 +204,9 @@ def main(argv=None) -> int:
     THREADS = args.threads
     reps = args.reps or (8 if args.quick else 40)
     load_before = [round(v, 2) for v in os.getloadavg()]
+    commit = _commit()   # the code that runs, before anything can change the tree
     rows = run(args.quick, reps)
-    text = render(rows, load_before, [round(v, 2) for v in os.getloadavg()])
+    text = render(rows, load_before, [round(v, 2) for v in os.getloadavg()], commit)
     print(text)
     if args.save:
         out = HERE / "results" / f"onnx-cpu-{THREADS}t-{_dt.date.today().isoformat()}.md"
