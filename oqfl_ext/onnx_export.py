@@ -15,7 +15,9 @@ as an ONNX model that computes what the package's integer layers compute:
   uint8 with zero point 128 instead, which its kernels accumulate exactly;
 * the float32 epilogue, one ONNX op per rounded float operation: ``Cast`` of the int32
   accumulator, ``Mul`` by ``float32(x_scale * w_scale[o])``, ``Add`` of the bias, ``Add`` of the
-  residual, ``Relu`` / ``Clip`` (ReLU6); output codes for the next layer are quantized as above.
+  residual, ``Relu`` / ``Clip`` (ReLU6); output codes for the next layer are quantized as above;
+* float nodes as their ONNX ops (pooling, flatten, activations, adds, an unfolded BatchNorm,
+  Conv2d / Linear layers that ``quantize_model`` kept in float).
 
 Weight codes of 2..4 bits are stored as ONNX ``INT4`` initializers (opset 21) widened to int8 by a
 ``Cast`` node (``ConvInteger`` / ``MatMulInteger`` take 8-bit operands only), so the file keeps
@@ -184,7 +186,7 @@ class _Emitter(fx.Interpreter):
         else:
             x = self._float(n, x_arg)
             if isinstance(m, QConv2dInt) and m.takes_codes() is False:
-                x = self._prepad(n, m, x)
+                x = self._pad(n, m, x)
             q = self._quantize(x, m.x_scale, zp, lo, hi)
         codes = m.weight_codes().detach().cpu()
         if isinstance(m, QLinearInt):
@@ -231,8 +233,8 @@ class _Emitter(fx.Interpreter):
         return self._quantize(v, m.out_scale, int(m.out_zero_point.item()), m.out_quant_min,
                               m.out_quant_max)
 
-    def _prepad(self, n: fx.Node, m: QConv2dInt, x: str) -> str:
-        """The float padding of a layer whose padding the op does not do (a padding mode other
+    def _pad(self, n: fx.Node, m, x: str) -> str:
+        """The float padding of a conv whose padding the op does not do (a padding mode other
         than zeros, or a string padding): nn.Conv2d's own rule."""
         kh, kw = m.kernel_size
         if m.padding == "same":
@@ -254,6 +256,20 @@ class _Emitter(fx.Interpreter):
         return self.b.op("Pad", [x, self.b.const("pads", onnx_pads)], mode=mode)
 
     # -- the other nodes -------------------------------------------------------------------
+
+    def _float_conv(self, n: fx.Node, m: nn.Conv2d, x: str) -> str:
+        """A layer ``quantize_model`` kept in float (e.g. ``overrides={name: None}``)."""
+        kh, kw = m.kernel_size
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            x = self._pad(n, m, x)
+            ph = pw = 0
+        else:
+            ph, pw = m.padding
+        ins = [x, self.b.const(f"{n.target}.weight", m.weight.detach().float())]
+        if m.bias is not None:
+            ins.append(self.b.const(f"{n.target}.bias", m.bias.detach().float()))
+        return self.b.op("Conv", ins, kernel_shape=[kh, kw], strides=list(m.stride),
+                         pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
 
     def _max_pool(self, n: fx.Node, x: _Value, kernel_size, stride=None, padding=0, dilation=1,
                   ceil_mode=False, return_indices=False) -> _Value:
@@ -323,6 +339,14 @@ class _Emitter(fx.Interpreter):
                 return _Value(self._clip(self._float(n, args[0]), m.min_val, m.max_val))
             if t is nn.AdaptiveAvgPool2d and _pair(m.output_size) == (1, 1):
                 return _Value(b.op("GlobalAveragePool", [self._float(n, args[0])]))
+            if t is nn.Conv2d:
+                return _Value(self._float_conv(n, m, self._float(n, args[0])))
+            if t is nn.Linear:
+                y = b.op("MatMul", [self._float(n, args[0]),
+                                    b.const(f"{n.target}.weight", m.weight.detach().float().t())])
+                if m.bias is not None:
+                    y = b.op("Add", [y, b.const(f"{n.target}.bias", m.bias.detach().float())])
+                return _Value(y)
             if t is nn.BatchNorm2d and m.running_mean is not None and not m.training:
                 c = m.num_features
                 ones, zeros = torch.ones(c), torch.zeros(c)
@@ -335,8 +359,9 @@ class _Emitter(fx.Interpreter):
                     b.const(f"{n.target}.var", m.running_var.detach().float())],
                     epsilon=float(m.eps)))
             raise ValueError(f"export_onnx: {self._where(n)}: no ONNX mapping for this module "
-                             "(exported: the integer layers, max pooling, global average "
-                             "pooling, flatten, ReLU/ReLU6, BatchNorm2d, Identity/Dropout)")
+                             "(exported: the integer layers, float Conv2d/Linear, max pooling, "
+                             "global average pooling, flatten, ReLU/ReLU6, BatchNorm2d, "
+                             "Identity/Dropout)")
         if n.op in ("call_function", "call_method"):
             f = n.target
             if n.op == "call_function" and getattr(f, "__module__", None) == _zoo.__name__ \
