@@ -36,7 +36,8 @@ from . import _meta, _autograd  # noqa: E402,F401  (registrations)
 from . import ops  # noqa: E402
 from . import nn, models  # noqa: E402
 from .nn import quantize_model, cost, convert, save_packed, load_packed  # noqa: E402
+from .onnx_export import export_onnx  # noqa: E402  (imports onnx only when called)
 from ._version import __version__  # noqa: E402
 
 __all__ = ["ops", "nn", "models", "quantize_model", "cost", "convert", "save_packed", "load_packed",
-           "__version__"]
+           "export_onnx", "__version__"]
