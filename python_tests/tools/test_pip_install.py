@@ -32,7 +32,7 @@ import torch
 from helpers import dyadic_x, pow2_scale
 from reference import fake_quant_ref
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pin(text: str, name: str) -> str:

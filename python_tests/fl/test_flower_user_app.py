@@ -32,7 +32,7 @@ pytest.importorskip("sklearn", reason="the example's data are scikit-learn's dig
 
 from oqfl_ext.fl.flower.local import LocalFederation, group_alive  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower_user_app"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower_user_app"
 ROUNDS = 3
 NODES = 3
 # Flower's bytes per reply besides the blob (protobuf metadata, the metrics record, chunk
