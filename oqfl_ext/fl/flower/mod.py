@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from ..client import derive_seed, encode_with_feedback, float_state
-from ..codec import check_compression
+from ..codec import DEFAULT_COMPRESSION, check_compression
 from .wire import blob_array
 
 __all__ = ["OQFLMod", "oqfl_mod", "UPDATE_ARRAY", "STATE_KEY", "ROUND_KEY", "WEIGHT_KEY"]
@@ -90,12 +90,13 @@ class OQFLMod:
         stochastic: unbiased stochastic rounding (else round half to even).
         error_feedback: keep the quantization error in the node state and add it to the next
             round's update (no effect with ``bits=32``).
-        compression: ``"none"`` or ``"zlib"`` (the server's strategy must say the same).
+        compression: one of :data:`oqfl_ext.fl.codec.COMPRESSIONS`, ``"zstd"`` by default (the
+            server's strategy must say the same).
         seed: with the node id and the round, seeds the stochastic rounding.
     """
 
     def __init__(self, bits: int = 4, *, stochastic: bool = True, error_feedback: bool = True,
-                 compression: str = "none", seed: int = 0):
+                 compression: str = DEFAULT_COMPRESSION, seed: int = 0):
         if isinstance(bits, bool) or bits not in (4, 8, 32):
             raise ValueError(f"bits expected 4, 8 or 32, got {bits!r}")
         check_compression(compression)
