@@ -259,3 +259,23 @@ def forge(blob, tensors_fn=None, meta_fn=None, valid_digest=True):
             k: (codec_mod._ST_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape),
                 tensor_bytes(t)) for k, t in tensors.items()})
     return st_save(tensors, metadata=meta)
+
+
+def settle_batchnorm(model: torch.nn.Module, x: Tensor) -> None:
+    """Running statistics of real activations (those of the batch x) and non-trivial affine
+    parameters (random gammas and betas), so that BatchNorm is not the identity and its folding
+    is tested; leaves the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+        m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in bns:
+            if m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    model.eval()

@@ -32,6 +32,7 @@ from oqfl_ext.nn import (ConversionWarning, LSQQuantizer, QConv2dInt, QLinearInt
 from oqfl_ext.nn.graph import IntegerGraph, max_pool2d_codes
 
 from conftest import requires_cuda
+from helpers import settle_batchnorm
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -39,30 +40,10 @@ torchvision = pytest.importorskip("torchvision")
 # ------------------------------------------------------------------------------------------
 # helpers
 
-def _settle_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
-    """Running statistics of real activations (those of the batch x), so that BatchNorm is
-    not the identity and its folding is tested."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.momentum = None
-        m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    # make the affine parameters non-trivial (random gammas, some negative, and betas)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in bns:
-            if m.weight is not None:
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-    model.eval()
-
-
 def _prepare(model: nn.Module, x: torch.Tensor, **quant) -> nn.Module:
     """Settle BatchNorm, quantize, calibrate, integer offsets (the fake-quant model then uses
     the converted zero points exactly), eval."""
-    _settle_batchnorm(model, x)
+    settle_batchnorm(model, x)
     model = oqfl_ext.quantize_model(model, **quant)
     for m in model.modules():
         if isinstance(m, LSQQuantizer):

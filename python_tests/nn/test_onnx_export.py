@@ -30,6 +30,8 @@ import oqfl_ext
 from oqfl_ext import models
 from oqfl_ext.nn import LSQQuantizer, calibrate, convert
 
+from helpers import settle_batchnorm
+
 if os.environ.get("OQFL_REQUIRE_ONNX") == "1":  # CI: a missing extra is a failure, not a skip
     import onnx  # noqa: F401
     import onnxruntime  # noqa: F401
@@ -47,18 +49,7 @@ LOGIT_BOUND = 1e-5
 def _settle_and_quantize(model: nn.Module, x: torch.Tensor, **quant) -> nn.Module:
     """Real BatchNorm statistics (of x) and non-trivial affine parameters, then quantize and
     calibrate on x (random weights, settled statistics)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.momentum = None
-        m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in bns:
-            m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-            m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    settle_batchnorm(model, x)
     model = oqfl_ext.quantize_model(model.eval(), **quant)
     for m in model.modules():
         if isinstance(m, LSQQuantizer):
