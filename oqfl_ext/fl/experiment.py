@@ -370,8 +370,7 @@ class ExperimentConfig:
             "name": self.run_name, "model": self.model,
             "width": self.width if self.takes_width else None,
             "dataset": self.dataset, "image_size": self.resolved_image_size,
-            "train_subset": self.train_subset,
-            "test_subset": self.test_subset if self.eval_split == "test" else None,
+            "train_subset": self.train_subset, "test_subset": self.test_subset,
             "eval_split": self.eval_split,
             "validation_size": self.validation_size if self.eval_split == "validation"
             else None,

@@ -11,7 +11,7 @@
   :func:`save_packed` / :func:`load_packed`: its compact file.
 """
 
-from .quantizer import LSQQuantizer, bit_range, MIN_STEP, MAX_STEP
+from .quantizer import LSQQuantizer, bit_range, MIN_STEP, MAX_STEP, QUANT_DEFAULTS
 from .layers import QuantConv2d, QuantLinear
 from .quantize import (quantize_model, quantization_summary, calibrate, set_quantizers_enabled,
                        edge_layers)
@@ -21,7 +21,7 @@ from .integer import (QConv2dInt, QLinearInt, convert, save_packed, load_packed,
 from .graph import IntegerGraph
 
 __all__ = [
-    "LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "QuantConv2d", "QuantLinear",
+    "LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "QUANT_DEFAULTS", "QuantConv2d", "QuantLinear",
     "quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled", "edge_layers",
     "cost", "CostReport", "LayerCost",
     "QConv2dInt", "QLinearInt", "convert", "save_packed", "load_packed", "ConversionWarning",

@@ -152,18 +152,23 @@ def test_compressed_uplink_is_lossless_and_smaller(tmp_path):
 def test_quantizer_options_reach_every_quantizer():
     from oqfl_ext.fl.cli import build_config, build_parser
     from oqfl_ext.nn import LSQQuantizer
-    for argv, init, factor in (([], "mse", None),
-                               (["--quant-init", "lsq", "--grad-scale", "none"], "lsq", 1.0)):
-        cfg = build_config(build_parser().parse_args(["--model", "vgg"] + argv))
-        quantizers = [m for m in _model_fn(cfg, 1, 10, 14)().modules()
-                      if isinstance(m, LSQQuantizer)]
+    for argv, init, factor, count in (
+            (["--quant-init", "mse", "--act-grad-count", "all"], "mse", None, "all"),
+            (["--quant-init", "lsq", "--grad-scale", "none", "--act-grad-count", "example"],
+             "lsq", 1.0, "example")):
+        cfg = build_config(build_parser().parse_args(["--model", "vgg", "--first-last-bits",
+                                                      "8"] + argv))
+        model = _model_fn(cfg, 1, 10, 14)()
+        quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
         assert len(quantizers) == 2 * 8                # weights and inputs of 6 conv + 2 linear
         assert {(q.init, q.grad_factor) for q in quantizers} == {(init, factor)}
+        assert {q.grad_count for q in quantizers if q.per_channel_axis is None} == {count}
     # the step sizes LSQ's init gives differ from the MSE search's: the option is used
     x = torch.randn(64, 1, 14, 14)
     steps = {}
     for init in ("mse", "lsq"):
-        cfg = build_config(build_parser().parse_args(["--quant-init", init]))
+        cfg = build_config(build_parser().parse_args(["--quant-init", init,
+                                                      "--first-last-bits", "8"]))
         m = _model_fn(cfg, 1, 10, 14)()
         m(x)
         conv = m.features[0][0]

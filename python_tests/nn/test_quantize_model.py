@@ -109,6 +109,49 @@ def test_first_last_and_overrides():
     assert (layers["layer2.1.conv1"].weight_bits, layers["layer2.1.conv1"].act_bits) == (3, 5)
 
 
+def test_float_first_and_last_layers():
+    model = models.ResNet20()
+    q = oqfl_ext.quantize_model(model, first_last_bits="float",
+                                overrides={"fc": {"act_bits": 6}})
+    layers = dict(_layers(q))
+    first, last = oqfl_ext.nn.edge_layers(model)
+    assert (first, last) == ("conv1", "fc")
+    assert type(layers["conv1"]) is nn.Conv2d                 # kept in float
+    assert (layers["fc"].weight_bits, layers["fc"].act_bits) == (4, 6)  # override on the base
+    assert (layers["layer2.1.conv1"].weight_bits, layers["layer2.1.conv1"].act_bits) == (4, 4)
+    for bad in ("fp32", "8"):
+        with pytest.raises(ValueError, match="first_last_bits expected"):
+            oqfl_ext.quantize_model(model, first_last_bits=bad)
+
+
+def test_act_grad_count_reaches_the_input_quantizers_only():
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    for count in ("example", "all"):
+        q = oqfl_ext.quantize_model(net, act_grad_count=count)
+        layers = [m for _, m in _layers(q)]
+        assert {m.act_quantizer.grad_count for m in layers} == {count}
+        assert {m.weight_quantizer.grad_count for m in layers} == {"all"}
+    with pytest.raises(ValueError, match="act_grad_count expected"):
+        oqfl_ext.quantize_model(net, act_grad_count="batch")
+
+
+def test_the_defaults_come_from_quant_defaults():
+    from oqfl_ext.nn import QUANT_DEFAULTS
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    layers = [m for _, m in _layers(oqfl_ext.quantize_model(net))]
+    first, last = layers[0], layers[-1]
+    edge = QUANT_DEFAULTS["first_last_bits"]
+    if edge == "float":
+        assert type(first) is nn.Conv2d and type(last) is nn.Linear
+    else:
+        assert (first.weight_bits, last.act_bits) == (edge, edge)
+    quantizers = [m for m in layers if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert {m.act_quantizer.grad_count for m in quantizers} == {QUANT_DEFAULTS["act_grad_count"]}
+    assert {m.weight_quantizer.init for m in quantizers} == {QUANT_DEFAULTS["init"]}
+    # a quantized layer built directly gets the same input-quantizer count
+    assert QuantConv2d(1, 2, 3).act_quantizer.grad_count == QUANT_DEFAULTS["act_grad_count"]
+
+
 def test_inplace():
     model = models.SmallCNN()
     q = oqfl_ext.quantize_model(model, inplace=True)
