@@ -45,7 +45,8 @@ from .server import DOWNLINK_CODECS, Server
 __all__ = ["ExperimentConfig", "ExperimentError", "ConfigError", "ExperimentData", "Built",
            "add_arguments", "load_dataset", "load_data", "make_partitions", "model_fn",
            "client_config", "client_id", "client_seed", "make_client", "make_clients",
-           "make_server", "build", "check_device", "DATASETS", "PARTITIONS", "UPLINKS",
+           "make_server", "build", "post_training_baseline", "check_device", "DATASETS",
+           "PARTITIONS", "UPLINKS",
            "MODEL_NAMES", "MAX_SEED", "DEFAULT_THREADS", "CALIBRATION_SIZE", "DEFAULT_IMAGE_SIZE",
            "parse_positive_int", "parse_nonneg_int", "parse_seed", "parse_fraction",
            "parse_positive_float", "parse_nonneg_float", "parse_momentum", "parse_subset",
@@ -765,6 +766,22 @@ def make_server(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Ten
                   calibration_data=data.train_x[parts[0]][:CALIBRATION_SIZE],
                   downlink=cfg.downlink, evaluate_integer=cfg.eval_integer and cfg.quantized,
                   uplink_compression=cfg.uplink_compression)
+
+
+def post_training_baseline(cfg: ExperimentConfig, float_model: nn.Module,
+                           data: ExperimentData, parts: Sequence[Tensor]) -> nn.Module:
+    """The PTQ baseline of a quantized ``cfg``: ``float_model`` (e.g. FP32 FedAvg's final
+    model) quantized as ``cfg`` quantizes (bits, first/last layers), step sizes calibrated on
+    the images the server calibrates with (:func:`make_server`), no retraining
+    (:func:`oqfl_ext.nn.post_training_quantize`)."""
+    from ..nn import edge_layers, post_training_quantize
+    if not cfg.quantized:
+        raise ValueError("cfg expected a quantized configuration (weight_bits or act_bits)")
+    keep_float = {} if cfg.first_last_bits is not None else \
+        {name: None for name in edge_layers(float_model)}
+    calibration = data.train_x[parts[0]][:CALIBRATION_SIZE].to(torch.device(cfg.device))
+    return post_training_quantize(float_model, calibration, cfg.weight_bits, cfg.act_bits,
+                                  first_last_bits=cfg.first_last_bits, overrides=keep_float)
 
 
 class Built(NamedTuple):

@@ -12,7 +12,7 @@ from .layers import QuantConv2d, QuantLinear
 from .quantizer import GRAD_COUNTS, INIT_METHODS, QUANT_DEFAULTS, LSQQuantizer, bit_range
 
 __all__ = ["quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
-           "edge_layers"]
+           "edge_layers", "post_training_quantize"]
 
 # exact types only: a subclass may not call its own forward (nn.MultiheadAttention reads its
 # out_proj's weight directly), so quantizing it could silently do nothing
@@ -227,3 +227,21 @@ def calibrate(model: nn.Module, *inputs) -> nn.Module:
             else:  # e.g. an observer's lazily sized min/max
                 b.data = value
     return model
+
+
+def post_training_quantize(model: nn.Module, calibration_inputs: torch.Tensor,
+                           weight_bits: Optional[int] = 4, act_bits: Optional[int] = 4,
+                           **kwargs) -> nn.Module:
+    """Post-training quantization (PTQ), the baseline for quantization-aware training: a
+    quantized copy of the trained float ``model`` (:func:`quantize_model` with ``kwargs``;
+    ``init`` defaults to ``"mse"``, the error-minimizing range, since nothing trains the steps
+    afterwards) whose step sizes are set from ``calibration_inputs`` in eval mode (batch norm
+    with its running statistics, as deployed) and never trained. Returned in eval mode."""
+    if not isinstance(calibration_inputs, torch.Tensor) or calibration_inputs.numel() == 0:
+        raise ValueError("calibration_inputs expected a non-empty tensor of inputs")
+    kwargs.setdefault("init", "mse")
+    q = quantize_model(model, weight_bits=weight_bits, act_bits=act_bits, inplace=False,
+                       **kwargs)
+    q.eval()
+    calibrate(q, calibration_inputs)
+    return q

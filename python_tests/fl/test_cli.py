@@ -94,6 +94,34 @@ def test_compare_prints_table_and_plot(tmp_path, capsys):
     cfg32 = json.loads((out / "fp32" / "metrics.json").read_text())["config"]
     same = ("seed", "clients", "partition", "rounds", "lr", "train_subset")
     assert all(cfg[k] == cfg32[k] for k in same)
+    _check_ptq(out, cfg, json.loads((out / "compare.json").read_text())["ptq"])
+    assert "PTQ baseline" in printed
+
+
+def _check_ptq(out, cfg, ptq):
+    """The PTQ row recomputed by hand: the saved FP32 model, quantize_model with the OQFL
+    arm's bits, eval-mode calibration on the server's calibration images, the accuracy on the
+    test subset."""
+    from safetensors.torch import load_file
+
+    from oqfl_ext import data as datasets
+    from oqfl_ext.fl import experiment as ex
+    from oqfl_ext.nn import calibrate, quantize_model
+    qcfg = ExperimentConfig.from_record(cfg)
+    fp32 = _model_fn(dict(cfg, weight_bits=None, act_bits=None), 1, 10, 14)()
+    fp32.load_state_dict(load_file(str(out / "fp32" / "model.safetensors")))
+    tx, ty = datasets.load_fashion_mnist("train", limit=900, normalize=True)
+    vx, vy = datasets.load_fashion_mnist("test", limit=300, normalize=True)
+    tx, vx = torch.nn.functional.adaptive_avg_pool2d(tx, 14), \
+        torch.nn.functional.adaptive_avg_pool2d(vx, 14)
+    part0 = ex.make_partitions(qcfg, ty)[0]
+    edge = "float" if qcfg.first_last_bits is None else qcfg.first_last_bits
+    q = quantize_model(fp32, 4, 4, first_last_bits=edge, init="mse").eval()
+    calibrate(q, tx[part0][:256])
+    with torch.no_grad():
+        want = float((q(vx).argmax(1) == vy).float().mean())
+    assert ptq["accuracy"] == pytest.approx(want, abs=1e-6)
+    assert abs(ptq["integer_accuracy"] - ptq["accuracy"]) < 0.03, ptq
 
 
 @pytest.mark.parametrize("args, option", [

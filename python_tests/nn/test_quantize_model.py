@@ -237,3 +237,27 @@ def test_quantizer_options_reach_every_new_quantizer():
             oqfl_ext.quantize_model(net, **kwargs)
     with pytest.raises(TypeError):
         oqfl_ext.quantize_model(net, 4, 4, 8, None, False, False, "lsq")  # keyword-only
+
+
+def test_post_training_quantize_calibrates_in_eval_mode_and_leaves_the_model():
+    from oqfl_ext.nn import post_training_quantize
+    torch.manual_seed(0)
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    net.train()
+    net(torch.randn(32, 1, 8, 8) * 3 + 1)                   # running statistics away from 0/1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(16, 1, 8, 8)
+    q = post_training_quantize(net, x, 4, 4, first_last_bits="float")
+    assert not q.training and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    qlayers = [m for _, m in _layers(q) if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert qlayers and all(m.act_quantizer.is_initialized() for m in qlayers)
+    assert {m.weight_quantizer.init for m in qlayers} == {"mse"}
+    # the same steps as calibrating a quantize_model copy by hand in eval mode, without
+    # changing the batch-norm statistics
+    by_hand = oqfl_ext.quantize_model(net, 4, 4, first_last_bits="float", init="mse").eval()
+    with torch.no_grad():
+        by_hand(x)
+    got, want = q.state_dict(), by_hand.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="calibration_inputs"):
+        post_training_quantize(net, torch.empty(0, 1, 8, 8))
