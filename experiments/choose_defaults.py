@@ -97,12 +97,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "defaults_validation.json"))
+    p.add_argument("--out", default=str(ROOT / "experiments" / "defaults_validation.json"),
+                   help="results file (JSON), read first: finished runs are skipped")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--report", metavar="JSON", help="print the table of a results file")
+    p.add_argument("--report", metavar="JSON[,JSON...]",
+                   help="print the table of one or more results files")
     args = p.parse_args(argv)
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())["runs"]))
+        print(report([r for f in args.report.split(",")
+                      for r in json.loads(Path(f).read_text())["runs"]]))
         return 0
     names = args.candidates.split(",")
     unknown = [n for n in names if n not in CANDIDATES]
