@@ -27,10 +27,10 @@ GRAD_COUNTS = ("all", "example")
 #: experiments/paper_grid.py) read them here. Chosen on a validation split carved from the
 #: training images (docs/RESULTS.md, "How the defaults were chosen").
 QUANT_DEFAULTS = {
-    "init": "mse",                # step-size initialization (LSQQuantizer's ``init``)
+    "init": "lsq",                # step-size initialization (LSQQuantizer's ``init``)
     "act_grad_count": "all",      # N_s of the input quantizers' gradient scale
     "first_last_bits": 8,         # bits of the first and last layer; "float" keeps them float
-    "step_size_lr_scale": 1.0,    # the clients' step-size learning rate, a multiple of lr
+    "step_size_lr_scale": 0.1,    # the clients' step-size learning rate, a multiple of lr
 }
 
 # Error-minimizing initialization: candidate ranges k/K of the data's range, k = 1..K, with
