@@ -94,8 +94,9 @@ class LSQQuantizer(nn.Module):
         learn_offset: add a learnable float32 offset ``z`` in the integer domain (asymmetric
             ranges, LSQ+). Without it ``z`` is 0.
         num_channels: number of slices along ``per_channel_axis``.
-        init: how the first batch sets the step size (see below): ``"mse"`` or ``"lsq"``;
-            default ``QUANT_DEFAULTS["init"]``.
+        init: how the first batch sets the step size (see below): ``"mse"`` (default for a
+            quantizer built alone) or ``"lsq"``; :func:`quantize_model` sets
+            ``QUANT_DEFAULTS["init"]``.
         grad_factor: gradient scale of the step size and offset; ``None`` (default) is LSQ's
             ``1/sqrt(N_s * quant_max)`` (``ops.lsq_grad_factor``), ``N_s`` as ``grad_count``
             says.
@@ -135,7 +136,7 @@ class LSQQuantizer(nn.Module):
 
     def __init__(self, bits: int, signed: Optional[bool], per_channel_axis: Optional[int] = None,
                  learn_offset: bool = False, *, num_channels: Optional[int] = None,
-                 init: str = QUANT_DEFAULTS["init"], grad_factor: Optional[float] = None,
+                 init: str = "mse", grad_factor: Optional[float] = None,
                  grad_count: str = "all", device=None):
         super().__init__()
         if signed is not None and not isinstance(signed, bool):

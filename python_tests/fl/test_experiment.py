@@ -65,6 +65,10 @@ def test_the_documented_defaults():
     assert (d.clients, d.fraction, d.rounds, d.partition) == (10, 0.5, 10, "iid")
     assert (d.lr, d.momentum, d.batch_size, d.local_epochs) == (0.05, 0.9, 32, 1)
     assert (d.weight_bits, d.act_bits, d.first_last_bits, d.uplink) == (4, 4, 8, "int4")
+    # the quantizers' defaults chosen on the validation split (docs/RESULTS.md)
+    assert (d.quant_init, d.grad_scale, d.act_grad_count, d.step_size_lr_scale) == \
+        ("lsq", "lsq", "all", 0.1)
+    assert d.eval_split == "test"
     assert d.stochastic and d.error_feedback and d.eval_integer
     assert d.run_name == "oqfl-w4a4" and ExperimentConfig(weight_bits=None,
                                                           act_bits=None).run_name == "fp32"

@@ -217,13 +217,14 @@ def test_set_quantizers_enabled_gives_the_float_model():
 
 
 def test_quantizer_options_reach_every_new_quantizer():
+    from oqfl_ext.nn import QUANT_DEFAULTS
     net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
     default = oqfl_ext.quantize_model(net)
     lsq = oqfl_ext.quantize_model(net, init="lsq", grad_factor=1.0,
                          overrides={"features.0.0": {"act_bits": None}})
     pairs = {name: {(q.init, q.grad_factor) for q in m.modules() if isinstance(q, LSQQuantizer)}
              for name, m in (("default", default), ("lsq", lsq))}
-    assert pairs == {"default": {("mse", None)}, "lsq": {("lsq", 1.0)}}
+    assert pairs == {"default": {(QUANT_DEFAULTS["init"], None)}, "lsq": {("lsq", 1.0)}}
     # the option is used: LSQ's init gives the first layer's weights 2 mean|w| / sqrt(qmax)
     lsq(torch.randn(4, 1, 8, 8))
     conv = lsq.features[0][0]
