@@ -41,18 +41,9 @@ CANDIDATES: Dict[str, dict] = {
     "edge-4": dict(BASE, first_last_bits=4),
     "edge-float": dict(BASE, first_last_bits=None),
     "step-lr-0.1": dict(BASE, step_size_lr_scale=0.1),
-    "step-lr-0.3": dict(BASE, step_size_lr_scale=0.3),
     "grad-example": dict(BASE, act_grad_count="example"),
     "lsq-float": dict(BASE, quant_init="lsq", first_last_bits=None),
     "lsq-lr-0.1": dict(BASE, quant_init="lsq", step_size_lr_scale=0.1),
-    "lsq-example": dict(BASE, quant_init="lsq", act_grad_count="example"),
-    "float-example": dict(BASE, first_last_bits=None, act_grad_count="example"),
-    "lsq-float-example": dict(BASE, quant_init="lsq", first_last_bits=None,
-                              act_grad_count="example"),
-    "lsq-edge-4": dict(BASE, quant_init="lsq", first_last_bits=4),
-    "lsq-edge-4-example": dict(BASE, quant_init="lsq", first_last_bits=4,
-                               act_grad_count="example"),
-    "edge-4-example": dict(BASE, first_last_bits=4, act_grad_count="example"),
 }
 LAST = 3  # rounds averaged
 
