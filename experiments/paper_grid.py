@@ -71,11 +71,12 @@ TRIALS: Dict[str, tuple] = {
 }
 ALL_ARMS = {**ARMS, **TRIALS}
 DEFAULT_NETS = ("small_cnn", "vgg", "resnet20")
-# shared by every run: the federation, the local training and the data
+# shared by every run: the federation, the local training and the data; the quantizers'
+# options are the package's defaults (oqfl_ext.nn.QUANT_DEFAULTS)
 COMMON = ["--dataset", "fashion-mnist", "--image-size", "14", "--train-subset", "20000",
           "--test-subset", "all", "--clients", "10", "--fraction", "0.5",
           "--local-epochs", "1", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9",
-          "--first-last-bits", "8", "--uplink-compression", "zlib", "--no-eval-integer",
+          "--uplink-compression", "zlib", "--no-eval-integer",
           "--threads", "1",
           "--quiet"]
 DEFAULT_ROUNDS = 20

@@ -289,14 +289,18 @@ def _main(args: argparse.Namespace) -> int:
         cache: Dict[Any, Any] = {}
         results = []
         t0 = time.perf_counter()
+        servers = []
         for pos, cfg in enumerate(configs):
             folder = out / cfg["name"] if args.compare else out
-            records, _ = run_experiment(cfg, folder, resume=args.resume, progress=progress,
-                                        data_dir=args.data_dir, data_cache=cache)
+            records, server = run_experiment(cfg, folder, resume=args.resume,
+                                             progress=progress, data_dir=args.data_dir,
+                                             data_cache=cache)
+            servers.append(server)
             results.append((cfg["name"], records, folder))
             print(_summary_line(cfg["name"], records, folder), flush=True)
         if args.compare:
-            _write_comparison(out, configs, results, time.perf_counter() - t0)
+            ptq = _post_training_baseline(configs[-1], servers[0], args.data_dir, cache)
+            _write_comparison(out, configs, results, time.perf_counter() - t0, ptq)
     except (UsageError, ExperimentError, CheckpointError) as e:
         print(f"oqfl-fl: error: {e}", file=sys.stderr)
         return 1
@@ -312,7 +316,30 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_comparison(out: Path, configs: List[dict], results, elapsed: float) -> None:
+def _post_training_baseline(record: dict, fp32_server, data_dir, cache) -> Optional[dict]:
+    """The FP32 arm's final model quantized after training as the OQFL arm quantizes (no
+    retraining), evaluated on the same split: the baseline OQFL's training has to beat.
+    None when the OQFL arm's model is not quantized."""
+    import warnings
+
+    from ..nn import ConversionWarning, convert
+    cfg = ExperimentConfig.from_record(record)
+    if not cfg.quantized:
+        return None
+    data = ex.load_data(cfg, data_dir, cache)
+    model = ex.post_training_baseline(cfg, fp32_server.model, data,
+                                      ex.make_partitions(cfg, data.train_y))
+    acc, _ = fp32_server._evaluate(model)
+    doc = {"accuracy": acc, "integer_accuracy": None}
+    if cfg.eval_integer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConversionWarning)
+            doc["integer_accuracy"] = fp32_server._evaluate(convert(model))[0]
+    return doc
+
+
+def _write_comparison(out: Path, configs: List[dict], results, elapsed: float,
+                      ptq: Optional[dict] = None) -> None:
     from .metrics import format_table, jsonable, plot_runs, summarize
     runs = [(name, records) for name, records, _ in results]
     labels = {"fp32": "FP32 FedAvg"}
@@ -325,10 +352,16 @@ def _write_comparison(out: Path, configs: List[dict], results, elapsed: float) -
             f"{cfg['seed']}; OQFL: W{ex.bits_text(cfg['weight_bits'])}A{ex.bits_text(cfg['act_bits'])}"
             f", {cfg['uplink']} uplink; {elapsed:.0f} s in all")
     text = head + "\n" + table + "\n"
+    if ptq is not None:
+        integer = "" if ptq["integer_accuracy"] is None else \
+            f" (integer model {100 * ptq['integer_accuracy']:.2f}%)"
+        text += (f"PTQ baseline (the FP32 FedAvg model quantized to "
+                 f"W{ex.bits_text(cfg['weight_bits'])}A{ex.bits_text(cfg['act_bits'])} after "
+                 f"training, no retraining): accuracy {100 * ptq['accuracy']:.2f}%{integer}\n")
     print("\n" + text, end="", flush=True)
     atomic_write_bytes(out / "compare.txt", text.encode())
     doc = {"configs": configs, "summary": {label: summarize(recs) for label, recs in named},
-           "runs": {name: str(folder) for name, _, folder in results}}
+           "runs": {name: str(folder) for name, _, folder in results}, "ptq": ptq}
     atomic_write_bytes(out / "compare.json",
                        json.dumps(jsonable(doc), indent=1, allow_nan=False).encode() + b"\n")
     plot_runs(named, out / "compare.png", title=head.split(";")[0])

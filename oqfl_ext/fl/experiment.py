@@ -17,7 +17,7 @@ run whichever of them starts it:
 * the run: :func:`load_data` (the first ``train_subset`` / ``test_subset`` examples, pooled
   down to ``image_size``), :func:`make_partitions` (seeded with ``seed``), :func:`model_fn`
   (the zoo model, quantized with ``weight_bits`` / ``act_bits`` / ``first_last_bits``,
-  ``quant_init`` and ``grad_scale``), :func:`make_clients` (client ``i`` is
+  ``quant_init``, ``grad_scale`` and ``act_grad_count``), :func:`make_clients` (client ``i`` is
   ``client-<i>`` on partition ``i`` with seed ``derive_seed(seed, 0xC1, i)``) and
   :func:`make_server` (quantizers calibrated on the first examples of partition 0);
   :func:`build` does all of it.
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..models import MODELS
+from ..nn.quantizer import QUANT_DEFAULTS
 from .client import Client, ClientConfig, derive_seed
 from .codec import COMPRESSIONS, DEFAULT_COMPRESSION
 from .server import DOWNLINK_CODECS, Server
@@ -44,13 +45,17 @@ from .server import DOWNLINK_CODECS, Server
 __all__ = ["ExperimentConfig", "ExperimentError", "ConfigError", "ExperimentData", "Built",
            "add_arguments", "load_dataset", "load_data", "make_partitions", "model_fn",
            "client_config", "client_id", "client_seed", "make_client", "make_clients",
-           "make_server", "build", "check_device", "DATASETS", "PARTITIONS", "UPLINKS",
+           "make_server", "build", "post_training_baseline", "check_device", "DATASETS",
+           "PARTITIONS", "UPLINKS",
            "MODEL_NAMES", "MAX_SEED", "DEFAULT_THREADS", "CALIBRATION_SIZE", "DEFAULT_IMAGE_SIZE",
            "parse_positive_int", "parse_nonneg_int", "parse_seed", "parse_fraction",
            "parse_positive_float", "parse_nonneg_float", "parse_momentum", "parse_subset",
            "parse_bits", "bits_text"]
 
 DATASETS = ("fashion-mnist", "cifar10", "digits")
+#: what the server evaluates on: the test set, or a validation set carved from the training
+#: images (the last ``validation_size`` of them, which training then never sees)
+EVAL_SPLITS = ("test", "validation")
 PARTITIONS = ("iid", "dirichlet", "shards")
 UPLINKS = {"float32": 32, "int8": 8, "int4": 4}
 MODEL_NAMES = tuple(MODELS)
@@ -188,6 +193,13 @@ _OPTIONS: Tuple[_Option, ...] = (
     _Option("test_subset", "--test-subset", _DATA,
             "evaluate on the first N test examples only (default: all)", parse_subset,
             metavar="{N,all}", nullable=True),
+    _Option("eval_split", "--eval-split", _DATA,
+            "evaluate on the test set, or on the last --validation-size training images "
+            "(held out of training; for choosing settings without the test set)",
+            choices=EVAL_SPLITS),
+    _Option("validation_size", "--validation-size", _DATA,
+            "training images held out as the validation set (--eval-split validation)",
+            parse_positive_int),
     _Option("clients", "--clients", _FED, "number of clients", parse_positive_int),
     _Option("fraction", "--fraction", _FED, "share of the clients sampled per round",
             parse_fraction),
@@ -224,8 +236,11 @@ _OPTIONS: Tuple[_Option, ...] = (
             "client: the range with the least squared error (mse) or LSQ's 2 mean|x| / "
             "sqrt(qmax) (lsq)", choices=("mse", "lsq")),
     _Option("grad_scale", "--grad-scale", _QUANT,
-            "gradient scale of the step sizes and offsets: LSQ's 1/sqrt(elements x qmax), or "
+            "gradient scale of the step sizes and offsets: LSQ's 1/sqrt(N_s x qmax), or "
             "none (1)", choices=("lsq", "none")),
+    _Option("act_grad_count", "--act-grad-count", _QUANT,
+            "N_s of the input quantizers' LSQ gradient scale: the elements of one example "
+            "(LSQ's paper) or of the whole batch (all)", choices=("example", "all")),
     _Option("step_size_lr_scale", "--step-size-lr-scale", _QUANT,
             "the clients' learning rate of step sizes and offsets, as a multiple of --lr",
             parse_positive_float),
@@ -270,6 +285,8 @@ class ExperimentConfig:
     image_size: Optional[int] = None
     train_subset: Optional[int] = 20000
     test_subset: Optional[int] = None
+    eval_split: str = "test"
+    validation_size: int = 10000
     clients: int = 10
     fraction: float = 0.5
     rounds: int = 10
@@ -287,10 +304,13 @@ class ExperimentConfig:
     weight_decay: float = 0.0
     weight_bits: Optional[int] = 4
     act_bits: Optional[int] = 4
-    first_last_bits: Optional[int] = 8
-    quant_init: str = "mse"
+    # the quantizers' defaults live in oqfl_ext.nn.QUANT_DEFAULTS (None: float edge layers)
+    first_last_bits: Optional[int] = None if QUANT_DEFAULTS["first_last_bits"] == "float" \
+        else QUANT_DEFAULTS["first_last_bits"]
+    quant_init: str = QUANT_DEFAULTS["init"]
     grad_scale: str = "lsq"
-    step_size_lr_scale: float = 1.0
+    act_grad_count: str = QUANT_DEFAULTS["act_grad_count"]
+    step_size_lr_scale: float = QUANT_DEFAULTS["step_size_lr_scale"]
     uplink: str = "int4"
     uplink_compression: str = DEFAULT_COMPRESSION
     stochastic: bool = True
@@ -352,6 +372,9 @@ class ExperimentConfig:
             "width": self.width if self.takes_width else None,
             "dataset": self.dataset, "image_size": self.resolved_image_size,
             "train_subset": self.train_subset, "test_subset": self.test_subset,
+            "eval_split": self.eval_split,
+            "validation_size": self.validation_size if self.eval_split == "validation"
+            else None,
             "clients": self.clients, "fraction": self.fraction, "rounds": self.rounds,
             "partition": self.partition,
             "alpha": self.alpha if self.partition == "dirichlet" else None,
@@ -364,6 +387,7 @@ class ExperimentConfig:
             "weight_bits": self.weight_bits, "act_bits": self.act_bits,
             "first_last_bits": self.first_last_bits if self.quantized else None,
             "quant_init": self.quant_init, "grad_scale": self.grad_scale,
+            "act_grad_count": self.act_grad_count,
             "step_size_lr_scale": self.step_size_lr_scale,
             "uplink": up, "uplink_compression": self.uplink_compression,
             "stochastic": self.stochastic if quant_up else None,
@@ -580,7 +604,8 @@ def _resize(x: Tensor, size: Optional[int]) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentData:
-    """The training and test split of a run (images float32 NCHW, labels int64)."""
+    """The training and evaluation split of a run (images float32 NCHW, labels int64);
+    ``test_*`` is the validation set under ``eval_split="validation"``."""
 
     train_x: Tensor
     train_y: Tensor
@@ -604,14 +629,32 @@ class ExperimentData:
 def load_data(cfg: ExperimentConfig, data_dir: Optional[str] = None,
               cache: Optional[dict] = None) -> ExperimentData:
     """The first ``train_subset`` / ``test_subset`` examples of ``cfg.dataset``
-    (:func:`load_dataset`), average-pooled to ``cfg.resolved_image_size``. ``cache``: a dict
-    that keeps loaded data for configurations with the same data options."""
+    (:func:`load_dataset`), average-pooled to ``cfg.resolved_image_size``. With
+    ``eval_split="validation"`` the evaluation split is the last ``validation_size`` training
+    images instead of the test set, and the training examples are the first ``train_subset``
+    of the others (never the same images). ``cache``: a dict that keeps loaded data for
+    configurations with the same data options."""
     size = cfg.resolved_image_size
-    key = (cfg.dataset, data_dir, size, cfg.train_subset, cfg.test_subset)
+    validation = cfg.eval_split == "validation"
+    key = (cfg.dataset, data_dir, size, cfg.train_subset, cfg.test_subset, cfg.eval_split,
+           cfg.validation_size)
     if cache is not None and key in cache:
         return cache[key]
-    tx, ty, vx, vy = load_dataset(cfg.dataset, data_dir, train_limit=cfg.train_subset,
-                                  test_limit=cfg.test_subset)
+    if validation:
+        tx, ty, _, _ = load_dataset(cfg.dataset, data_dir, test_limit=1)
+        n_val = cfg.validation_size
+        pool = len(ty) - n_val
+        if pool < 1 or (cfg.train_subset is not None and cfg.train_subset > pool):
+            want = "more than" if cfg.train_subset is None else f"{cfg.train_subset} +"
+            raise ExperimentError(
+                f"--eval-split validation --validation-size {n_val}: the {len(ty)} training "
+                f"images of {cfg.dataset} are too few for {want} {n_val} held out; lower "
+                "--validation-size or --train-subset")
+        vx, vy = tx[pool:], ty[pool:]
+        tx, ty = tx[:pool][:cfg.train_subset], ty[:pool][:cfg.train_subset]
+    else:
+        tx, ty, vx, vy = load_dataset(cfg.dataset, data_dir, train_limit=cfg.train_subset,
+                                      test_limit=cfg.test_subset)
     out = ExperimentData(_resize(tx, size).contiguous(), ty, _resize(vx, size).contiguous(), vy)
     if cache is not None:
         cache[key] = out
@@ -663,7 +706,8 @@ def model_fn(cfg: ExperimentConfig, in_channels: int, num_classes: int,
                 {name: None for name in edge_layers(m)}
             m = quantize_model(m, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
                                first_last_bits=edge_bits, overrides=keep_float, inplace=True,
-                               init=cfg.quant_init, grad_factor=grad_factor)
+                               init=cfg.quant_init, grad_factor=grad_factor,
+                               act_grad_count=cfg.act_grad_count)
         return m.to(device)
 
     return build
@@ -722,6 +766,22 @@ def make_server(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Ten
                   calibration_data=data.train_x[parts[0]][:CALIBRATION_SIZE],
                   downlink=cfg.downlink, evaluate_integer=cfg.eval_integer and cfg.quantized,
                   uplink_compression=cfg.uplink_compression)
+
+
+def post_training_baseline(cfg: ExperimentConfig, float_model: nn.Module,
+                           data: ExperimentData, parts: Sequence[Tensor]) -> nn.Module:
+    """The PTQ baseline of a quantized ``cfg``: ``float_model`` (e.g. FP32 FedAvg's final
+    model) quantized as ``cfg`` quantizes (bits, first/last layers), step sizes calibrated on
+    the images the server calibrates with (:func:`make_server`), no retraining
+    (:func:`oqfl_ext.nn.post_training_quantize`)."""
+    from ..nn import edge_layers, post_training_quantize
+    if not cfg.quantized:
+        raise ValueError("cfg expected a quantized configuration (weight_bits or act_bits)")
+    keep_float = {} if cfg.first_last_bits is not None else \
+        {name: None for name in edge_layers(float_model)}
+    calibration = data.train_x[parts[0]][:CALIBRATION_SIZE].to(torch.device(cfg.device))
+    return post_training_quantize(float_model, calibration, cfg.weight_bits, cfg.act_bits,
+                                  first_last_bits=cfg.first_last_bits, overrides=keep_float)
 
 
 class Built(NamedTuple):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .quantizer import LSQQuantizer, bit_range
+from .quantizer import QUANT_DEFAULTS, LSQQuantizer, bit_range
 
 __all__ = ["QuantConv2d", "QuantLinear"]
 
@@ -35,9 +35,11 @@ class _QuantMixin:
             weight_bits, True, per_channel_axis=0, num_channels=self.weight.shape[0],
             device=device)
         # Inputs: one step size; unsigned without offset when known non-negative
-        # (act_signed=False), signed with a learnable offset otherwise (LSQ+).
+        # (act_signed=False), signed with a learnable offset otherwise (LSQ+); axis 0 is the
+        # batch, so the gradient scale may count one example's elements.
         self.act_quantizer = None if act_bits is None else LSQQuantizer(
-            act_bits, act_signed, learn_offset=act_signed is not False, device=device)
+            act_bits, act_signed, learn_offset=act_signed is not False,
+            grad_count=QUANT_DEFAULTS["act_grad_count"], device=device)
 
     def quantized_weight(self) -> Tensor:
         """The weight as the layer uses it (fake-quantized when ``weight_bits`` is set)."""

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .layers import QuantConv2d, QuantLinear
-from .quantizer import INIT_METHODS, LSQQuantizer, bit_range
+from .quantizer import GRAD_COUNTS, INIT_METHODS, QUANT_DEFAULTS, LSQQuantizer, bit_range
 
 __all__ = ["quantize_model", "quantization_summary", "calibrate", "set_quantizers_enabled",
-           "edge_layers"]
+           "edge_layers", "post_training_quantize"]
 
 # exact types only: a subclass may not call its own forward (nn.MultiheadAttention reads its
 # out_proj's weight directly), so quantizing it could silently do nothing
@@ -60,10 +60,12 @@ def edge_layers(model: nn.Module) -> Tuple[str, str]:
 
 
 def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
-                   act_bits: Optional[int] = 4, first_last_bits: Optional[int] = 8,
+                   act_bits: Optional[int] = 4,
+                   first_last_bits: Union[int, str, None] = QUANT_DEFAULTS["first_last_bits"],
                    overrides: Optional[Dict[str, Override]] = None, inplace: bool = False,
-                   verbose: bool = False, *, init: str = "mse",
-                   grad_factor: Optional[float] = None) -> nn.Module:
+                   verbose: bool = False, *, init: str = QUANT_DEFAULTS["init"],
+                   grad_factor: Optional[float] = None,
+                   act_grad_count: str = QUANT_DEFAULTS["act_grad_count"]) -> nn.Module:
     """Replace every ``nn.Conv2d`` and ``nn.Linear`` of ``model`` by ``QuantConv2d`` /
     ``QuantLinear`` with the same weights (see ``from_float``).
 
@@ -73,7 +75,8 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
             keeps that side in float).
         first_last_bits: bits of both weights and inputs of the first and the last of those
             layers, in ``model.named_modules()`` order (registration order, which is the
-            execution order in the usual networks); ``None``: no exception for them.
+            execution order in the usual networks); ``"float"`` keeps both in float; ``None``:
+            no exception for them. Default ``QUANT_DEFAULTS["first_last_bits"]``.
         overrides: per-layer settings by module name (as in ``named_modules()``), applied last:
             ``None`` keeps the layer in float, an int sets both bit widths, a dict sets any of
             ``weight_bits``, ``act_bits``, ``act_signed``. A name that is not a Conv2d/Linear
@@ -81,9 +84,13 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
         inplace: modify ``model`` itself instead of a deep copy.
         verbose: print :func:`quantization_summary` of the result.
         init: how every new quantizer sets its step size from the first batch, ``"mse"`` or
-            ``"lsq"`` (:class:`LSQQuantizer`'s ``init``).
+            ``"lsq"`` (:class:`LSQQuantizer`'s ``init``); default ``QUANT_DEFAULTS["init"]``.
         grad_factor: gradient scale of every new quantizer's step size and offset; ``None``:
-            LSQ's ``1 / sqrt(elements x qmax)`` (:class:`LSQQuantizer`'s ``grad_factor``).
+            LSQ's ``1 / sqrt(N_s x qmax)`` (:class:`LSQQuantizer`'s ``grad_factor``).
+        act_grad_count: what ``N_s`` counts for the input quantizers: ``"example"`` (the
+            elements of one example, LSQ's paper) or ``"all"`` (of the whole batch);
+            :class:`LSQQuantizer`'s ``grad_count``. Default
+            ``QUANT_DEFAULTS["act_grad_count"]``.
 
     Only modules whose type is exactly ``nn.Conv2d`` or ``nn.Linear`` are replaced; subclasses
     (which may not run their own ``forward``) are left alone and listed by the summary as
@@ -92,10 +99,18 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model expected an nn.Module, got {type(model).__name__}")
-    for arg, bits in (("weight_bits", weight_bits), ("act_bits", act_bits),
-                      ("first_last_bits", first_last_bits)):
+    for arg, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
         if bits is not None:
             bit_range(bits, True, arg)
+    edge_float = isinstance(first_last_bits, str) and first_last_bits == "float"
+    if first_last_bits is not None and not edge_float:
+        if isinstance(first_last_bits, str):
+            raise ValueError(f"first_last_bits expected an integer in 2..8, 'float' or None, "
+                             f"got {first_last_bits!r}")
+        bit_range(first_last_bits, True, "first_last_bits")
+    if act_grad_count not in GRAD_COUNTS:
+        raise ValueError(f"act_grad_count expected one of {GRAD_COUNTS}, got "
+                         f"{act_grad_count!r}")
     if init not in INIT_METHODS:
         raise ValueError(f"init expected one of {INIT_METHODS}, got {init!r}")
     if grad_factor is not None and (isinstance(grad_factor, bool)
@@ -125,9 +140,10 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
         else:
             cfg = dict(base)
             if name in edge:
-                cfg.update(weight_bits=first_last_bits, act_bits=first_last_bits)
+                cfg = None if edge_float else dict(cfg, weight_bits=first_last_bits,
+                                                   act_bits=first_last_bits)
             if name in overrides:
-                cfg = _layer_config(name, cfg, overrides[name])
+                cfg = _layer_config(name, dict(base) if cfg is None else cfg, overrides[name])
             if cfg is None:
                 continue
             new = _REPLACEMENTS[type(module)].from_float(module, **cfg)
@@ -135,6 +151,8 @@ def quantize_model(model: nn.Module, weight_bits: Optional[int] = 4,
                 if q is not None:
                     q.init = init
                     q.grad_factor = None if grad_factor is None else float(grad_factor)
+            if new.act_quantizer is not None:
+                new.act_quantizer.grad_count = act_grad_count
             replaced[id(module)] = new
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -209,3 +227,21 @@ def calibrate(model: nn.Module, *inputs) -> nn.Module:
             else:  # e.g. an observer's lazily sized min/max
                 b.data = value
     return model
+
+
+def post_training_quantize(model: nn.Module, calibration_inputs: torch.Tensor,
+                           weight_bits: Optional[int] = 4, act_bits: Optional[int] = 4,
+                           **kwargs) -> nn.Module:
+    """Post-training quantization (PTQ), the baseline for quantization-aware training: a
+    quantized copy of the trained float ``model`` (:func:`quantize_model` with ``kwargs``;
+    ``init`` defaults to ``"mse"``, the error-minimizing range, since nothing trains the steps
+    afterwards) whose step sizes are set from ``calibration_inputs`` in eval mode (batch norm
+    with its running statistics, as deployed) and never trained. Returned in eval mode."""
+    if not isinstance(calibration_inputs, torch.Tensor) or calibration_inputs.numel() == 0:
+        raise ValueError("calibration_inputs expected a non-empty tensor of inputs")
+    kwargs.setdefault("init", "mse")
+    q = quantize_model(model, weight_bits=weight_bits, act_bits=act_bits, inplace=False,
+                       **kwargs)
+    q.eval()
+    calibrate(q, calibration_inputs)
+    return q

@@ -11,12 +11,27 @@ from torch import Tensor, nn
 from .. import ops
 from .._checks import check_int
 
-__all__ = ["LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "INIT_METHODS"]
+__all__ = ["LSQQuantizer", "bit_range", "MIN_STEP", "MAX_STEP", "INIT_METHODS", "GRAD_COUNTS",
+           "QUANT_DEFAULTS"]
 
 # Safety bounds on the step size the op sees; they never bind in ordinary training.
 MIN_STEP = 1e-8
 MAX_STEP = 1e6
 INIT_METHODS = ("mse", "lsq")
+# what N_s of LSQ's gradient scale counts: every element sharing the step size in the batch
+# ("all"), or those of one example (LSQ's paper for activations; axis 0 is the batch)
+GRAD_COUNTS = ("all", "example")
+
+#: The quantizers' defaults, in one place: quantize_model, the quantized layers,
+#: oqfl_ext.fl.experiment.ExperimentConfig (so oqfl-fl, the Flower apps and
+#: experiments/paper_grid.py) read them here. Chosen on a validation split carved from the
+#: training images (docs/RESULTS.md, "How the defaults were chosen").
+QUANT_DEFAULTS = {
+    "init": "lsq",                # step-size initialization (LSQQuantizer's ``init``)
+    "act_grad_count": "all",      # N_s of the input quantizers' gradient scale
+    "first_last_bits": 8,         # bits of the first and last layer; "float" keeps them float
+    "step_size_lr_scale": 0.1,    # the clients' step-size learning rate, a multiple of lr
+}
 
 # Error-minimizing initialization: candidate ranges k/K of the data's range, k = 1..K, with
 # the error measured on an evenly strided sample of at most _INIT_SAMPLES elements (split
@@ -79,11 +94,16 @@ class LSQQuantizer(nn.Module):
         learn_offset: add a learnable float32 offset ``z`` in the integer domain (asymmetric
             ranges, LSQ+). Without it ``z`` is 0.
         num_channels: number of slices along ``per_channel_axis``.
-        init: how the first batch sets the step size (see below): ``"mse"`` (default) or
-            ``"lsq"``.
+        init: how the first batch sets the step size (see below): ``"mse"`` (default for a
+            quantizer built alone) or ``"lsq"``; :func:`quantize_model` sets
+            ``QUANT_DEFAULTS["init"]``.
         grad_factor: gradient scale of the step size and offset; ``None`` (default) is LSQ's
-            ``1/sqrt(N_s * quant_max)`` with ``N_s`` the elements per step size of the batch
-            (``ops.lsq_grad_factor``).
+            ``1/sqrt(N_s * quant_max)`` (``ops.lsq_grad_factor``), ``N_s`` as ``grad_count``
+            says.
+        grad_count: what ``N_s`` counts: ``"all"`` (default): the elements per step size of
+            the whole input; ``"example"``: those of one example, the input's axis 0 being the
+            batch (LSQ's paper for activations: the scale then does not depend on the batch
+            size).
 
     Initialization: a quantizer that was not loaded from a state_dict sets its parameters from
     the first non-empty batch it sees (in training or eval mode), without gradient:
@@ -116,13 +136,19 @@ class LSQQuantizer(nn.Module):
 
     def __init__(self, bits: int, signed: Optional[bool], per_channel_axis: Optional[int] = None,
                  learn_offset: bool = False, *, num_channels: Optional[int] = None,
-                 init: str = "mse", grad_factor: Optional[float] = None, device=None):
+                 init: str = "mse", grad_factor: Optional[float] = None,
+                 grad_count: str = "all", device=None):
         super().__init__()
         if signed is not None and not isinstance(signed, bool):
             raise ValueError(f"signed expected True, False or None, got {signed!r}")
         bit_range(bits, True)  # validates bits
         if init not in INIT_METHODS:
             raise ValueError(f"init expected one of {INIT_METHODS}, got {init!r}")
+        if grad_count not in GRAD_COUNTS:
+            raise ValueError(f"grad_count expected one of {GRAD_COUNTS}, got {grad_count!r}")
+        if grad_count == "example" and per_channel_axis == 0:
+            raise ValueError("grad_count='example' expected a per_channel_axis other than 0 "
+                             "(axis 0 is the batch)")
         if per_channel_axis is None:
             if num_channels is not None:
                 raise ValueError("num_channels expected None for a per-tensor quantizer "
@@ -141,6 +167,7 @@ class LSQQuantizer(nn.Module):
         self.learn_offset = bool(learn_offset)
         self.init = init
         self.grad_factor = None if grad_factor is None else float(grad_factor)
+        self.grad_count = grad_count
         self.enabled = True
         self._fixed_signed = signed
 
@@ -196,6 +223,8 @@ class LSQQuantizer(nn.Module):
         if self.learn_offset:
             parts.append("learn_offset=True")
         parts.append(f"init={self.init!r}")
+        if self.grad_count != "all":
+            parts.append(f"grad_count={self.grad_count!r}")
         if not self.enabled:
             parts.append("enabled=False")
         if not self._initialized:
@@ -219,6 +248,8 @@ class LSQQuantizer(nn.Module):
             n = x.numel()
             if self.per_channel_axis is not None and n:
                 n //= x.shape[self.per_channel_axis]
+            if self.grad_count == "example" and x.dim() > 1 and n:
+                n //= x.shape[0]
             g = ops.lsq_grad_factor(n, self.quant_max)
         return dict(quant_min=self.quant_min, quant_max=self.quant_max,
                     axis=self.per_channel_axis, grad_factor=g)

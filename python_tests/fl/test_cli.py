@@ -94,6 +94,34 @@ def test_compare_prints_table_and_plot(tmp_path, capsys):
     cfg32 = json.loads((out / "fp32" / "metrics.json").read_text())["config"]
     same = ("seed", "clients", "partition", "rounds", "lr", "train_subset")
     assert all(cfg[k] == cfg32[k] for k in same)
+    _check_ptq(out, cfg, json.loads((out / "compare.json").read_text())["ptq"])
+    assert "PTQ baseline" in printed
+
+
+def _check_ptq(out, cfg, ptq):
+    """The PTQ row recomputed by hand: the saved FP32 model, quantize_model with the OQFL
+    arm's bits, eval-mode calibration on the server's calibration images, the accuracy on the
+    test subset."""
+    from safetensors.torch import load_file
+
+    from oqfl_ext import data as datasets
+    from oqfl_ext.fl import experiment as ex
+    from oqfl_ext.nn import calibrate, quantize_model
+    qcfg = ExperimentConfig.from_record(cfg)
+    fp32 = _model_fn(dict(cfg, weight_bits=None, act_bits=None), 1, 10, 14)()
+    fp32.load_state_dict(load_file(str(out / "fp32" / "model.safetensors")))
+    tx, ty = datasets.load_fashion_mnist("train", limit=900, normalize=True)
+    vx, vy = datasets.load_fashion_mnist("test", limit=300, normalize=True)
+    tx, vx = torch.nn.functional.adaptive_avg_pool2d(tx, 14), \
+        torch.nn.functional.adaptive_avg_pool2d(vx, 14)
+    part0 = ex.make_partitions(qcfg, ty)[0]
+    edge = "float" if qcfg.first_last_bits is None else qcfg.first_last_bits
+    q = quantize_model(fp32, 4, 4, first_last_bits=edge, init="mse").eval()
+    calibrate(q, tx[part0][:256])
+    with torch.no_grad():
+        want = float((q(vx).argmax(1) == vy).float().mean())
+    assert ptq["accuracy"] == pytest.approx(want, abs=1e-6)
+    assert abs(ptq["integer_accuracy"] - ptq["accuracy"]) < 0.03, ptq
 
 
 @pytest.mark.parametrize("args, option", [
@@ -152,18 +180,23 @@ def test_compressed_uplink_is_lossless_and_smaller(tmp_path):
 def test_quantizer_options_reach_every_quantizer():
     from oqfl_ext.fl.cli import build_config, build_parser
     from oqfl_ext.nn import LSQQuantizer
-    for argv, init, factor in (([], "mse", None),
-                               (["--quant-init", "lsq", "--grad-scale", "none"], "lsq", 1.0)):
-        cfg = build_config(build_parser().parse_args(["--model", "vgg"] + argv))
-        quantizers = [m for m in _model_fn(cfg, 1, 10, 14)().modules()
-                      if isinstance(m, LSQQuantizer)]
+    for argv, init, factor, count in (
+            (["--quant-init", "mse", "--act-grad-count", "all"], "mse", None, "all"),
+            (["--quant-init", "lsq", "--grad-scale", "none", "--act-grad-count", "example"],
+             "lsq", 1.0, "example")):
+        cfg = build_config(build_parser().parse_args(["--model", "vgg", "--first-last-bits",
+                                                      "8"] + argv))
+        model = _model_fn(cfg, 1, 10, 14)()
+        quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
         assert len(quantizers) == 2 * 8                # weights and inputs of 6 conv + 2 linear
         assert {(q.init, q.grad_factor) for q in quantizers} == {(init, factor)}
+        assert {q.grad_count for q in quantizers if q.per_channel_axis is None} == {count}
     # the step sizes LSQ's init gives differ from the MSE search's: the option is used
     x = torch.randn(64, 1, 14, 14)
     steps = {}
     for init in ("mse", "lsq"):
-        cfg = build_config(build_parser().parse_args(["--quant-init", init]))
+        cfg = build_config(build_parser().parse_args(["--quant-init", init,
+                                                      "--first-last-bits", "8"]))
         m = _model_fn(cfg, 1, 10, 14)()
         m(x)
         conv = m.features[0][0]

@@ -65,6 +65,10 @@ def test_the_documented_defaults():
     assert (d.clients, d.fraction, d.rounds, d.partition) == (10, 0.5, 10, "iid")
     assert (d.lr, d.momentum, d.batch_size, d.local_epochs) == (0.05, 0.9, 32, 1)
     assert (d.weight_bits, d.act_bits, d.first_last_bits, d.uplink) == (4, 4, 8, "int4")
+    # the quantizers' defaults chosen on the validation split (docs/RESULTS.md)
+    assert (d.quant_init, d.grad_scale, d.act_grad_count, d.step_size_lr_scale) == \
+        ("lsq", "lsq", "all", 0.1)
+    assert d.eval_split == "test"
     assert d.stochastic and d.error_feedback and d.eval_integer
     assert d.run_name == "oqfl-w4a4" and ExperimentConfig(weight_bits=None,
                                                           act_bits=None).run_name == "fp32"
@@ -79,6 +83,7 @@ ODD = ExperimentConfig(model="vgg", width=8, dataset="digits", image_size=8, tra
                        norm_bound=2.5, client_time_limit_s=30.0, weight_decay=1e-4,
                        weight_bits=3, act_bits=None, first_last_bits=None, quant_init="lsq",
                        grad_scale="none", step_size_lr_scale=0.1, uplink="int8",
+                       eval_split="validation", validation_size=300, act_grad_count="example",
                        uplink_compression="zlib", stochastic=False, error_feedback=False,
                        downlink="int8", seed=2 ** 63 - 1, eval_integer=False)
 
@@ -204,6 +209,33 @@ def test_a_built_run_equals_one_built_by_hand(grad_scale):
     assert quantizers and {(q.init, q.grad_factor) for q in quantizers} == \
         {("lsq", 1.0 if grad_scale == "none" else None)}
     assert built.server.fraction == 0.5 and built.server.evaluate_integer
+
+
+def test_the_validation_split_is_held_out_of_the_training_images():
+    tx, ty = datasets.load_digits("train", normalize=True)
+    n = len(ty)
+    cfg = ExperimentConfig(dataset="digits", eval_split="validation", validation_size=300,
+                           train_subset=None, clients=4)
+    built = ex.build(cfg)
+    d = built.data
+    # evaluation: the last 300 training images; training: the others, in file order
+    assert torch.equal(d.test_x, tx[n - 300:]) and torch.equal(d.test_y, ty[n - 300:])
+    assert torch.equal(d.train_x, tx[:n - 300]) and torch.equal(d.train_y, ty[:n - 300])
+    assert torch.equal(built.server.test_x.cpu(), tx[n - 300:])
+    # a training subset is taken from the images left after the validation set
+    small = ex.load_data(dataclasses.replace(cfg, train_subset=500))
+    assert torch.equal(small.train_x, tx[:500]) and torch.equal(small.test_x, tx[n - 300:])
+    rec = cfg.record()
+    assert (rec["eval_split"], rec["validation_size"]) == ("validation", 300)
+    assert ExperimentConfig(dataset="digits").record()["validation_size"] is None
+    # the test split is unchanged by the option's existence
+    plain = ex.load_data(ExperimentConfig(dataset="digits", train_subset=None))
+    assert torch.equal(plain.train_x, tx)
+    for bad in (dict(validation_size=n), dict(validation_size=300, train_subset=n - 299)):
+        with pytest.raises(ex.ExperimentError, match="--validation-size"):
+            ex.load_data(dataclasses.replace(cfg, **bad))
+    with pytest.raises(ConfigError, match="eval_split"):
+        ExperimentConfig(eval_split="train")
 
 
 @pytest.mark.skipif(datasets.fashion_mnist_dir() is None, reason="Fashion-MNIST not installed")

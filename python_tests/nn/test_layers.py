@@ -580,3 +580,55 @@ def test_compile_fullgraph_initializes_inside_the_graph(plain_device):
     eager_net(x)
     for a, b in zip(quantizers, [m for m in eager_net.modules() if isinstance(m, LSQQuantizer)]):
         torch.testing.assert_close(a.step_size, b.step_size)
+
+
+# ---------------------------------------------------------------- gradient scale per example
+
+
+def _lsq_step_grad_f64(x, w, step, qmax, n_s):
+    """LSQ's step-size gradient by hand in float64 for unsigned codes 0..qmax and the loss
+    sum(w * fake_quant(x)): per element round(v) - v where round(v) is a code, qmin / qmax
+    outside (the op's contract: values that round onto qmin / qmax are in range), times
+    g = 1 / sqrt(n_s * qmax)."""
+    v = x.double() / step
+    inside = (torch.round(v) >= 0) & (torch.round(v) <= qmax)
+    d = torch.where(inside, torch.round(v) - v, torch.where(v > qmax, float(qmax), 0.0))
+    return (w.double() * d).sum() / math.sqrt(n_s * qmax), w.double() * inside
+
+
+@pytest.mark.parametrize("count", ["example", "all"])
+def test_input_quantizer_step_gradient_counts_one_example(count):
+    torch.manual_seed(3)
+    batch, features, step, qmax = 8, 3 * 5 * 5, 0.125, 15
+    v = torch.rand(batch, 3, 5, 5, dtype=torch.float64) * 18       # some past qmax
+    frac = v - v.floor()
+    v = torch.where((frac - 0.5).abs() < 0.05, v + 0.2, v)         # no ties to round
+    x = (v * step).float().requires_grad_()
+    w = torch.randn(batch, 3, 5, 5)
+    q = LSQQuantizer(4, False, grad_count=count)
+    q.initialize(x.detach())
+    _set_params(q, step)
+    (q(x) * w).sum().backward()
+    n_s = features if count == "example" else batch * features
+    want_s, want_x = _lsq_step_grad_f64(x.detach(), w, step, qmax, n_s)
+    torch.testing.assert_close(q.step_size.grad.double().sum(), want_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), want_x)
+    assert q.op_kwargs(x)["grad_factor"] == pytest.approx(1 / math.sqrt(n_s * qmax), rel=1e-12)
+
+
+def test_per_example_gradient_scale_does_not_depend_on_the_batch():
+    q = LSQQuantizer(4, False, grad_count="example")
+    q(torch.rand(4, 6, 7))
+    factors = {round(q.op_kwargs(torch.rand(b, 6, 7))["grad_factor"], 15) for b in (1, 4, 64)}
+    assert factors == {round(1 / math.sqrt(42 * 15), 15)}
+    whole = LSQQuantizer(4, False)
+    whole(torch.rand(4, 6, 7))
+    assert whole.op_kwargs(torch.rand(64, 6, 7))["grad_factor"] == \
+        pytest.approx(1 / math.sqrt(64 * 42 * 15))
+
+
+def test_grad_count_is_checked():
+    _expect(ValueError, "grad_count", lambda: LSQQuantizer(4, True, grad_count="batch"))
+    _expect(ValueError, "grad_count",
+            lambda: LSQQuantizer(4, True, per_channel_axis=0, num_channels=3,
+                                 grad_count="example"))

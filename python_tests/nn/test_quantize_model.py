@@ -109,6 +109,49 @@ def test_first_last_and_overrides():
     assert (layers["layer2.1.conv1"].weight_bits, layers["layer2.1.conv1"].act_bits) == (3, 5)
 
 
+def test_float_first_and_last_layers():
+    model = models.ResNet20()
+    q = oqfl_ext.quantize_model(model, first_last_bits="float",
+                                overrides={"fc": {"act_bits": 6}})
+    layers = dict(_layers(q))
+    first, last = oqfl_ext.nn.edge_layers(model)
+    assert (first, last) == ("conv1", "fc")
+    assert type(layers["conv1"]) is nn.Conv2d                 # kept in float
+    assert (layers["fc"].weight_bits, layers["fc"].act_bits) == (4, 6)  # override on the base
+    assert (layers["layer2.1.conv1"].weight_bits, layers["layer2.1.conv1"].act_bits) == (4, 4)
+    for bad in ("fp32", "8"):
+        with pytest.raises(ValueError, match="first_last_bits expected"):
+            oqfl_ext.quantize_model(model, first_last_bits=bad)
+
+
+def test_act_grad_count_reaches_the_input_quantizers_only():
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    for count in ("example", "all"):
+        q = oqfl_ext.quantize_model(net, act_grad_count=count)
+        layers = [m for _, m in _layers(q)]
+        assert {m.act_quantizer.grad_count for m in layers} == {count}
+        assert {m.weight_quantizer.grad_count for m in layers} == {"all"}
+    with pytest.raises(ValueError, match="act_grad_count expected"):
+        oqfl_ext.quantize_model(net, act_grad_count="batch")
+
+
+def test_the_defaults_come_from_quant_defaults():
+    from oqfl_ext.nn import QUANT_DEFAULTS
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    layers = [m for _, m in _layers(oqfl_ext.quantize_model(net))]
+    first, last = layers[0], layers[-1]
+    edge = QUANT_DEFAULTS["first_last_bits"]
+    if edge == "float":
+        assert type(first) is nn.Conv2d and type(last) is nn.Linear
+    else:
+        assert (first.weight_bits, last.act_bits) == (edge, edge)
+    quantizers = [m for m in layers if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert {m.act_quantizer.grad_count for m in quantizers} == {QUANT_DEFAULTS["act_grad_count"]}
+    assert {m.weight_quantizer.init for m in quantizers} == {QUANT_DEFAULTS["init"]}
+    # a quantized layer built directly gets the same input-quantizer count
+    assert QuantConv2d(1, 2, 3).act_quantizer.grad_count == QUANT_DEFAULTS["act_grad_count"]
+
+
 def test_inplace():
     model = models.SmallCNN()
     q = oqfl_ext.quantize_model(model, inplace=True)
@@ -174,13 +217,14 @@ def test_set_quantizers_enabled_gives_the_float_model():
 
 
 def test_quantizer_options_reach_every_new_quantizer():
+    from oqfl_ext.nn import QUANT_DEFAULTS
     net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
     default = oqfl_ext.quantize_model(net)
     lsq = oqfl_ext.quantize_model(net, init="lsq", grad_factor=1.0,
                          overrides={"features.0.0": {"act_bits": None}})
     pairs = {name: {(q.init, q.grad_factor) for q in m.modules() if isinstance(q, LSQQuantizer)}
              for name, m in (("default", default), ("lsq", lsq))}
-    assert pairs == {"default": {("mse", None)}, "lsq": {("lsq", 1.0)}}
+    assert pairs == {"default": {(QUANT_DEFAULTS["init"], None)}, "lsq": {("lsq", 1.0)}}
     # the option is used: LSQ's init gives the first layer's weights 2 mean|w| / sqrt(qmax)
     lsq(torch.randn(4, 1, 8, 8))
     conv = lsq.features[0][0]
@@ -194,3 +238,27 @@ def test_quantizer_options_reach_every_new_quantizer():
             oqfl_ext.quantize_model(net, **kwargs)
     with pytest.raises(TypeError):
         oqfl_ext.quantize_model(net, 4, 4, 8, None, False, False, "lsq")  # keyword-only
+
+
+def test_post_training_quantize_calibrates_in_eval_mode_and_leaves_the_model():
+    from oqfl_ext.nn import post_training_quantize
+    torch.manual_seed(0)
+    net = models.create("vgg", in_channels=1, num_classes=10, image_size=8, width=4)
+    net.train()
+    net(torch.randn(32, 1, 8, 8) * 3 + 1)                   # running statistics away from 0/1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(16, 1, 8, 8)
+    q = post_training_quantize(net, x, 4, 4, first_last_bits="float")
+    assert not q.training and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    qlayers = [m for _, m in _layers(q) if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert qlayers and all(m.act_quantizer.is_initialized() for m in qlayers)
+    assert {m.weight_quantizer.init for m in qlayers} == {"mse"}
+    # the same steps as calibrating a quantize_model copy by hand in eval mode, without
+    # changing the batch-norm statistics
+    by_hand = oqfl_ext.quantize_model(net, 4, 4, first_last_bits="float", init="mse").eval()
+    with torch.no_grad():
+        by_hand(x)
+    got, want = q.state_dict(), by_hand.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="calibration_inputs"):
+        post_training_quantize(net, torch.empty(0, 1, 8, 8))

@@ -52,6 +52,15 @@ def test_arms_share_everything_but_the_quantization(grid, net, split):
                     "w4af": (4, None, "int4")}
 
 
+def test_the_grid_uses_the_package_quantizer_defaults(grid):
+    from oqfl_ext.fl.experiment import ExperimentConfig
+    d = ExperimentConfig()
+    cfg = _config(grid, "resnet20", "dirichlet", "w4a4")
+    for key in ("first_last_bits", "quant_init", "grad_scale", "act_grad_count",
+                "step_size_lr_scale"):
+        assert cfg[key] == getattr(d, key), key
+
+
 def test_seeds_change_only_the_seed_and_the_folder(grid):
     a, b = _config(grid, "vgg", "iid", "w4a4"), _config(grid, "vgg", "iid", "w4a4", seed=2)
     assert b["seed"] == 2 and {k: v for k, v in a.items() if k != "seed"} == \
