@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..client import float_state
-from ..codec import UpdateRejected, check_compression
+from ..codec import DEFAULT_COMPRESSION, UpdateRejected, check_compression
 from ..server import Server, accept_update, step_problem
 from .mod import UPDATE_ARRAY
 from .wire import array_bytes
@@ -63,13 +63,14 @@ class OQFLFedAvg(FedAvg):
         max_num_examples: how many examples a node may claim at most: an int for every node,
             a callable ``node_id -> int or None``, or None (claims are taken as they are).
         norm_bound: clip each update's global L2 norm to this (> 0); None: no clipping.
-        compression: what the clients' mod was given (``"none"`` or ``"zlib"``).
+        compression: what the clients' mod was given (default ``"zstd"``, as the mod's).
         **fedavg_kwargs: Flower ``FedAvg``'s arguments (``fraction_train``,
             ``min_available_nodes``, ``weighted_by_key``, ...).
     """
 
     def __init__(self, *, max_num_examples: MaxExamples = None,
-                 norm_bound: Optional[float] = None, compression: str = "none", **fedavg_kwargs):
+                 norm_bound: Optional[float] = None, compression: str = DEFAULT_COMPRESSION,
+                 **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if not (max_num_examples is None or callable(max_num_examples) or (
                 isinstance(max_num_examples, int) and not isinstance(max_num_examples, bool)
