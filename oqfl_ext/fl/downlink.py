@@ -91,18 +91,20 @@ def _entry_head(name: str, t: Tensor) -> bytes:
 
 
 def model_digest(state: Mapping[str, Tensor]) -> bytes:
-    """SHA-256 over the names, dtypes and shapes of ``state`` (in its order)."""
+    """SHA-256 over the names, dtypes and shapes of ``state`` (in sorted-name order: a state
+    read back from safetensors has its names sorted)."""
     h = hashlib.sha256(b"oqfl-downlink-model\0")
-    for name, t in state.items():
-        h.update(_entry_head(name, t))
+    for name in sorted(state):
+        h.update(_entry_head(name, state[name]))
     return h.digest()
 
 
 def state_digest(state: Mapping[str, Tensor]) -> bytes:
-    """SHA-256 over the names, dtypes, shapes and bytes of ``state`` (in its order): equal
-    digests mean bit-identical models."""
+    """SHA-256 over the names, dtypes, shapes and bytes of ``state`` (in sorted-name order):
+    equal digests mean bit-identical models."""
     h = hashlib.sha256(b"oqfl-downlink-state\0")
-    for name, t in state.items():
+    for name in sorted(state):
+        t = state[name]
         h.update(_entry_head(name, t))
         h.update(tensor_bytes(t.detach().cpu().contiguous()))
     return h.digest()
@@ -246,8 +248,9 @@ class HeldModel:
         if version != info["version"]:
             _reject(f"the blob leaves this client at version {version}, it names version "
                     f"{info['version']}")
-        self.version, self.state, self.digest = version, state, digest
-        return _cpu_copy(state)
+        self.version, self.digest = version, digest
+        self.state = {k: state[k] for k in template}  # the model's order (a checkpoint sorts)
+        return _cpu_copy(self.state)
 
     def state_dict(self) -> Dict[str, Tensor]:
         """``{"version": int64, "model.<name>": ...}``, or ``{}`` when it holds nothing."""
@@ -300,7 +303,7 @@ class DeltaBroadcast:
         g = {k: v.detach() for k, v in global_state.items()}
         self._cache = {}
         self.round = round_idx
-        rebase = self.state is None or list(self.state) != list(g) or any(
+        rebase = self.state is None or set(self.state) != set(g) or any(
             self.state[k].dtype != v.dtype or self.state[k].shape != v.shape
             or (not v.is_floating_point() and not torch.equal(self.state[k], v.cpu()))
             for k, v in g.items())
@@ -318,7 +321,7 @@ class DeltaBroadcast:
             digest = state_digest(new)
             self.history[self.version] = _DELTA_HEAD.pack(self.version - 1, self.version,
                                                           self.digest, digest) + blob
-            self.state = new
+            self.state = {k: new[k] for k in g}  # the model's order (a checkpoint sorts)
             self._prune()
         self.digest = state_digest(self.state)
 
