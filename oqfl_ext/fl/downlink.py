@@ -211,8 +211,9 @@ class HeldModel:
 
     def receive(self, blob, template: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Applies the downlink blob (checked against ``template``: names, dtypes, shapes of
-        the model's full ``state_dict()``) and returns a copy of the model now held. On any
-        problem it raises UpdateRejected and keeps what it held."""
+        the model's full ``state_dict()``) and returns the model now held (a new dict of its
+        tensors, to load or copy, not to modify in place). On any problem it raises
+        UpdateRejected and keeps what it held."""
         info = parse_blob(blob, template)
         if info["kind"] == "snapshot":
             version, digest = _SNAP_HEAD.unpack_from(info["items"][0])
@@ -224,7 +225,7 @@ class HeldModel:
             if state_digest(state) != digest:
                 _reject("the snapshot's state digest does not match its values")
             self.version, self.state, self.digest = version, state, digest
-            return _cpu_copy(state)
+            return dict(state)
         version, state, digest = self.version, self.state, self.digest
         for item in info["items"]:
             if len(item) < _DELTA_HEAD.size:
@@ -250,7 +251,7 @@ class HeldModel:
                     f"{info['version']}")
         self.version, self.digest = version, digest
         self.state = {k: state[k] for k in template}  # the model's order (a checkpoint sorts)
-        return _cpu_copy(self.state)
+        return dict(self.state)
 
     def state_dict(self) -> Dict[str, Tensor]:
         """``{"version": int64, "model.<name>": ...}``, or ``{}`` when it holds nothing."""
@@ -310,6 +311,7 @@ class DeltaBroadcast:
         self.version += 1
         if rebase:
             self.state = _cpu_copy(g)
+            self.digest = state_digest(self.state)
             self.history = {}
             self.held = {c: None for c in self.client_ids}
         else:
@@ -322,8 +324,8 @@ class DeltaBroadcast:
             self.history[self.version] = _DELTA_HEAD.pack(self.version - 1, self.version,
                                                           self.digest, digest) + blob
             self.state = {k: new[k] for k in g}  # the model's order (a checkpoint sorts)
+            self.digest = digest
             self._prune()
-        self.digest = state_digest(self.state)
 
     def blob_for(self, client_id: str) -> Tuple[bytes, str]:
         """``(blob, "chain" | "snapshot")`` bringing ``client_id`` to the current version."""

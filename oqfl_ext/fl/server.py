@@ -8,7 +8,11 @@ ServerApp (:mod:`oqfl_ext.fl.flower.server_app`) with Flower messages:
    seeded from ``seed`` and ``t``), taken in the order of the ``clients`` list;
 2. the global state goes down to the sampled clients through the downlink codec (``downlink``:
    ``"float32"``, exact, or ``"int8"``; see :func:`downlink_codec`), encoded once per round and
-   counted once per client that received it in ``downlink_bytes``; each sampled client trains
+   counted once per client that received it in ``downlink_bytes``; or, with ``"int4-delta"`` /
+   ``"int8-delta"`` (:mod:`oqfl_ext.fl.downlink`), the broadcast model moves one version
+   towards the global model and each sampled client gets its own blob
+   (:meth:`Server.downlink_for`: the deltas since the version it holds, or a snapshot), applies
+   it to the model it holds and trains from that, and ``downlink_bytes`` sums the blobs; each sampled client trains
    from the decoded state and replies with a blob. A reply that is an exception drops the
    client (reason logged): :class:`NotDelivered` when the state never left the server (not
    counted, listed in ``not_delivered``), :class:`DeliveryUnconfirmed` when it was sent but
