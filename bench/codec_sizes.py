@@ -135,13 +135,15 @@ def run(repeat: int, threads: int, speed_table: bool = True) -> str:
 
 def run_downlink(repeat: int, threads: int) -> str:
     """The compressed downlink table of the module docstring."""
+    from oqfl_ext.fl.codec import decode_update, encode_update
     from oqfl_ext.fl.downlink import DeltaBroadcast, HeldModel
     torch.set_num_threads(threads)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     out = ["", f"### Compressed downlink, int4-delta: one version, server + client "
                f"(float32-equivalent GB/s; load average before: {load})", "",
            "| model | values | delta blob bytes | float32 / delta | snapshot bytes "
-           "| server+client ms | GB/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "| server+client ms | GB/s | uplink int4 zstd encode+decode ms (same load) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     g = torch.Generator().manual_seed(2)
     for key, (label, update) in _updates().items():
         states = [update, {k: torch.randn(v.shape, generator=g) * 0.01
@@ -165,10 +167,13 @@ def run_downlink(repeat: int, threads: int) -> str:
             sizes.append(len(blob))
 
         t = _median_s(one_version, repeat)
+        t_up = _median_s(lambda: decode_update(encode_update(update, bits=4, generator=g),
+                                               template), repeat)
         f32 = 4 * sum(v.numel() for v in update.values())
         delta = int(statistics.median(sizes))
         out.append(f"| {label} | {f32 // 4:,} | {delta:,} | {f32 / delta:.2f}x "
-                   f"| {len(snapshot):,} | {t * 1e3:.1f} | {f32 / t / 1e9:.3f} |")
+                   f"| {len(snapshot):,} | {t * 1e3:.1f} | {f32 / t / 1e9:.3f} "
+                   f"| {t_up * 1e3:.1f} |")
     return "\n".join(out) + "\n"
 
 
