@@ -139,7 +139,12 @@ def run_downlink(repeat: int, threads: int) -> str:
     from oqfl_ext.fl.downlink import DeltaBroadcast, HeldModel
     torch.set_num_threads(threads)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    out = ["", f"### Compressed downlink, int4-delta: one version, server + client "
+    import oqfl_ext
+    isa = getattr(oqfl_ext.ops, "cpu_capability", lambda: "?")()
+    out = ["## Compressed downlink (int4-delta): bytes and speed per model", "",
+           f"CPU: {_cpu()}; ISA path: {isa}; torch {torch.__version__}, {threads} threads; "
+           f"zstandard {_zstd_version()}; median of {repeat} runs.", "",
+           f"### One version, server + client "
                f"(float32-equivalent GB/s; load average before: {load})", "",
            "| model | values | delta blob bytes | float32 / delta | snapshot bytes "
            "| server+client ms | GB/s | uplink int4 zstd encode+decode ms (same load) |",
