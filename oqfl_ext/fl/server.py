@@ -262,7 +262,7 @@ class AcceptedUpdate(NamedTuple):
 
 def accept_update(blob, template: Dict[str, Tensor], *, round_idx: int, client_id: str,
                   max_samples: Optional[int] = None, norm_bound: Optional[float] = None,
-                  compression: str = "none") -> AcceptedUpdate:
+                  compression: str = DEFAULT_COMPRESSION) -> AcceptedUpdate:
     """Steps 3-4 of the module docstring for one received update blob: decodes and checks it
     against ``template`` (:func:`oqfl_ext.fl.codec.decode_update`), refuses metadata naming
     another round or client, caps the ``num_samples`` claim at ``max_samples`` (when the

@@ -10,7 +10,7 @@
   checkpoint resume (bit-identical continuation);
 * corrupted, truncated, oversized and wrong-template blobs, and deltas for another base, are
   refused with clear errors and leave the client's model as it was.
-A tiny synthetic task; a few seconds on 2 cores."""
+A tiny synthetic task (about a minute on a loaded 2-core machine)."""
 
 from __future__ import annotations
 

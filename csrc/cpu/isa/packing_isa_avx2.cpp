@@ -20,7 +20,262 @@ namespace oqfl {
 namespace cpu {
 namespace avx2 {
 namespace {
-#include "isa/packing_kernels_avx2.inc"
+// The kernels, 8 float lanes: the same arithmetic as packing_isa_avx512.cpp (see there), with
+// what AVX2 lacks emulated exactly: 64-bit multiplies from three 32x32->64 products, the 24-bit integers of u
+// converted to double through the 2^52 exponent trick, masks as vectors. Tails go through
+// zero-padded stack buffers and the same vector code.
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+constexpr uint64_t kMix1 = 0xbf58476d1ce4e5b9ull;
+constexpr uint64_t kMix2 = 0x94d049bb133111ebull;
+
+inline uint64_t splitmix64_scalar(uint64_t z) {
+  z = (z ^ (z >> 30)) * kMix1;
+  z = (z ^ (z >> 27)) * kMix2;
+  return z ^ (z >> 31);
+}
+
+// a * b mod 2^64 per 64-bit lane, b a constant.
+inline __m256i mullo64(__m256i a, uint64_t b) {
+  const __m256i blo = _mm256_set1_epi64x(static_cast<long long>(b & 0xFFFFFFFFull));
+  const __m256i bhi = _mm256_set1_epi64x(static_cast<long long>(b >> 32));
+  const __m256i lo = _mm256_mul_epu32(a, blo);
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), blo),
+                                         _mm256_mul_epu32(a, bhi));
+  return _mm256_add_epi64(lo, _mm256_slli_epi64(cross, 32));
+}
+
+inline __m256i splitmix64_vec(__m256i z) {
+  z = mullo64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), kMix1);
+  z = mullo64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), kMix2);
+  return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+}
+
+// u = top 24 bits * 2^-24 in double (exact).
+inline __m256d uniform_pd(__m256i h) {
+  const __m256i k = _mm256_srli_epi64(h, 40);
+  const __m256d d = _mm256_sub_pd(
+      _mm256_castsi256_pd(_mm256_or_si256(k, _mm256_set1_epi64x(0x4330000000000000ll))),
+      _mm256_set1_pd(4503599627370496.0));  // 2^52
+  return _mm256_mul_pd(d, _mm256_set1_pd(5.9604644775390625e-8));
+}
+
+inline __m256 load_x(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_x(const BF16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load_x(const F16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Step sizes and offsets of consecutive runs of up to 8 elements.
+struct StepWalk {
+  const float* s;
+  const float* z;
+  int64_t channels, inner, c, k;
+  StepWalk(const PackingSteps& st, int64_t first)
+      : s(st.s), z(st.z), channels(st.channels), inner(st.inner),
+        c((first / st.inner) % st.channels), k(first % st.inner) {}
+
+  // The n (1..8) next elements' step sizes / offsets (padding lanes: 1 / 0); advances.
+  void next(int64_t n, __m256& vs, __m256& vz) {
+    if (n == 8 && k + 8 <= inner) {
+      vs = _mm256_set1_ps(s[c]);
+      vz = z ? _mm256_set1_ps(z[c]) : _mm256_setzero_ps();
+      k += 8;
+      if (k == inner) {
+        k = 0;
+        if (++c == channels) c = 0;
+      }
+      return;
+    }
+    if (n == 8 && inner == 1 && c + 8 <= channels) {
+      vs = _mm256_loadu_ps(s + c);
+      vz = z ? _mm256_loadu_ps(z + c) : _mm256_setzero_ps();
+      c += 8;
+      if (c == channels) c = 0;
+      return;
+    }
+    alignas(32) float sb[8], zb[8];
+    for (int l = 0; l < 8; ++l) {
+      sb[l] = 1.f;
+      zb[l] = 0.f;
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      sb[l] = s[c];
+      zb[l] = z ? z[c] : 0.f;
+      if (++k == inner) {
+        k = 0;
+        if (++c == channels) c = 0;
+      }
+    }
+    vs = _mm256_load_ps(sb);
+    vz = _mm256_load_ps(zb);
+  }
+};
+
+// 8 codes (int32 lanes) of x; kStochastic: ctr + lanes (l + 1) * golden is element l's counter.
+template <bool kStochastic, bool kOffset>
+inline __m256i codes8(__m256 x, __m256 vs, __m256 vz, __m256 lo, __m256 hi, uint64_t ctr,
+                      __m256i lanes0, __m256i lanes1) {
+  __m256 v = _mm256_div_ps(x, vs);
+  if (kOffset) v = _mm256_add_ps(v, vz);
+  __m256 r;
+  if (kStochastic) {
+    const __m256 f = _mm256_round_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256d frac0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                        _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+    const __m256d frac1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
+                                        _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    const __m256i base = _mm256_set1_epi64x(static_cast<long long>(ctr));
+    const __m256d u0 = uniform_pd(splitmix64_vec(_mm256_add_epi64(base, lanes0)));
+    const __m256d u1 = uniform_pd(splitmix64_vec(_mm256_add_epi64(base, lanes1)));
+    const __m256 m0 = _mm256_castpd_ps(_mm256_cmp_pd(u0, frac0, _CMP_LT_OQ));
+    const __m256 m1 = _mm256_castpd_ps(_mm256_cmp_pd(u1, frac1, _CMP_LT_OQ));
+    // 64-bit masks of elements 0-3 and 4-7 -> one 32-bit mask per element, in order.
+    const __m256 m = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(m0, m1, _MM_SHUFFLE(2, 0, 2, 0))),
+        _MM_SHUFFLE(3, 1, 2, 0)));
+    r = _mm256_blendv_ps(f, _mm256_add_ps(f, _mm256_set1_ps(1.f)), m);
+  } else {
+    r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // max/min return their second operand when either is NaN: r second, so NaN survives.
+  const __m256 q = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+  return _mm256_and_si256(_mm256_cvttps_epi32(q),
+                          _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_ORD_Q)));
+}
+
+// 8 int32 codes -> 8 bytes (int8) in the low 64 bits.
+inline __m128i pack_int8_8(__m256i c) {
+  const __m256i idx = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                       0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i t = _mm256_shuffle_epi8(c, idx);
+  return _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+// 8 int32 codes -> 4 bytes of int4 pairs in the low 32 bits.
+inline __m128i pack_int4_8(__m256i c) {
+  const __m256i t = _mm256_and_si256(c, _mm256_set1_epi32(0xF));
+  const __m256i b = _mm256_or_si256(t, _mm256_srli_epi64(t, 28));
+  const __m256i idx = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                       0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i g = _mm256_shuffle_epi8(b, idx);
+  return _mm_unpacklo_epi16(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1));
+}
+
+template <int kBits, bool kStochastic, bool kOffset, typename T>
+void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
+                       float qmin, float qmax, uint64_t key) {
+  const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+  const __m256i lanes0 = _mm256_set_epi64x(
+      static_cast<long long>(4 * kGolden), static_cast<long long>(3 * kGolden),
+      static_cast<long long>(2 * kGolden), static_cast<long long>(1 * kGolden));
+  const __m256i lanes1 = _mm256_add_epi64(lanes0, _mm256_set1_epi64x(static_cast<long long>(4 * kGolden)));
+  StepWalk w(st, i0);
+  uint64_t ctr = key + static_cast<uint64_t>(i0) * kGolden;
+  __m256 vs, vz;
+  int64_t i = i0;
+  uint8_t* o = out;
+  for (; i + 8 <= i1; i += 8, ctr += 8 * kGolden) {
+    w.next(8, vs, vz);
+    const __m256i c = codes8<kStochastic, kOffset>(load_x(x + i), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    if (kBits == 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o), pack_int8_8(c));
+      o += 8;
+    } else {
+      const int32_t b = _mm_cvtsi128_si32(pack_int4_8(c));
+      std::memcpy(o, &b, 4);
+      o += 4;
+    }
+  }
+  if (i < i1) {
+    const int64_t n = i1 - i;
+    T xb[8] = {};
+    std::memcpy(xb, x + i, n * sizeof(T));
+    w.next(n, vs, vz);
+    const __m256i c = codes8<kStochastic, kOffset>(load_x(xb), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    alignas(16) uint8_t ob[16];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(ob), kBits == 8 ? pack_int8_8(c) : pack_int4_8(c));
+    std::memcpy(o, ob, kBits == 8 ? n : (n + 1) / 2);
+  }
+}
+
+template <int kBits, typename T>
+void quantize_pack_bits(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
+                        float qmin, float qmax, bool stochastic, uint64_t key) {
+  if (stochastic) {
+    if (st.z) quantize_pack_run<kBits, true, true>(x, out, i0, i1, st, qmin, qmax, key);
+    else quantize_pack_run<kBits, true, false>(x, out, i0, i1, st, qmin, qmax, key);
+  } else {
+    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, key);
+    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, key);
+  }
+}
+
+template <typename T>
+void quantize_pack(const T* x, uint8_t* out, int64_t i0, int64_t i1, int bits,
+                   const PackingSteps& st, float qmin, float qmax, bool stochastic,
+                   uint64_t seed) {
+  const uint64_t key = splitmix64_scalar(seed);
+  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
+  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
+}
+
+// 8 signed codes from the bytes at p (8 bytes for int8, 4 for int4) as int32 lanes.
+template <int kBits>
+inline __m256i load_codes8(const uint8_t* p) {
+  if (kBits == 8)
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  int32_t b;
+  std::memcpy(&b, p, 4);
+  const __m256i e = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(b));
+  const __m256i t = _mm256_or_si256(e, _mm256_slli_epi64(e, 28));  // high nibble -> odd lane
+  return _mm256_srai_epi32(_mm256_slli_epi32(t, 28), 28);           // sign-extend each nibble
+}
+
+template <int kBits, bool kOffset>
+void unpack_dequantize_run(const uint8_t* in, float* y, int64_t i0, int64_t i1,
+                           const PackingSteps& st) {
+  StepWalk w(st, i0);
+  __m256 vs, vz;
+  int64_t i = i0;
+  const auto byte_of = [](int64_t e) { return kBits == 8 ? e : e / 2; };
+  for (; i + 8 <= i1; i += 8) {
+    w.next(8, vs, vz);
+    __m256 q = _mm256_cvtepi32_ps(load_codes8<kBits>(in + byte_of(i)));
+    if (kOffset) q = _mm256_sub_ps(q, vz);
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(q, vs));
+  }
+  if (i < i1) {
+    const int64_t n = i1 - i;
+    uint8_t ib[8] = {};
+    std::memcpy(ib, in + byte_of(i), kBits == 8 ? n : (n + 1) / 2);
+    w.next(n, vs, vz);
+    __m256 q = _mm256_cvtepi32_ps(load_codes8<kBits>(ib));
+    if (kOffset) q = _mm256_sub_ps(q, vz);
+    alignas(32) float yb[8];
+    _mm256_store_ps(yb, _mm256_mul_ps(q, vs));
+    std::memcpy(y + i, yb, n * sizeof(float));
+  }
+}
+
+void unpack_dequantize(const uint8_t* in, float* y, int64_t i0, int64_t i1, int bits,
+                       const PackingSteps& st) {
+  if (bits == 4) {
+    if (st.z) unpack_dequantize_run<4, true>(in, y, i0, i1, st);
+    else unpack_dequantize_run<4, false>(in, y, i0, i1, st);
+  } else {
+    if (st.z) unpack_dequantize_run<8, true>(in, y, i0, i1, st);
+    else unpack_dequantize_run<8, false>(in, y, i0, i1, st);
+  }
+}
+
+inline const PackingKernelTable& table(const char* name) {
+  static const PackingKernelTable t{name, {&quantize_pack<float>}, {&quantize_pack<BF16>},
+                                    {&quantize_pack<F16>}, &unpack_dequantize};
+  return t;
+}
 }  // namespace
 }  // namespace avx2
 

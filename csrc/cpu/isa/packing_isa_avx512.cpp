@@ -19,7 +19,258 @@ namespace oqfl {
 namespace cpu {
 namespace avx512 {
 namespace {
-#include "isa/packing_kernels_avx512.inc"
+// The kernels, 16 float lanes, bit for bit the scalar math of common/quant_math.h:
+//
+//  - v = x / s + z with a real division (vdivps is correctly rounded like the scalar `/`);
+//  - half-even rounding: vrndscaleps to nearest (= rintf); clamp with max/min ordered so that a
+//    NaN passes through, then NaN -> code 0 (code_to_int);
+//  - stochastic rounding: floor(v) + 1 where u < v - floor(v), the difference and the comparison
+//    in double lanes exactly like round_stochastic; u from one splitmix64 per element in 64-bit
+//    lanes (key = splitmix64(seed) once per call), compared as k * 2^-24 (exact in double).
+//
+// Elements are processed in flattened order, 16 at a time; each vector gets its 16 step sizes
+// from a channel walk (one broadcast when the 16 share a channel, a load when inner == 1, else
+// lane by lane), so rows of any length and int4 bytes straddling rows need no special case.
+// Tails go through masked loads/stores with padding lanes x = 0, s = 1, z = 0 (code 0, which is
+// also the high nibble of an odd int4 tail).
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+constexpr uint64_t kMix1 = 0xbf58476d1ce4e5b9ull;
+constexpr uint64_t kMix2 = 0x94d049bb133111ebull;
+
+inline uint64_t splitmix64_scalar(uint64_t z) {
+  z = (z ^ (z >> 30)) * kMix1;
+  z = (z ^ (z >> 27)) * kMix2;
+  return z ^ (z >> 31);
+}
+
+inline __m512i splitmix64_vec(__m512i z) {
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
+                         _mm512_set1_epi64(static_cast<long long>(kMix1)));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
+                         _mm512_set1_epi64(static_cast<long long>(kMix2)));
+  return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+}
+
+inline __m512 load_x(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_x(const BF16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load_x(const F16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512 load_x(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_x(const BF16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load_x(const F16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __mmask16 lanes_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Step sizes and offsets of consecutive runs of up to 16 elements.
+struct StepWalk {
+  const float* s;
+  const float* z;
+  int64_t channels, inner, c, k;  // channel of the next element, and its place in its run
+  StepWalk(const PackingSteps& st, int64_t first)
+      : s(st.s), z(st.z), channels(st.channels), inner(st.inner),
+        c((first / st.inner) % st.channels), k(first % st.inner) {}
+
+  // The n (1..16) next elements' step sizes / offsets (padding lanes: 1 / 0); advances.
+  void next(int64_t n, __m512& vs, __m512& vz) {
+    if (k + n <= inner) {  // one channel
+      vs = _mm512_set1_ps(s[c]);
+      vz = z ? _mm512_set1_ps(z[c]) : _mm512_setzero_ps();
+      if (n < 16) {
+        const __mmask16 m = lanes_mask(n);
+        vs = _mm512_mask_blend_ps(m, _mm512_set1_ps(1.f), vs);
+        vz = _mm512_maskz_mov_ps(m, vz);
+      }
+      k += n;
+      if (k == inner) {
+        k = 0;
+        if (++c == channels) c = 0;
+      }
+      return;
+    }
+    if (inner == 1 && c + n <= channels) {  // one channel per element, contiguous
+      const __mmask16 m = lanes_mask(n);
+      vs = _mm512_mask_loadu_ps(_mm512_set1_ps(1.f), m, s + c);
+      vz = z ? _mm512_maskz_loadu_ps(m, z + c) : _mm512_setzero_ps();
+      c += n;
+      if (c == channels) c = 0;
+      return;
+    }
+    alignas(64) float sb[16], zb[16];
+    for (int l = 0; l < 16; ++l) {
+      sb[l] = 1.f;
+      zb[l] = 0.f;
+    }
+    for (int64_t l = 0; l < n; ++l) {
+      sb[l] = s[c];
+      zb[l] = z ? z[c] : 0.f;
+      if (++k == inner) {
+        k = 0;
+        if (++c == channels) c = 0;
+      }
+    }
+    vs = _mm512_load_ps(sb);
+    vz = _mm512_load_ps(zb);
+  }
+};
+
+// 16 codes (int32 lanes) of x. kStochastic: `ctr` holds key + (i + 1) * golden of the first
+// element; lanes add l * golden.
+template <bool kStochastic, bool kOffset>
+inline __m512i codes16(__m512 x, __m512 vs, __m512 vz, __m512 lo, __m512 hi, uint64_t ctr,
+                       __m512i lanes0, __m512i lanes1) {
+  __m512 v = _mm512_div_ps(x, vs);
+  if (kOffset) v = _mm512_add_ps(v, vz);
+  __m512 r;
+  if (kStochastic) {
+    const __m512 f = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512d frac0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                                        _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+    const __m512d frac1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)),
+                                        _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+    const __m512i base = _mm512_set1_epi64(static_cast<long long>(ctr));
+    const __m512i h0 = splitmix64_vec(_mm512_add_epi64(base, lanes0));
+    const __m512i h1 = splitmix64_vec(_mm512_add_epi64(base, lanes1));
+    const __m512d scale = _mm512_set1_pd(5.9604644775390625e-8);  // 2^-24
+    const __m512d u0 = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_srli_epi64(h0, 40)), scale);
+    const __m512d u1 = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_srli_epi64(h1, 40)), scale);
+    const __mmask8 m0 = _mm512_cmp_pd_mask(u0, frac0, _CMP_LT_OQ);
+    const __mmask8 m1 = _mm512_cmp_pd_mask(u1, frac1, _CMP_LT_OQ);
+    const __mmask16 up = static_cast<__mmask16>(m0 | (static_cast<unsigned>(m1) << 8));
+    r = _mm512_mask_add_ps(f, up, f, _mm512_set1_ps(1.f));
+  } else {
+    r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // max/min return their second operand when either is NaN: r second, so NaN survives.
+  const __m512 q = _mm512_min_ps(hi, _mm512_max_ps(lo, r));
+  return _mm512_maskz_cvttps_epi32(_mm512_cmp_ps_mask(q, q, _CMP_ORD_Q), q);
+}
+
+// 16 int32 codes -> 8 bytes of int4 pairs (low nibble: even element) in the low 64 bits.
+inline __m128i pack_int4_16(__m512i codes) {
+  const __m512i t = _mm512_and_si512(codes, _mm512_set1_epi32(0xF));
+  return _mm512_cvtepi64_epi8(_mm512_or_si512(t, _mm512_srli_epi64(t, 28)));
+}
+
+template <int kBits, bool kStochastic, bool kOffset, typename T>
+void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
+                       float qmin, float qmax, uint64_t key) {
+  const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+  const __m512i lanes0 = _mm512_set_epi64(
+      static_cast<long long>(8 * kGolden), static_cast<long long>(7 * kGolden),
+      static_cast<long long>(6 * kGolden), static_cast<long long>(5 * kGolden),
+      static_cast<long long>(4 * kGolden), static_cast<long long>(3 * kGolden),
+      static_cast<long long>(2 * kGolden), static_cast<long long>(1 * kGolden));
+  const __m512i lanes1 = _mm512_add_epi64(lanes0, _mm512_set1_epi64(static_cast<long long>(8 * kGolden)));
+  StepWalk w(st, i0);
+  // ctr = key + (i + 1) * golden - golden (lanes add (l + 1) * golden).
+  uint64_t ctr = key + static_cast<uint64_t>(i0) * kGolden;
+  __m512 vs, vz;
+  int64_t i = i0;
+  uint8_t* o = out;
+  for (; i + 16 <= i1; i += 16, ctr += 16 * kGolden) {
+    w.next(16, vs, vz);
+    const __m512i c = codes16<kStochastic, kOffset>(load_x(x + i), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    if (kBits == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm512_cvtepi32_epi8(c));
+      o += 16;
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o), pack_int4_16(c));
+      o += 8;
+    }
+  }
+  if (i < i1) {
+    const int64_t n = i1 - i;
+    const __mmask16 m = lanes_mask(n);
+    w.next(n, vs, vz);
+    const __m512i c = codes16<kStochastic, kOffset>(load_x(x + i, m), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    if (kBits == 8) {
+      _mm_mask_storeu_epi8(o, m, _mm512_cvtepi32_epi8(c));
+    } else {
+      _mm_mask_storeu_epi8(o, lanes_mask((n + 1) / 2), pack_int4_16(c));
+    }
+  }
+}
+
+template <int kBits, typename T>
+void quantize_pack_bits(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
+                        float qmin, float qmax, bool stochastic, uint64_t key) {
+  if (stochastic) {
+    if (st.z) quantize_pack_run<kBits, true, true>(x, out, i0, i1, st, qmin, qmax, key);
+    else quantize_pack_run<kBits, true, false>(x, out, i0, i1, st, qmin, qmax, key);
+  } else {
+    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, key);
+    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, key);
+  }
+}
+
+template <typename T>
+void quantize_pack(const T* x, uint8_t* out, int64_t i0, int64_t i1, int bits,
+                   const PackingSteps& st, float qmin, float qmax, bool stochastic,
+                   uint64_t seed) {
+  const uint64_t key = splitmix64_scalar(seed);
+  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
+  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
+}
+
+// 16 signed codes of elements i.. (i even for int4) as int32 lanes; m: the lanes to read.
+template <int kBits>
+inline __m512i load_codes16(const uint8_t* in, int64_t i, __mmask16 m) {
+  if (kBits == 8) return _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, in + i));
+  const __m512i e = _mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(m, in + i / 2));
+  const __m512i t = _mm512_or_si512(e, _mm512_slli_epi64(e, 28));  // high nibble -> odd lane
+  return _mm512_srai_epi32(_mm512_slli_epi32(t, 28), 28);           // sign-extend each nibble
+}
+
+template <int kBits, bool kOffset>
+void unpack_dequantize_run(const uint8_t* in, float* y, int64_t i0, int64_t i1,
+                           const PackingSteps& st) {
+  StepWalk w(st, i0);
+  __m512 vs, vz;
+  const __mmask16 full = kBits == 8 ? 0xFFFF : 0xFF;
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    w.next(16, vs, vz);
+    __m512 q = _mm512_cvtepi32_ps(load_codes16<kBits>(in, i, full));
+    if (kOffset) q = _mm512_sub_ps(q, vz);
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(q, vs));
+  }
+  if (i < i1) {
+    const int64_t n = i1 - i;
+    w.next(n, vs, vz);
+    __m512 q = _mm512_cvtepi32_ps(
+        load_codes16<kBits>(in, i, lanes_mask(kBits == 8 ? n : (n + 1) / 2)));
+    if (kOffset) q = _mm512_sub_ps(q, vz);
+    _mm512_mask_storeu_ps(y + i, lanes_mask(n), _mm512_mul_ps(q, vs));
+  }
+}
+
+void unpack_dequantize(const uint8_t* in, float* y, int64_t i0, int64_t i1, int bits,
+                       const PackingSteps& st) {
+  if (bits == 4) {
+    if (st.z) unpack_dequantize_run<4, true>(in, y, i0, i1, st);
+    else unpack_dequantize_run<4, false>(in, y, i0, i1, st);
+  } else {
+    if (st.z) unpack_dequantize_run<8, true>(in, y, i0, i1, st);
+    else unpack_dequantize_run<8, false>(in, y, i0, i1, st);
+  }
+}
+
+inline const PackingKernelTable& table(const char* name) {
+  static const PackingKernelTable t{name, {&quantize_pack<float>}, {&quantize_pack<BF16>},
+                                    {&quantize_pack<F16>}, &unpack_dequantize};
+  return t;
+}
 }  // namespace
 }  // namespace avx512
 

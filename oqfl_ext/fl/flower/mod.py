@@ -91,7 +91,7 @@ class OQFLMod:
         stochastic: unbiased stochastic rounding (else round half to even).
         error_feedback: keep the quantization error in the node state and add it to the next
             round's update (no effect with ``bits=32``).
-        compression: one of :data:`oqfl_ext.fl.codec.COMPRESSIONS`, default ``"zstd"`` (the
+        compression: one of :data:`oqfl_ext.fl.codec.COMPRESSIONS`, ``"zstd"`` by default (the
             server's strategy must say the same).
         seed: with the node id and the round, seeds the stochastic rounding.
     """

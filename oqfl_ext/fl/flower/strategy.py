@@ -63,7 +63,7 @@ class OQFLFedAvg(FedAvg):
         max_num_examples: how many examples a node may claim at most: an int for every node,
             a callable ``node_id -> int or None``, or None (claims are taken as they are).
         norm_bound: clip each update's global L2 norm to this (> 0); None: no clipping.
-        compression: what the clients' mod was given (default ``"zstd"``, as the mod's).
+        compression: what the clients' mod was given (``"zstd"`` by default).
         **fedavg_kwargs: Flower ``FedAvg``'s arguments (``fraction_train``,
             ``min_available_nodes``, ``weighted_by_key``, ...).
     """
