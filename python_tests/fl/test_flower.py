@@ -237,7 +237,8 @@ def test_a_node_config_names_a_partition_of_the_run():
     for node_config, match in (({}, "needs --node-config"),
                                ({"partition-id": 3, "num-partitions": 3}, "does not fit"),
                                ({"partition-id": 0, "num-partitions": 4}, "clients=3"),
-                               ({"partition-id": "0", "num-partitions": 3}, "integers")):
+                               ({"partition-id": "0", "num-partitions": 3},
+                                "partition-id expected an integer")):
         with pytest.raises(ValueError, match=match):
             _partition(context(node_config), cfg)
 
