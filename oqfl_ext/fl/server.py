@@ -12,8 +12,8 @@ ServerApp (:mod:`oqfl_ext.fl.flower.server_app`) with Flower messages:
    ``"int8-delta"`` (:mod:`oqfl_ext.fl.downlink`), the broadcast model moves one version
    towards the global model and each sampled client gets its own blob
    (:meth:`Server.downlink_for`: the deltas since the version it holds, or a snapshot), applies
-   it to the model it holds and trains from that, and ``downlink_bytes`` sums the blobs; each sampled client trains
-   from the decoded state and replies with a blob. A reply that is an exception drops the
+   it to the model it holds and trains from that, and ``downlink_bytes`` sums the blobs; each
+   sampled client trains from the decoded state and replies with a blob. A reply that is an exception drops the
    client (reason logged): :class:`NotDelivered` when the state never left the server (not
    counted, listed in ``not_delivered``), :class:`DeliveryUnconfirmed` when it was sent but
    nothing came back to show it arrived (counted in ``downlink_unconfirmed_bytes``, listed in
