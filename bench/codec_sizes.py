@@ -15,6 +15,12 @@ has the shapes of torchvision's resnet18 state), values N(0, 0.01^2) (seeded):
   median of ``--repeat`` runs on ``--threads`` threads, as float32-equivalent GB/s (4 bytes per
   value / median).
 
+The compressed downlink (``--downlink-table``, docs/DESIGN.md section 4.3a): one version step of
+``int4-delta`` for the same models, the global model alternating between two N(0, 0.01^2)
+states: the server's step (``G - B``, encode, ``B += decode``, state digest, the zstd blob) plus
+the client's (decompress, checks, decode, apply, digest check), as float32-equivalent GB/s, and
+the delta and snapshot blobs' sizes.
+
 Targets (issue 16) are printed next to the numbers, never asserted.
 """
 
@@ -127,6 +133,55 @@ def run(repeat: int, threads: int, speed_table: bool = True) -> str:
     return "\n".join(lines + (speed if speed_table else [])) + "\n"
 
 
+def run_downlink(repeat: int, threads: int) -> str:
+    """The compressed downlink table of the module docstring."""
+    from oqfl_ext.fl.codec import decode_update, encode_update
+    from oqfl_ext.fl.downlink import DeltaBroadcast, HeldModel
+    torch.set_num_threads(threads)
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    import oqfl_ext
+    isa = getattr(oqfl_ext.ops, "cpu_capability", lambda: "?")()
+    out = ["## Compressed downlink (int4-delta): bytes and speed per model", "",
+           f"CPU: {_cpu()}; ISA path: {isa}; torch {torch.__version__}, {threads} threads; "
+           f"zstandard {_zstd_version()}; median of {repeat} runs.", "",
+           f"### One version, server + client "
+               f"(float32-equivalent GB/s; load average before: {load})", "",
+           "| model | values | delta blob bytes | float32 / delta | snapshot bytes "
+           "| server+client ms | GB/s | uplink int4 zstd encode+decode ms (same load) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    g = torch.Generator().manual_seed(2)
+    for key, (label, update) in _updates().items():
+        states = [update, {k: torch.randn(v.shape, generator=g) * 0.01
+                           for k, v in update.items()}]
+        template = {k: torch.zeros_like(v) for k, v in update.items()}
+        bc, held = DeltaBroadcast(4, ["c"]), HeldModel()
+        bc.prepare(states[0], 0)
+        snapshot = bc.blob_for("c")[0]
+        held.receive(snapshot, template)
+        bc.settle("c", "received")
+        step = [0]
+        sizes = []
+
+        def one_version():
+            step[0] += 1
+            bc.prepare(states[step[0] % 2], step[0])
+            blob, kind = bc.blob_for("c")
+            assert kind == "chain"
+            held.receive(blob, template)
+            bc.settle("c", "received")
+            sizes.append(len(blob))
+
+        t = _median_s(one_version, repeat)
+        t_up = _median_s(lambda: decode_update(encode_update(update, bits=4, generator=g),
+                                               template), repeat)
+        f32 = 4 * sum(v.numel() for v in update.values())
+        delta = int(statistics.median(sizes))
+        out.append(f"| {label} | {f32 // 4:,} | {delta:,} | {f32 / delta:.2f}x "
+                   f"| {len(snapshot):,} | {t * 1e3:.1f} | {f32 / t / 1e9:.3f} "
+                   f"| {t_up * 1e3:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 def _zstd_version() -> str:
     try:
         import zstandard
@@ -141,8 +196,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save", metavar="NAME")
     p.add_argument("--bytes-only", action="store_true", help="skip the timings")
+    p.add_argument("--downlink-table", action="store_true",
+                   help="only the compressed downlink's table")
     args = p.parse_args(argv)
-    text = run(args.repeat, args.threads, not args.bytes_only)
+    if args.downlink_table:
+        text = run_downlink(args.repeat, args.threads)
+    else:
+        text = run(args.repeat, args.threads, not args.bytes_only)
     print(text)
     if args.save:
         path = BENCH_DIR / "results" / f"{args.save}.md"

@@ -6,8 +6,11 @@ A checkpoint folder holds
   ``model::<name>`` (every entry of the global model's ``state_dict()``, integer and boolean
   buffers included), ``momentum::<name>`` (the FedAvgM buffer, when there is one),
   ``client::<i>::<name>`` (the state of the i-th client of the server's list, e.g. its
-  error-feedback residual ``residual.<param>``) and ``rng::torch`` (the global torch CPU
-  generator state, uint8);
+  error-feedback residual ``residual.<param>``, its held broadcast model ``held.*``),
+  ``downlink::<name>`` (with a delta downlink: the server's broadcast model, its version,
+  what each client holds and the deltas kept for catching up, see
+  :meth:`oqfl_ext.fl.downlink.DeltaBroadcast.state_dict`) and ``rng::torch`` (the global torch
+  CPU generator state, uint8);
 * ``checkpoint.json`` -- ``{"format": "oqfl-checkpoint", "version": 1, "round": N,
   "tensors": "checkpoint-r...safetensors", "sha256": <hex of that file>, "config": {...},
   "server": {...}, "clients": [ids], "rounds": [metrics per round], "python_random": ...}``.
@@ -247,6 +250,8 @@ def _write_checkpoint(folder, server, *, config, rounds, keep) -> Path:
     for i, cid in enumerate(ids):
         for k, v in client_states.get(cid, {}).items():
             tensors[f"client{_SEP}{i}{_SEP}{k}"] = _cpu(v)
+    for k, v in (state.get("downlink") or {}).items():
+        tensors[f"downlink{_SEP}{k}"] = _cpu(v)
     tensors[f"rng{_SEP}torch"] = torch.get_rng_state().clone()
     rnd = int(state["round"])
     name = f"checkpoint-r{rnd:06d}.safetensors"
@@ -338,6 +343,7 @@ def load_checkpoint(folder) -> Checkpoint:
     ids = doc["clients"]
     model: Dict[str, Tensor] = {}
     momentum: Dict[str, Tensor] = {}
+    downlink: Dict[str, Tensor] = {}
     clients: Dict[str, Dict[str, Tensor]] = {cid: {} for cid in ids}
     torch_rng = None
     for key, t in tensors.items():
@@ -346,6 +352,8 @@ def load_checkpoint(folder) -> Checkpoint:
             model[rest] = t
         elif kind == "momentum" and rest:
             momentum[rest] = t
+        elif kind == "downlink" and rest:
+            downlink[rest] = t
         elif kind == "client" and _SEP in rest:
             idx, _, name_ = rest.partition(_SEP)
             if not idx.isdigit() or int(idx) >= len(ids) or not name_:
@@ -360,7 +368,7 @@ def load_checkpoint(folder) -> Checkpoint:
         raise CheckpointError(f"{tpath}: damaged checkpoint, momentum tensors "
                               f"{'missing' if doc['momentum'] else 'unexpected'}")
     state = {"model": model, "momentum": momentum if doc["momentum"] else None, "round": rnd,
-             "clients": clients}
+             "clients": clients, "downlink": downlink}
     return Checkpoint(round=rnd, config=doc["config"], server=doc["server"],
                       rounds=records, state=state, torch_rng=torch_rng,
                       python_random=doc.get("python_random"), path=path)

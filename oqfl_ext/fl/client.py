@@ -23,6 +23,8 @@ from torch.utils.data import TensorDataset
 
 from .codec import (DEFAULT_COMPRESSION, check_compression, decode_update, encode_update,
                     wrap_update)
+from .downlink import HeldModel
+from .._checks import check_int
 
 __all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed",
            "encode_with_feedback"]
@@ -107,9 +109,7 @@ class ClientConfig:
 
     def __post_init__(self):
         for name in ("local_epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ClientConfig.{name} expected a positive integer, got {v!r}")
+            check_int(f"ClientConfig.{name}", getattr(self, name), minimum=1)
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
@@ -161,8 +161,7 @@ class Client:
                 or len(client_id) > 256:
             raise ValueError(f"client_id expected non-empty printable text (<= 256 characters), "
                              f"got {client_id!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed expected an integer, got {seed!r}")
+        check_int("seed", seed)
         self.client_id = client_id
         self.inputs, self.labels = _tensors(dataset)
         self.config = config if config is not None else ClientConfig()
@@ -170,6 +169,7 @@ class Client:
             raise TypeError(f"config expected a ClientConfig, got {type(self.config).__name__}")
         self.seed = seed
         self.residual: Optional[Dict[str, Tensor]] = None  # error feedback memory
+        self.held = HeldModel()  # the broadcast model of a delta downlink
         self.last_loss: Optional[float] = None  # mean training loss of the last round
 
     # ------------------------------------------------------------------ state
@@ -177,19 +177,23 @@ class Client:
     def state_dict(self) -> Dict[str, Tensor]:
         """The client state that carries over between rounds, as flat named tensors (for
         checkpoints): ``"residual.<name>"`` for each entry of the error-feedback residual (none
-        before the first error-feedback round). Everything else a round uses is a function of
-        ``(seed, round)`` and the global state."""
-        if self.residual is None:
-            return {}
-        return {f"residual.{k}": v.detach().clone() for k, v in self.residual.items()}
+        before the first error-feedback round) and ``"held.<...>"``, the broadcast model of a
+        delta downlink (:meth:`oqfl_ext.fl.downlink.HeldModel.state_dict`). Everything else a
+        round uses is a function of ``(seed, round)`` and the global state."""
+        out = {f"held.{k}": v for k, v in self.held.state_dict().items()}
+        if self.residual is not None:
+            out.update({f"residual.{k}": v.detach().clone() for k, v in self.residual.items()})
+        return out
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
-        """Restores :meth:`state_dict` (an empty dict: no residual)."""
-        bad = [k for k in state if not k.startswith("residual.")]
+        """Restores :meth:`state_dict` (an empty dict: no residual, no held model)."""
+        bad = [k for k in state if not k.startswith(("residual.", "held."))]
         if bad:
             raise ValueError(f"client {self.client_id}: unexpected state entries {bad[:5]}")
-        self.residual = ({k[len("residual."):]: v.detach().clone().cpu() for k, v in state.items()}
-                         or None)
+        self.held.load_state_dict({k[len("held."):]: v for k, v in state.items()
+                                   if k.startswith("held.")})
+        self.residual = ({k[len("residual."):]: v.detach().clone().cpu() for k, v in state.items()
+                          if k.startswith("residual.")} or None)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -208,8 +212,7 @@ class Client:
         ``deadline``: a :func:`time.monotonic` time; the client checks it before every
         mini-batch and once more before it commits its error-feedback residual, and raises
         :class:`ClientTimeout` past it, leaving its state (the residual) unchanged."""
-        if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
-            raise ValueError(f"round_idx expected a non-negative integer, got {round_idx!r}")
+        check_int("round_idx", round_idx, minimum=0)
         if deadline is not None and not isinstance(deadline, (int, float)):
             raise ValueError(f"deadline expected None or a time.monotonic() value, "
                              f"got {deadline!r}")

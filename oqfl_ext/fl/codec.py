@@ -121,6 +121,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._checks import check_int
 from .._io import encode_safetensors, tensor_bytes, tensor_digest
 
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
@@ -203,15 +204,11 @@ def _check_text(name: str, value: str) -> None:
 
 
 def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} expected a non-negative integer, got {value!r}")
-    return value
+    return check_int(name, value, minimum=0)
 
 
 def _check_u64(name: str, value) -> int:
-    if _check_count(name, value) >= 1 << 64:
-        raise ValueError(f"{name} expected an integer below 2**64, got {value!r}")
-    return value
+    return check_int(name, value, minimum=0, maximum=(1 << 64) - 1)
 
 
 def _check_entries(what: str, entries) -> None:

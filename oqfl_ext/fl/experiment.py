@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._checks import check_int
 from ..models import MODELS
 from ..nn.quantizer import QUANT_DEFAULTS
 from .client import Client, ClientConfig, derive_seed
@@ -738,9 +739,7 @@ def make_client(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Ten
                 index: int) -> Client:
     """Client ``index``: its partition of the training set, :func:`client_config`,
     :func:`client_seed`."""
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < cfg.clients:
-        raise ValueError(f"index expected a client index in 0..{cfg.clients - 1}, got "
-                         f"{index!r}")
+    check_int("index", index, minimum=0, maximum=cfg.clients - 1)
     p = parts[index]
     return Client(client_id(cfg, index), (data.train_x[p], data.train_y[p]),
                   client_config(cfg), seed=client_seed(cfg, index))

@@ -8,8 +8,12 @@ ServerApp (:mod:`oqfl_ext.fl.flower.server_app`) with Flower messages:
    seeded from ``seed`` and ``t``), taken in the order of the ``clients`` list;
 2. the global state goes down to the sampled clients through the downlink codec (``downlink``:
    ``"float32"``, exact, or ``"int8"``; see :func:`downlink_codec`), encoded once per round and
-   counted once per client that received it in ``downlink_bytes``; each sampled client trains
-   from the decoded state and replies with a blob. A reply that is an exception drops the
+   counted once per client that received it in ``downlink_bytes``; or, with ``"int4-delta"`` /
+   ``"int8-delta"`` (:mod:`oqfl_ext.fl.downlink`), the broadcast model moves one version
+   towards the global model and each sampled client gets its own blob
+   (:meth:`Server.downlink_for`: the deltas since the version it holds, or a snapshot), applies
+   it to the model it holds and trains from that, and ``downlink_bytes`` sums the blobs; each
+   sampled client trains from the decoded state and replies with a blob. A reply that is an exception drops the
    client (reason logged): :class:`NotDelivered` when the state never left the server (not
    counted, listed in ``not_delivered``), :class:`DeliveryUnconfirmed` when it was sent but
    nothing came back to show it arrived (counted in ``downlink_unconfirmed_bytes``, listed in
@@ -79,6 +83,8 @@ from ..nn.integer import ConversionWarning
 from .client import _tensors, derive_seed, float_state
 from . import codec as _codec
 from .codec import DEFAULT_COMPRESSION, UpdateRejected, check_compression, decode_update
+from .downlink import DELTA_DOWNLINKS, DeltaBroadcast, HeldModel
+from .._checks import check_int
 
 __all__ = ["Server", "RoundResult", "RoundStart", "RemoteClient", "Dropped", "DOWNLINK_CODECS",
            "downlink_codec", "NotDelivered", "DeliveryUnconfirmed", "accept_update",
@@ -119,13 +125,16 @@ class RoundStart(NamedTuple):
     sampled: List[Any]
     """the sampled client objects, in the order of the ``clients`` list"""
     downlink: bytes
-    """the downlink codec's blob of the global state, the same for every sampled client"""
+    """the downlink blob of the first sampled client: with ``"float32"``/``"int8"`` the
+    same for every sampled client; with a delta downlink each client's own blob is
+    :meth:`Server.downlink_for` ``(client_id)``"""
 
 
 class _OpenRound(NamedTuple):
     round: int
     sampled: List[Any]
-    blob_bytes: int
+    blob_bytes: Dict[str, int]   # client id -> length of the downlink blob it is sent
+    snapshots: List[str]         # clients sent a snapshot (delta downlinks)
     t0: float
 
 
@@ -155,6 +164,8 @@ class RoundResult:
             server assigned them.
         aggregate_rejected: why the round's aggregate was not applied (it would have made
             the global model non-finite); None when it was applied or there was none.
+        downlink_snapshots: with a delta downlink, the sampled clients that were sent a
+            snapshot of the broadcast model rather than a chain of deltas.
         integer_accuracy: with ``evaluate_integer``, the test accuracy of the global model
             converted to integer inference (:func:`oqfl_ext.convert`); None otherwise.
     """
@@ -176,12 +187,13 @@ class RoundResult:
     downlink_unconfirmed_bytes: int = 0
     capped: List[str] = dataclasses.field(default_factory=list)
     aggregate_rejected: Optional[str] = None
+    downlink_snapshots: List[str] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
 # downlink codecs
 
-DOWNLINK_CODECS = ("float32", "int8")
+DOWNLINK_CODECS = ("float32", "int8", *DELTA_DOWNLINKS)
 
 
 class _Downlink:
@@ -202,10 +214,26 @@ def downlink_codec(name: str) -> _Downlink:
     ``state_dict()`` as one :func:`oqfl_ext.fl.codec.encode_model` blob, ``"float32"``
     (``bits=None``: exact for float32 models) or ``"int8"`` (``bits=8``: conv/linear weights as
     int8 codes per output channel, the rest float32 or exact), decoded by
-    :func:`~oqfl_ext.fl.codec.decode_model` on the client's side."""
+    :func:`~oqfl_ext.fl.codec.decode_model` on the client's side. The delta downlinks
+    (``"int4-delta"``, ``"int8-delta"``) keep state on both sides: the server's
+    :class:`oqfl_ext.fl.downlink.DeltaBroadcast`, each client's
+    :class:`~oqfl_ext.fl.downlink.HeldModel`."""
+    if name in DELTA_DOWNLINKS:
+        raise ValueError(f"downlink {name!r} keeps state on both sides: use "
+                         "oqfl_ext.fl.downlink.DeltaBroadcast / HeldModel, not downlink_codec")
     if name not in DOWNLINK_CODECS:
         raise ValueError(f"downlink expected one of {DOWNLINK_CODECS}, got {name!r}")
     return _Downlink(name, None if name == "float32" else 8)
+
+
+def _held_after(reply) -> str:
+    """What a round's reply says of the broadcast model the client holds
+    (:meth:`oqfl_ext.fl.downlink.DeltaBroadcast.settle`)."""
+    if isinstance(reply, (NotDelivered, DeliveryUnconfirmed)):
+        return "unchanged"
+    if isinstance(reply, (bytes, bytearray, memoryview, Dropped)):
+        return "received"
+    return "unknown"
 
 
 def _assigned_samples(client) -> Optional[int]:
@@ -304,7 +332,10 @@ class Server:
         eval_batch_size: evaluation batch size.
         client_time_limit_s: seconds each sampled client may take per round (> 0); None: no
             limit. See step 2 of the module docstring.
-        downlink: the downlink codec, ``"float32"`` or ``"int8"`` (:func:`downlink_codec`).
+        downlink: the downlink: ``"float32"`` or ``"int8"``, the whole global state every
+            round (:func:`downlink_codec`), or ``"int4-delta"`` / ``"int8-delta"``, the
+            change of the broadcast model with server-side error feedback
+            (:mod:`oqfl_ext.fl.downlink`; clients train from the broadcast model).
         uplink_compression: what the clients' updates are wrapped in, one of
             :data:`oqfl_ext.fl.codec.COMPRESSIONS` (default ``"zstd"``,
             :func:`oqfl_ext.fl.codec.decode_update`); ``uplink_bytes`` counts what arrived.
@@ -337,8 +368,7 @@ class Server:
         if norm_bound is not None and not (isinstance(norm_bound, (int, float))
                                            and norm_bound > 0 and math.isfinite(norm_bound)):
             raise ValueError(f"norm_bound expected None or a positive number, got {norm_bound!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed expected an integer, got {seed!r}")
+        check_int("seed", seed)
         if client_time_limit_s is not None and not (
                 isinstance(client_time_limit_s, (int, float))
                 and not isinstance(client_time_limit_s, bool) and client_time_limit_s > 0):
@@ -346,7 +376,15 @@ class Server:
                              f"{client_time_limit_s!r}")
         check_compression(uplink_compression, "uplink_compression")
         self.uplink_compression = uplink_compression
-        self.downlink = downlink_codec(downlink)
+        if downlink in DELTA_DOWNLINKS:
+            self.downlink = None
+            self.broadcast: Optional[DeltaBroadcast] = DeltaBroadcast(
+                DELTA_DOWNLINKS[downlink], ids)
+        else:
+            self.downlink = downlink_codec(downlink)
+            self.broadcast = None
+        self._holders: Dict[str, HeldModel] = {}  # for in-process clients without .held
+        self._blobs: Dict[str, bytes] = {}
         self.downlink_name = downlink
         self.client_time_limit_s = (None if client_time_limit_s is None
                                     else float(client_time_limit_s))
@@ -391,11 +429,13 @@ class Server:
         return {k: v.detach().clone() for k, v in float_state(self.model.state_dict()).items()}
 
     def state_dict(self) -> dict:
-        """``{"model", "momentum", "round", "clients"}``: copies of the global model's state,
-        the FedAvgM buffer (None before the first momentum step), the number of rounds run and
-        ``{client_id: client.state_dict()}`` for the clients that have a ``state_dict`` method
-        (a :class:`~oqfl_ext.fl.Client`: its error-feedback residual). With the constructor's
-        arguments this is everything later rounds depend on."""
+        """``{"model", "momentum", "round", "clients", "downlink"}``: copies of the global
+        model's state, the FedAvgM buffer (None before the first momentum step), the number of
+        rounds run, ``{client_id: client.state_dict()}`` for the clients that have a
+        ``state_dict`` method (a :class:`~oqfl_ext.fl.Client`: its error-feedback residual
+        and held broadcast model) and, with a delta downlink, the broadcast state
+        (:meth:`oqfl_ext.fl.downlink.DeltaBroadcast.state_dict`; None otherwise). With the
+        constructor's arguments this is everything later rounds depend on."""
         clients = {}
         for c in self.clients:
             if callable(getattr(c, "state_dict", None)):
@@ -403,7 +443,8 @@ class Server:
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "momentum": None if self.momentum is None
                 else {k: v.clone() for k, v in self.momentum.items()},
-                "round": self.round, "clients": clients}
+                "round": self.round, "clients": clients,
+                "downlink": None if self.broadcast is None else self.broadcast.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` (a state without ``"clients"`` leaves the clients
@@ -418,6 +459,8 @@ class Server:
         mom = state.get("momentum")
         self.momentum = None if mom is None else {k: v.detach().clone() for k, v in mom.items()}
         self.round = int(state.get("round", 0))
+        if self.broadcast is not None:  # a checkpoint without it: snapshots next round
+            self.broadcast.load_state_dict(state.get("downlink") or {})
         if clients is not None:
             for c in self.clients:
                 if callable(getattr(c, "load_state_dict", None)):
@@ -440,13 +483,29 @@ class Server:
         downlink blob)``: the caller delivers the blob to every sampled client (in process,
         or over a network) and hands their replies to :meth:`end_round`. A round begun and
         not ended is abandoned by the next ``begin_round``."""
-        if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
-            raise ValueError(f"round_idx expected a non-negative integer, got {round_idx!r}")
+        check_int("round_idx", round_idx, minimum=0)
         t0 = time.perf_counter()
         sampled = self.sample_clients(round_idx)
-        blob = self.downlink.encode(self._global_state(), round_idx)
-        self._open = _OpenRound(round_idx, sampled, len(blob), t0)
-        return RoundStart(sampled, blob)
+        snapshots: List[str] = []
+        if self.broadcast is None:
+            blob = self.downlink.encode(self._global_state(), round_idx)
+            self._blobs = {c.client_id: blob for c in sampled}
+        else:
+            self.broadcast.prepare(self._global_state(), round_idx)
+            self._blobs = {}
+            for c in sampled:
+                self._blobs[c.client_id], kind = self.broadcast.blob_for(c.client_id)
+                if kind == "snapshot":
+                    snapshots.append(c.client_id)
+        self._open = _OpenRound(round_idx, sampled,
+                                {k: len(v) for k, v in self._blobs.items()}, snapshots, t0)
+        return RoundStart(sampled, self._blobs[sampled[0].client_id])
+
+    def downlink_for(self, client_id: str) -> bytes:
+        """The downlink blob of the open round for sampled client ``client_id``."""
+        if self._open is None or client_id not in self._blobs:
+            raise ValueError(f"client_id {client_id!r:.80} is not sampled in an open round")
+        return self._blobs[client_id]
 
     def end_round(self, round_idx: int, replies: Mapping[str, Any]) -> RoundResult:
         """Closes round ``round_idx`` opened by :meth:`begin_round` (steps 2-6 of the module
@@ -485,6 +544,8 @@ class Server:
             reply = replies.get(cid, _NO_REPLY)
             if reply is _NO_REPLY:
                 reply = DeliveryUnconfirmed("no reply")
+            if self.broadcast is not None:  # what the client holds now, as far as known
+                self.broadcast.settle(cid, _held_after(reply))
             if isinstance(reply, NotDelivered):
                 not_delivered.append(cid)
                 self._drop(dropped, cid, f"global state not delivered: {reply}")
@@ -536,17 +597,20 @@ class Server:
         accuracy, loss = self.evaluate()
         integer_accuracy = self.evaluate_integer_model() if self.evaluate_integer else None
         self.round = max(self.round, round_idx + 1)
-        delivered = len(ids) - len(not_delivered) - len(unconfirmed)
+        lost = set(not_delivered) | set(unconfirmed)
+        down = sum(n for cid, n in opened.blob_bytes.items() if cid not in lost)
         return RoundResult(round=round_idx, sampled=ids,
                            accepted=[cid for cid, _, _ in accepted], dropped=dropped,
                            clipped=clipped, uplink_bytes=uplink, num_samples=total,
                            accuracy=accuracy, loss=loss,
                            wall_time_s=time.perf_counter() - opened.t0,
-                           downlink_bytes=opened.blob_bytes * delivered,
+                           downlink_bytes=down,
                            integer_accuracy=integer_accuracy, not_delivered=not_delivered,
                            unconfirmed=unconfirmed,
-                           downlink_unconfirmed_bytes=opened.blob_bytes * len(unconfirmed),
-                           capped=capped, aggregate_rejected=rejected)
+                           downlink_unconfirmed_bytes=sum(opened.blob_bytes[c]
+                                                          for c in unconfirmed),
+                           capped=capped, aggregate_rejected=rejected,
+                           downlink_snapshots=[c for c in opened.snapshots if c not in lost])
 
     def run_round(self, round_idx: int, *,
                   on_client: Optional[Callable[[int, int, str], None]] = None) -> RoundResult:
@@ -556,11 +620,19 @@ class Server:
         the i-th (0-based) of the m sampled clients trains and once more with ``i == m``
         before the aggregation (progress display)."""
         sampled, blob = self.begin_round(round_idx)
-        received = self.downlink.decode(blob, self._global_state())
+        template = self._global_state()
+        received = None if self.downlink is None else self.downlink.decode(blob, template)
         replies: Dict[str, Any] = {}
         for i, client in enumerate(sampled):
             if on_client is not None:
                 on_client(i, len(sampled), client.client_id)
+            if self.broadcast is not None:  # the client applies its blob to what it holds
+                try:
+                    received = self._holder(client).receive(
+                        self.downlink_for(client.client_id), template)
+                except UpdateRejected as e:
+                    replies[client.client_id] = e
+                    continue
             replies[client.client_id] = self._train_in_process(client, received, round_idx)
         if on_client is not None:
             on_client(len(sampled), len(sampled), "")
@@ -590,6 +662,14 @@ class Server:
                            f"{elapsed:.2f} s); late update discarded")
         return blob
 
+    def _holder(self, client) -> HeldModel:
+        """The broadcast model an in-process client holds: its ``held`` attribute (a
+        :class:`~oqfl_ext.fl.Client`'s), else one the server keeps for it."""
+        held = getattr(client, "held", None)
+        if isinstance(held, HeldModel):
+            return held
+        return self._holders.setdefault(client.client_id, HeldModel())
+
     def _global_state(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
@@ -617,8 +697,7 @@ class Server:
         from . import checkpoint as ckpt
         from .metrics import mean_train_loss, round_record
 
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-            raise ValueError(f"rounds expected a non-negative integer, got {rounds!r}")
+        check_int("rounds", rounds, minimum=0)
         records: List[dict] = []
         if checkpoint_dir is not None:
             if resume and ckpt.has_checkpoint(checkpoint_dir):
@@ -649,6 +728,8 @@ class Server:
                 for cid in result.accepted)
             extra = ({} if result.integer_accuracy is None
                      else {"integer_accuracy": result.integer_accuracy})
+            if self.broadcast is not None:
+                extra["downlink_snapshots"] = list(result.downlink_snapshots)
             record = round_record(result, downlink_bytes=result.downlink_bytes,
                                   train_loss=train_loss, **extra)
             records.append(record)

@@ -302,3 +302,31 @@ def test_plot_runs_and_table(tmp_path):
     assert path.read_bytes()[:8] == PNG
     table = metrics.format_table(runs)
     assert "8.00x smaller" in table and "FP32" in table.splitlines()[2]
+
+
+def test_digits_with_int4_delta_downlink_reports_bytes_and_resumes(tmp_path, capsys):
+    """The compressed downlink from the command line: per-round bytes per direction and the
+    clients sent a snapshot in metrics.json, later rounds' downlink smaller than the float32
+    broadcast's, and --resume continuing the run with the same bytes and model."""
+    common = ["--dataset", "digits", "--width", "8", "--clients", "4", "--fraction", "0.5",
+              "--weight-bits", "float", "--act-bits", "float", "--uplink", "int4",
+              "--quiet", "--threads", "1"]
+    assert main(common + ["--rounds", "4", "--downlink", "int4-delta",
+                          "--out", str(tmp_path / "d")]) == 0
+    assert main(common + ["--rounds", "4", "--downlink", "float32",
+                          "--out", str(tmp_path / "f")]) == 0
+    assert main(common + ["--rounds", "2", "--downlink", "int4-delta",
+                          "--out", str(tmp_path / "r")]) == 0
+    assert main(common + ["--rounds", "4", "--downlink", "int4-delta",
+                          "--out", str(tmp_path / "r"), "--resume"]) == 0
+    delta, f32 = metrics.load_run(tmp_path / "d")[1], metrics.load_run(tmp_path / "f")[1]
+    resumed = metrics.load_run(tmp_path / "r")[1]
+    assert delta[0]["downlink_snapshots"] == delta[0]["sampled"]  # first contact
+    assert all(r["total_bytes"] == r["uplink_bytes"] + r["downlink_bytes"] for r in delta)
+    # rounds without a snapshot: chains of int4 deltas, a fraction of the float32 model
+    chains = [r for r in delta[1:] if not r["downlink_snapshots"]]
+    assert chains and all(r["downlink_bytes"] < 0.5 * f32[r["round"]]["downlink_bytes"]
+                          for r in chains)
+    assert [r["downlink_bytes"] for r in resumed] == [r["downlink_bytes"] for r in delta]
+    assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in delta]
+    assert delta[-1]["accuracy"] > 0.6

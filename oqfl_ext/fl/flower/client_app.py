@@ -5,8 +5,9 @@ num-partitions=N"`` (N must equal the run's ``clients``). On a ``train`` message
 loads the run's data (the local files), builds client I on partition I exactly as the
 in-process run does (:func:`oqfl_ext.fl.experiment.make_client`), decodes the global state from
 the message, trains, and replies with the encoded update blob (message layout: :mod:`.wire`).
-The client's state between rounds (``Client.state_dict()``: the error-feedback residual) lives
-in the node's ``context.state`` (it never leaves the node). On ``query`` it replies with its
+The client's state between rounds (``Client.state_dict()``: the error-feedback residual and,
+with a delta downlink, the broadcast model it holds, :class:`oqfl_ext.fl.downlink.HeldModel`)
+lives in the node's ``context.state`` (it never leaves the node). On ``query`` it replies with its
 partition, so that the ServerApp can map partitions to node ids.
 
 Fault injection (tests): with ``OQFL_FLOWER_HOLD="ROUND:PATH"`` in the SuperNode's
@@ -26,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .. import experiment as ex
+from ..._checks import check_int
 from ..experiment import ExperimentConfig
 from .task import apply_threads, parse_run_config
 from .wire import array_bytes, blob_array, encode_state
@@ -41,11 +43,8 @@ def _partition(context: Context, cfg: ExperimentConfig) -> int:
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("the SuperNode needs --node-config \"partition-id=I num-partitions=N\"")
-    pid, n = node["partition-id"], node["num-partitions"]
-    if isinstance(pid, bool) or not isinstance(pid, int) or isinstance(n, bool) \
-            or not isinstance(n, int):
-        raise ValueError(f"node config partition-id / num-partitions expected integers, got "
-                         f"{pid!r} / {n!r}")
+    pid = check_int("node config partition-id", node["partition-id"])
+    n = check_int("node config num-partitions", node["num-partitions"])
     if n != cfg.clients or not 0 <= pid < n:
         raise ValueError(f"node config partition-id={pid} num-partitions={n} does not fit the "
                          f"run's clients={cfg.clients}")
@@ -87,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     import torch
     from safetensors.torch import load
 
+    from ..downlink import DELTA_DOWNLINKS
     from ..server import downlink_codec
 
     cfg, settings = parse_run_config(context.run_config)
@@ -102,13 +102,19 @@ def train(msg: Message, context: Context) -> Message:
     model_fn = ex.model_fn(cfg, *data.model_shape)
     with torch.random.fork_rng(devices=[]):
         template = model_fn().state_dict()
-    # what an in-process client gets: the downlink codec's state, every entry (see .wire)
-    state = downlink_codec(str(config["downlink"])).decode(
-        array_bytes(msg.content["global"]["model"]), template)
+    if "oqfl" in context.state:  # the residual and held model of the previous rounds
+        client.load_state_dict(load(array_bytes(context.state["oqfl"]["client"])))
+    blob = array_bytes(msg.content["global"]["model"])
+    downlink = str(config["downlink"])
+    if downlink in DELTA_DOWNLINKS:  # what an in-process client does (Server.run_round)
+        if downlink != cfg.downlink:
+            raise ValueError(f"message downlink {downlink!r:.40}, the run config says "
+                             f"{cfg.downlink!r}")
+        state = client.held.receive(blob, template)
+    else:  # what an in-process client gets: the codec's state, every entry (see .wire)
+        state = downlink_codec(downlink).decode(blob, template)
 
     _hold_if_asked(round_idx)
-    if "oqfl" in context.state:  # the error-feedback residual of the previous round
-        client.load_state_dict(load(array_bytes(context.state["oqfl"]["client"])))
 
     logger.warning("oqfl client %s (partition %d): round %d: training on %d examples",
                    client.client_id, pid, round_idx, len(client))

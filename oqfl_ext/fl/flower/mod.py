@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from ..client import derive_seed, encode_with_feedback, float_state
+from ..._checks import check_int
 from ..codec import DEFAULT_COMPRESSION, check_compression
 from .wire import blob_array
 
@@ -73,11 +74,11 @@ def _torch_state(record: ArrayRecord, what: str) -> Dict[str, torch.Tensor]:
 def _round(msg: Message) -> int:
     for record in msg.content.config_records.values():
         if ROUND_KEY in record:
-            r = record[ROUND_KEY]
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-                raise _Refused(f"oqfl_mod: config '{ROUND_KEY}' expected a non-negative "
-                               f"integer, got {r!r:.40}")
-            return r
+            try:
+                return check_int(f"oqfl_mod: config '{ROUND_KEY}'", record[ROUND_KEY],
+                                 minimum=0)
+            except ValueError as e:
+                raise _Refused(str(e)) from None
     raise _Refused(f"oqfl_mod needs '{ROUND_KEY}' in the train message's config (FedAvg-family "
                    "strategies such as OQFLFedAvg send it)")
 
@@ -100,8 +101,7 @@ class OQFLMod:
         if isinstance(bits, bool) or bits not in (4, 8, 32):
             raise ValueError(f"bits expected 4, 8 or 32, got {bits!r}")
         check_compression(compression)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed expected an integer, got {seed!r}")
+        check_int("seed", seed)
         self.bits, self.stochastic, self.compression, self.seed = bits, bool(stochastic), \
             compression, seed
         self.error_feedback = bool(error_feedback) and bits != 32
@@ -132,10 +132,11 @@ class OQFLMod:
             raise _Refused("oqfl_mod: the reply's arrays differ in names or shapes from the "
                            "ones the ClientApp received")
         _, metrics = _one(reply.content.metric_records, "MetricRecord", "ClientApp's reply")
-        n = metrics.get(WEIGHT_KEY)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise _Refused(f"oqfl_mod needs '{WEIGHT_KEY}', a non-negative integer, in the "
-                           f"reply's MetricRecord, got {n!r:.40}")
+        try:
+            n = check_int(f"oqfl_mod: the reply's MetricRecord '{WEIGHT_KEY}'",
+                          metrics.get(WEIGHT_KEY), minimum=0)
+        except ValueError as e:
+            raise _Refused(str(e)) from None
         glob = float_state(global_state)
         delta = {k: local[k].float() - glob[k].float() for k in glob}
         residual = self._load_residual(context, delta)

@@ -22,8 +22,10 @@ with Flower messages in between:
    :func:`.wire.encode_state`).
 
 Bytes: ``uplink_bytes`` is the sum of the lengths of the update blobs received (as in
-process); ``downlink_bytes`` the length of the downlink codec's blob times the number of
-sampled clients it is known to have reached: those that replied, with an update or with a
+process); ``downlink_bytes`` the sum of the lengths of the downlink blobs (the same blob for
+every client with ``float32``/``int8``, each client's own chain or snapshot with a delta
+downlink, :meth:`Server.downlink_for`) sent to the sampled clients they are known to have
+reached: those that replied, with an update or with a
 ClientApp error (the same rule as in process, :attr:`oqfl_ext.fl.RoundResult.downlink_bytes`).
 A sampled partition whose node is not connected is sent nothing (``not_delivered``); a node
 that was sent the model and never answered (round timeout, or Flower's own report that the
@@ -55,6 +57,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import NO_PHONE_HOME
 from .. import experiment as ex
+from ..._checks import check_int
 from ..codec import UpdateRejected
 from ..experiment import ExperimentConfig
 from ..metrics import mean_train_loss, round_record, save_run
@@ -94,10 +97,11 @@ def _read_reply(reply: Message, num_samples: int):
         raise
     except Exception as e:  # a reply without the layout of .wire
         raise UpdateRejected(f"malformed reply ({type(e).__name__}: {str(e)[:200]})") from None
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)
-                          or not 0 <= n <= num_samples):
-        raise UpdateRejected(f"reply metrics: num-examples expected an integer in [0, "
-                             f"{num_samples}], got {n!r:.40}")
+    if n is not None:
+        try:
+            n = check_int("reply metrics: num-examples", n, minimum=0, maximum=num_samples)
+        except ValueError as e:
+            raise UpdateRejected(str(e)) from None
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))
                              or not math.isfinite(loss)):
         raise UpdateRejected(f"reply metrics: train-loss expected a finite number, got "
@@ -183,7 +187,7 @@ def main(grid: Grid, context: Context) -> None:
     config["out_dir"] = str(out)
     rows: List[dict] = []
     for r in range(cfg.rounds):
-        sampled, model_blob = server.begin_round(r)
+        sampled, _ = server.begin_round(r)
         alive = set(grid.get_node_ids())
         replies: Dict[str, object] = {}
         msgs, by_node = [], {}
@@ -192,6 +196,7 @@ def main(grid: Grid, context: Context) -> None:
             if node is None or node not in alive:
                 replies[client.client_id] = NotDelivered("node not connected")
                 continue
+            model_blob = server.downlink_for(client.client_id)  # a chain or snapshot (delta)
             content = RecordDict({
                 "global": ArrayRecord({"model": blob_array(model_blob)}),
                 "config": ConfigRecord({"round": r, "client-id": client.client_id,
@@ -201,8 +206,9 @@ def main(grid: Grid, context: Context) -> None:
             by_node[node] = client
             replies[client.client_id] = DeliveryUnconfirmed(
                 f"no reply within the round timeout ({settings.round_timeout:g} s)")
-        logger.warning("oqfl round %d: sent the global model (%d bytes) to nodes %s", r,
-                       len(model_blob), sorted(by_node))
+        logger.warning("oqfl round %d: sent the global model (%d bytes in all) to nodes %s", r,
+                       sum(len(server.downlink_for(c.client_id)) for c in by_node.values()),
+                       sorted(by_node))
         answered: Dict[str, dict] = {}
         received = list(grid.send_and_receive(msgs, timeout=settings.round_timeout))
         # push_messages gave every message its id: a reply names the message it answers (a
@@ -220,8 +226,10 @@ def main(grid: Grid, context: Context) -> None:
         res = server.end_round(r, replies)  # decode, checks, clipping, FedAvg(M), evaluation
         train_loss = mean_train_loss((c["train_loss"], c["num_examples"])
                                      for cid, c in answered.items() if cid in res.accepted)
+        extra = ({} if server.broadcast is None
+                 else {"downlink_snapshots": list(res.downlink_snapshots)})
         rows.append(round_record(res, downlink_bytes=res.downlink_bytes,
-                                 train_loss=train_loss, clients=answered))
+                                 train_loss=train_loss, clients=answered, **extra))
         logger.warning("oqfl round %d: accuracy %.4f loss %.4f, accepted %s, dropped %s", r,
                        res.accuracy, res.loss, res.accepted, [c for c, _ in res.dropped])
         save_run(out, config, rows)

@@ -29,6 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from .. import experiment as ex
+from ..._checks import check_int
 from ..experiment import ExperimentConfig
 
 __all__ = ["FlowerSettings", "parse_run_config", "run_config_defaults", "apply_threads",
@@ -61,10 +62,7 @@ class FlowerSettings:
                 raise ValueError(f"run config {_kebab(key)}: expected a positive number of "
                                  f"seconds, got {v!r}")
             object.__setattr__(self, key, float(v))
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or \
-                self.threads < 0:
-            raise ValueError(f"run config threads: expected an integer >= 0, got "
-                             f"{self.threads!r}")
+        check_int("run config threads:", self.threads, minimum=0)
         if not isinstance(self.out_dir, str):
             raise ValueError(f"run config out-dir: expected a path, got {self.out_dir!r}")
 

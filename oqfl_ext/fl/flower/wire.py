@@ -8,7 +8,8 @@ byte for byte; nothing is pickled.
 ``train`` message (ServerApp -> ClientApp)::
 
     "global": ArrayRecord {"model": Array(raw uint8: the Server's downlink blob)}
-    "config": ConfigRecord {"round": int, "client-id": str, "downlink": "float32" | "int8"}
+    "config": ConfigRecord {"round": int, "client-id": str,
+                            "downlink": "float32" | "int8" | "int4-delta" | "int8-delta"}
 
 ``train`` reply (ClientApp -> ServerApp)::
 
@@ -23,7 +24,10 @@ blob, format ``"oqfl-model"``). It carries every ``state_dict`` entry: the float
 (float32, or int8 codes for ``"int8"``) and, exactly, the integer and bool ones (batch-norm
 ``num_batches_tracked``, the quantizers' ``initialized``/``signed`` flags, set by the server's
 calibration). The ClientApp decodes it against its own model's full ``state_dict`` and thus
-trains from the same state as an in-process client.
+trains from the same state as an in-process client. With a delta downlink ``"model"`` is the
+client's own blob (:meth:`oqfl_ext.fl.Server.downlink_for`: a chain of deltas or a snapshot,
+:mod:`oqfl_ext.fl.downlink`), which the ClientApp applies to the broadcast model it keeps in
+its ``context.state``.
 
 A plain state dict (the ServerApp's final ``model.safetensors``, a ClientApp's state between
 rounds in ``context.state``) is a safetensors blob with metadata

@@ -1,0 +1,418 @@
+"""The compressed downlink: the change of the broadcast model, int4/int8, with error feedback.
+
+``downlink="int4-delta"`` (or ``"int8-delta"``) of :class:`oqfl_ext.fl.Server`. The server keeps
+the *broadcast model* ``B``: the model every client that is up to date holds, bit for bit. It is
+distinct from the global model ``G`` the server aggregates into. Each round (version ``v``):
+
+1. ``d = G - B`` on the floating-point entries (float32, CPU) is encoded as a version 2 update
+   blob (:func:`oqfl_ext.fl.codec.encode_update`, ``bits`` 4 or 8, round half to even: int4/int8
+   codes with per-channel steps for weights, bfloat16 for 0-D/1-D entries);
+2. ``B <- B + decode(blob)``: the server applies its own blob with :func:`apply_delta`, the
+   function every client applies it with (float32 additions on the CPU), so both get the same
+   bits. Server-side error feedback is implicit: what the blob failed to carry, ``G - B``, is
+   part of the next round's ``d``, never lost;
+3. the clients train from ``B``; their updates (``local - B``) are averaged into ``G``.
+
+A client is sent what it needs to reach version ``v`` from the version the server last knows
+it held (a reply with an update, or a :class:`~oqfl_ext.fl.Dropped`, shows that it had the
+round's model): the chain of the deltas since then, or a float32 snapshot of ``B`` (exact),
+whichever is smaller (a chain of one delta, the round's own, is sent without building the
+snapshot: int4/int8 codes are a fraction of float32 values). A client the server knows nothing
+of (first round, or one that failed: its state is unknown) gets the snapshot. The first
+round, and any round where an entry that is not floating point differs between ``G`` and ``B``
+(they never change in a run), sends a snapshot to everyone. The server keeps the deltas that a
+client may still need, up to :func:`raw_limit` bytes of them.
+
+Wire format: a *downlink blob* is one Zstandard frame (level 1, content size in its header,
+checked against :func:`raw_limit` before anything is decompressed) of
+
+==========  ====================================================================
+4 bytes     magic ``b"OQFD"``
+u8          format version, 1
+u8          bits of the deltas: 4 or 8
+u8          kind: 0 snapshot, 1 chain of deltas
+u8          reserved, 0
+u64         round of the broadcast
+u64         version ``v`` the client holds after applying it
+32 bytes    model digest of the template: SHA-256 over every state entry's name, dtype
+            and shape (a blob for another model is refused)
+u32         number of items
+items       each ``u64 length`` + item
+32 bytes    SHA-256 of everything before it
+==========  ====================================================================
+
+A snapshot item is ``u64 version, 32-byte state digest`` + an :func:`oqfl_ext.fl.codec.
+encode_model` float32 blob of ``B``; a delta item is ``u64 base version, u64 version, 32-byte
+base state digest, 32-byte state digest`` + an (uncompressed) update blob. The *state digest*
+(:func:`state_digest`) is SHA-256 over every entry's name, dtype, shape and bytes: the client
+checks its model against the base digest before applying a delta and against the result
+digest after, so a client holds the server's model bit for bit or refuses the blob
+(:class:`~oqfl_ext.fl.codec.UpdateRejected`). Items of a chain the client already applied (a
+client whose reply got lost) are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int
+from .._io import tensor_bytes
+from . import codec as _codec
+from .codec import UpdateRejected
+
+__all__ = ["DELTA_DOWNLINKS", "DeltaBroadcast", "HeldModel", "apply_delta", "state_digest",
+           "model_digest", "raw_limit", "parse_blob"]
+
+DELTA_DOWNLINKS = {"int4-delta": 4, "int8-delta": 8}
+_MAGIC = b"OQFD"
+_VERSION = 1
+_SNAPSHOT, _CHAIN = 0, 1
+# magic, version, bits, kind, reserved, round, version held after, model digest, items
+_HEAD = struct.Struct("<4sBBBBQQ32sI")
+_SNAP_HEAD = struct.Struct("<Q32s")
+_DELTA_HEAD = struct.Struct("<QQ32s32s")
+_LEN = struct.Struct("<Q")
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _entry_head(name: str, t: Tensor) -> bytes:
+    key = name.encode("utf-8", "surrogatepass")
+    dt = _dtype(t).encode()
+    return (struct.pack("<Q", len(key)) + key + struct.pack("<Q", len(dt)) + dt
+            + struct.pack(f"<Q{t.dim()}Q", t.dim(), *t.shape))
+
+
+def model_digest(state: Mapping[str, Tensor]) -> bytes:
+    """SHA-256 over the names, dtypes and shapes of ``state`` (in sorted-name order: a state
+    read back from safetensors has its names sorted)."""
+    h = hashlib.sha256(b"oqfl-downlink-model\0")
+    for name in sorted(state):
+        h.update(_entry_head(name, state[name]))
+    return h.digest()
+
+
+def state_digest(state: Mapping[str, Tensor]) -> bytes:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``state`` (in sorted-name order):
+    equal digests mean bit-identical models."""
+    h = hashlib.sha256(b"oqfl-downlink-state\0")
+    for name in sorted(state):
+        t = state[name]
+        h.update(_entry_head(name, t))
+        h.update(tensor_bytes(t.detach().cpu().contiguous()))
+    return h.digest()
+
+
+def raw_limit(template: Mapping[str, Tensor]) -> int:
+    """The most bytes a downlink blob for ``template`` decompresses to: four times its float32
+    size plus 1 MiB (a snapshot is about 1x; the server sends no chain larger than this)."""
+    return 4 * sum(4 * t.numel() for t in template.values()) + (1 << 20)
+
+
+def _floats(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def apply_delta(state: Mapping[str, Tensor], update_blob: bytes) -> Dict[str, Tensor]:
+    """``state`` plus the decoded delta ``update_blob`` (uncompressed update blob over its
+    floating-point entries): ``(state[k].float() + delta[k]).to(dtype)`` on the CPU, the one
+    computation the server and every client run. Other entries are kept as they are."""
+    delta = _codec.decode_update(update_blob, _floats(state), compression="none")
+    out = {}
+    for k, v in state.items():
+        if k in delta:
+            out[k] = (v.float() + delta[k]).to(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def _cpu_copy(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _container(bits: int, kind: int, round_: int, version: int, mdigest: bytes,
+               items: List[bytes]) -> bytes:
+    out = bytearray(_HEAD.pack(_MAGIC, _VERSION, bits, kind, 0, round_, version, mdigest,
+                               len(items)))
+    for item in items:
+        out += _LEN.pack(len(item))
+        out += item
+    out += hashlib.sha256(out).digest()
+    return bytes(out)
+
+
+def _compress(raw: bytes) -> bytes:
+    return _codec.wrap_update(raw, "zstd")
+
+
+def _reject(msg: str):
+    raise UpdateRejected(f"downlink rejected: {msg}")
+
+
+def parse_blob(blob, template: Mapping[str, Tensor]) -> dict:
+    """The checked framing of a downlink blob for ``template``: ``{"bits", "kind"
+    ("snapshot" | "chain"), "round", "version", "items": [bytes]}``. Raises UpdateRejected
+    (corruption, truncation, another model, a decompression bomb)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"blob expected bytes, got {type(blob).__name__}")
+    limit = raw_limit(template)
+    try:
+        raw = _codec._unzstd(bytes(blob), limit)
+    except UpdateRejected as e:
+        _reject(str(e))
+    if len(raw) < _HEAD.size + 32:
+        _reject(f"{len(raw)} bytes, shorter than the smallest downlink blob")
+    if hashlib.sha256(raw[:-32]).digest() != raw[-32:]:
+        _reject("SHA-256 mismatch (corrupted or truncated)")
+    magic, version, bits, kind, reserved, round_, target, mdigest, n = _HEAD.unpack_from(raw)
+    if magic != _MAGIC:
+        _reject(f"not a downlink blob (magic {magic!r})")
+    if version != _VERSION:
+        _reject(f"format version {version}, this oqfl_ext reads version {_VERSION}")
+    if bits not in (4, 8) or kind not in (_SNAPSHOT, _CHAIN) or reserved:
+        _reject(f"bad header (bits {bits}, kind {kind}, reserved {reserved})")
+    if mdigest != model_digest(template):
+        _reject("made for another model (names, dtypes or shapes differ from this client's)")
+    if kind == _SNAPSHOT and n != 1:
+        _reject(f"a snapshot with {n} items")
+    items, pos, end = [], _HEAD.size, len(raw) - 32
+    for _ in range(n):
+        if pos + _LEN.size > end:
+            _reject("truncated item list")
+        (size,), pos = _LEN.unpack_from(raw, pos), pos + _LEN.size
+        if size > end - pos:
+            _reject("truncated item")
+        items.append(raw[pos:pos + size])
+        pos += size
+    if pos != end:
+        _reject(f"{end - pos} bytes after the last item")
+    return {"bits": bits, "kind": "snapshot" if kind == _SNAPSHOT else "chain", "round": round_,
+            "version": target, "items": items}
+
+
+class HeldModel:
+    """What a client holds of the compressed downlink: the broadcast model ``state`` (CPU),
+    its ``version`` (None before the first snapshot) and ``digest``. :meth:`receive` applies a
+    downlink blob; :meth:`state_dict` / :meth:`load_state_dict` keep it between rounds (a
+    checkpoint, a Flower node's ``context.state``)."""
+
+    def __init__(self):
+        self.version: Optional[int] = None
+        self.state: Optional[Dict[str, Tensor]] = None
+        self.digest: Optional[bytes] = None
+
+    def receive(self, blob, template: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Applies the downlink blob (checked against ``template``: names, dtypes, shapes of
+        the model's full ``state_dict()``) and returns the model now held (a new dict of its
+        tensors, to load or copy, not to modify in place). On any problem it raises
+        UpdateRejected and keeps what it held."""
+        info = parse_blob(blob, template)
+        if info["kind"] == "snapshot":
+            version, digest = _SNAP_HEAD.unpack_from(info["items"][0])
+            if version != info["version"]:
+                _reject(f"snapshot of version {version} in a blob for version "
+                        f"{info['version']}")
+            state = _cpu_copy(_codec.decode_model(info["items"][0][_SNAP_HEAD.size:],
+                                                  dict(template)))
+            if state_digest(state) != digest:
+                _reject("the snapshot's state digest does not match its values")
+            self.version, self.state, self.digest = version, state, digest
+            return dict(state)
+        version, state, digest = self.version, self.state, self.digest
+        for item in info["items"]:
+            if len(item) < _DELTA_HEAD.size:
+                _reject("truncated delta item")
+            base, new, base_digest, new_digest = _DELTA_HEAD.unpack_from(item)
+            if new != base + 1:
+                _reject(f"a delta from version {base} to {new}")
+            if version is not None and new <= version:
+                if new == version and new_digest != digest:
+                    _reject(f"version {new} differs from the one this client holds")
+                continue  # applied already (its reply got lost)
+            if version is None:
+                _reject("this client holds no model yet: it needs a snapshot")
+            if base != version or base_digest != digest:
+                _reject(f"a delta from version {base}, this client holds version {version}"
+                        + ("" if base != version else " with other values"))
+            state = apply_delta(state, item[_DELTA_HEAD.size:])
+            if state_digest(state) != new_digest:
+                _reject(f"version {new} after the delta differs from the server's")
+            version, digest = new, new_digest
+        if version != info["version"]:
+            _reject(f"the blob leaves this client at version {version}, it names version "
+                    f"{info['version']}")
+        self.version, self.digest = version, digest
+        self.state = {k: state[k] for k in template}  # the model's order (a checkpoint sorts)
+        return dict(self.state)
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        """``{"version": int64, "model.<name>": ...}``, or ``{}`` when it holds nothing."""
+        if self.state is None:
+            return {}
+        out = {"version": torch.tensor(self.version, dtype=torch.int64)}
+        out.update({f"model.{k}": v.clone() for k, v in self.state.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if not state:
+            self.__init__()
+            return
+        bad = [k for k in state if k != "version" and not k.startswith("model.")]
+        if bad or "version" not in state:
+            raise ValueError(f"held model state expected 'version' and 'model.*' entries, got "
+                             f"{sorted(state)[:5]}")
+        self.version = check_int("held model version", state["version"].item(), minimum=0)
+        self.state = _cpu_copy({k[len("model."):]: v for k, v in state.items()
+                                if k.startswith("model.")})
+        self.digest = state_digest(self.state)
+
+
+class DeltaBroadcast:
+    """The server side of the compressed downlink (module docstring): the broadcast model,
+    its version, the deltas a client may still need and the version each client holds.
+
+    Args:
+        bits: 4 or 8.
+        client_ids: every client of the run.
+    """
+
+    def __init__(self, bits: int, client_ids):
+        if bits not in (4, 8):
+            raise ValueError(f"bits expected 4 or 8, got {bits!r}")
+        self.bits = bits
+        self.client_ids = list(client_ids)
+        self.state: Optional[Dict[str, Tensor]] = None   # B, CPU
+        self.version = -1
+        self.round = 0
+        self.digest: Optional[bytes] = None
+        self.history: Dict[int, bytes] = {}   # version -> delta item reaching it
+        self.held: Dict[str, Optional[int]] = {c: None for c in self.client_ids}
+        self._cache: Dict[Optional[int], Tuple[bytes, str]] = {}
+
+    # ------------------------------------------------------------ a round
+    def prepare(self, global_state: Mapping[str, Tensor], round_idx: int) -> None:
+        """Moves ``B`` one version towards ``global_state`` (``G``): a delta, or a rebase to
+        an exact copy of ``G`` (first round, other structure, changed non-float entries)."""
+        g = {k: v.detach() for k, v in global_state.items()}
+        self._cache = {}
+        self.round = round_idx
+        rebase = self.state is None or set(self.state) != set(g) or any(
+            self.state[k].dtype != v.dtype or self.state[k].shape != v.shape
+            or (not v.is_floating_point() and not torch.equal(self.state[k], v.cpu()))
+            for k, v in g.items())
+        self.version += 1
+        if rebase:
+            self.state = _cpu_copy(g)
+            self.digest = state_digest(self.state)
+            self.history = {}
+            self.held = {c: None for c in self.client_ids}
+        else:
+            delta = {k: v.float().cpu() - self.state[k].float()
+                     for k, v in g.items() if v.is_floating_point()}
+            blob = _codec.encode_update(delta, bits=self.bits, round=round_idx,
+                                        stochastic=False, compression="none")
+            new = apply_delta(self.state, blob)
+            digest = state_digest(new)
+            self.history[self.version] = _DELTA_HEAD.pack(self.version - 1, self.version,
+                                                          self.digest, digest) + blob
+            self.state = {k: new[k] for k in g}  # the model's order (a checkpoint sorts)
+            self.digest = digest
+            self._prune()
+
+    def blob_for(self, client_id: str) -> Tuple[bytes, str]:
+        """``(blob, "chain" | "snapshot")`` bringing ``client_id`` to the current version."""
+        held = self.held.get(client_id)
+        if held is not None and held > self.version:
+            held = None  # cannot be: the server's record is wrong, start over
+        if held in self._cache:
+            return self._cache[held]
+        out = None
+        if held is not None and all(v in self.history for v in range(held + 1,
+                                                                      self.version + 1)):
+            items = [self.history[v] for v in range(held + 1, self.version + 1)]
+            chain = _compress(_container(self.bits, _CHAIN, self.round, self.version,
+                                         model_digest(self.state), items))
+            if len(items) <= 1 or len(chain) < len(self._snapshot()[0]):
+                out = (chain, "chain")
+        if out is None:
+            out = self._snapshot()
+        self._cache[held] = out
+        return out
+
+    def _snapshot(self) -> Tuple[bytes, str]:
+        if "snapshot" not in self._cache:
+            item = _SNAP_HEAD.pack(self.version, self.digest) + _codec.encode_model(
+                self.state, round=self.round)
+            self._cache["snapshot"] = (_compress(_container(
+                self.bits, _SNAPSHOT, self.round, self.version, model_digest(self.state),
+                [item])), "snapshot")
+        return self._cache["snapshot"]
+
+    def settle(self, client_id: str, outcome: str) -> None:
+        """Records what a round's reply says of ``client_id``: ``"received"`` (it holds the
+        current version), ``"unknown"`` (it failed: the next blob is a snapshot) or
+        ``"unchanged"`` (not delivered, or unconfirmed: a chain from what it held before;
+        the client skips the deltas it applied already)."""
+        if outcome == "received":
+            self.held[client_id] = self.version
+        elif outcome == "unknown":
+            self.held[client_id] = None
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keeps the deltas some client may still need, at most :func:`raw_limit` bytes."""
+        known = [v for v in self.held.values() if v is not None]
+        oldest = min(known) if known else self.version
+        budget = raw_limit(self.state) if self.state is not None else 0
+        kept, total = {}, 0
+        for v in sorted(self.history, reverse=True):
+            total += len(self.history[v])
+            if v <= oldest or total > budget:
+                break
+            kept[v] = self.history[v]
+        self.history = dict(sorted(kept.items()))
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Tensor]:
+        """Flat tensors (for :mod:`oqfl_ext.fl.checkpoint`): ``version``, ``round``, ``held``
+        (int64 per client, -1: unknown), ``model.<name>`` (B) and ``delta.<version>``
+        (uint8 delta items)."""
+        if self.state is None:
+            return {}
+        out = {"version": torch.tensor(self.version, dtype=torch.int64),
+               "round": torch.tensor(self.round, dtype=torch.int64),
+               "held": torch.tensor([-1 if self.held[c] is None else self.held[c]
+                                     for c in self.client_ids], dtype=torch.int64)}
+        out.update({f"model.{k}": v.clone() for k, v in self.state.items()})
+        out.update({f"delta.{v}": torch.frombuffer(bytearray(item), dtype=torch.uint8)
+                    for v, item in self.history.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if not state:
+            self.__init__(self.bits, self.client_ids)
+            return
+        for key in ("version", "round", "held"):
+            if key not in state:
+                raise ValueError(f"downlink state expected a {key!r} entry")
+        held = state["held"].tolist()
+        if len(held) != len(self.client_ids):
+            raise ValueError(f"downlink state has {len(held)} clients, this server "
+                             f"{len(self.client_ids)}")
+        self.version = check_int("downlink version", int(state["version"]), minimum=0)
+        self.round = check_int("downlink round", int(state["round"]), minimum=0)
+        self.held = {c: None if h < 0 else h for c, h in zip(self.client_ids, held)}
+        self.state = _cpu_copy({k[len("model."):]: v for k, v in state.items()
+                                if k.startswith("model.")})
+        self.history = {int(k[len("delta."):]): bytes(tensor_bytes(v.contiguous()))
+                        for k, v in state.items() if k.startswith("delta.")}
+        self.digest = state_digest(self.state)
+        self._cache = {}
