@@ -74,7 +74,7 @@ RESUME_IGNORE = frozenset({"rounds", "out", "resume", "quiet", "progress", "data
 # checkpoint without them had: such a key at that value is left out of both sides of a
 # comparison (at any depth), so an older checkpoint resumes and a changed setting is caught
 ADDED_SETTINGS = {"uplink_compression": "none", "quant_init": "mse", "grad_scale": "lsq",
-                  "step_size_lr_scale": 1.0}
+                  "act_grad_count": "all", "step_size_lr_scale": 1.0}
 _TENSORS_RE = re.compile(r"^checkpoint-r(\d{6,})\.safetensors$")
 _SEP = "::"
 

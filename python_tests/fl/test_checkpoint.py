@@ -461,9 +461,10 @@ def test_deadline_in_the_past_raises_client_timeout():
 @needs_fmnist
 def test_checkpoint_from_before_uplink_compression_resumes(tmp_path, capsys):
     # a checkpoint written before --uplink-compression existed has no such key anywhere (and
-    # ran uncompressed: the default since is zstd)
+    # ran uncompressed: the default since is zstd; and with the quantizer settings of then)
     out = tmp_path / "run"
-    none = ["--uplink-compression", "none"]
+    none = ["--uplink-compression", "none", "--quant-init", "mse", "--step-size-lr-scale", "1",
+            "--act-grad-count", "all"]
     assert main(CLI_ARGS + none + ["--rounds", "1", "--out", str(out)]) == 0
     path = out / "checkpoints" / "checkpoint.json"
     from oqfl_ext.fl.checkpoint import ADDED_SETTINGS
@@ -482,5 +483,5 @@ def test_checkpoint_from_before_uplink_compression_resumes(tmp_path, capsys):
     assert main(CLI_ARGS + none + ["--rounds", "2", "--resume", "--out", str(out)]) == 0
     capsys.readouterr()
     # ... but not with the option changed (here to the default)
-    assert main(CLI_ARGS + ["--rounds", "3", "--resume", "--out", str(out)]) == 1
+    assert main(CLI_ARGS + none[2:] + ["--rounds", "3", "--resume", "--out", str(out)]) == 1
     assert "'uplink_compression' differs" in capsys.readouterr().err
