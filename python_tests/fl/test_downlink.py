@@ -24,8 +24,10 @@ def quantized_state():
     """The state of a W4A4 SmallCNN with calibrated quantizers: float weights, biases, BN
     statistics, LSQ step sizes and offsets, int64 num_batches_tracked, bool flags."""
     torch.manual_seed(0)
+    # the MSE step-size init this test was written with (the default became LSQ's): on an
+    # untrained network LSQ's steps leave logit margins too small for the argmax check below
     model = quantize_model(models.SmallCNN(in_channels=1, image_size=28), weight_bits=4,
-                           act_bits=4)
+                           act_bits=4, init="mse")
     model.train()
     calibrate(model, torch.randn(16, 1, 28, 28))
     model(torch.randn(4, 1, 28, 28))  # moves the BN statistics and counters
@@ -120,7 +122,7 @@ def test_int8_quantized_model_round_trip_keeps_accuracy_of_outputs():
                            act_bits=4)
     fresh.load_state_dict(out)
     model.eval(), fresh.eval()
-    x = torch.randn(8, 1, 28, 28)
+    x = torch.randn(256, 1, 28, 28)   # enough inputs that the agreement (0.82-0.88) is stable
     assert (fresh(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.75
 
 
