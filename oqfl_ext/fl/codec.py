@@ -125,7 +125,7 @@ from .._checks import check_int
 from .._io import encode_safetensors, tensor_bytes, tensor_digest
 
 __all__ = ["encode_update", "decode_update", "encode_model", "decode_model", "UpdateRejected",
-           "update_size_limit", "update_layout", "wrap_update", "check_compression", "COMPRESSIONS",
+           "update_size_limit", "update_layout", "wrap_update", "unwrap_update", "check_compression", "COMPRESSIONS",
            "FORMAT_NAME", "FORMAT_VERSION", "MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION"]
 
 FORMAT_NAME = "oqfl-update"
@@ -439,6 +439,16 @@ def wrap_update(blob: bytes, compression: str) -> bytes:
         return _zstd().ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True,
                                       write_checksum=False).compress(blob)
     return blob if isinstance(blob, bytes) else bytes(blob)
+
+
+def unwrap_update(data, compression: str, limit: int) -> bytes:
+    """The inverse of :func:`wrap_update`: the blob inside ``data``. A compressed stream is
+    decompressed to at most ``limit`` bytes; a larger, truncated or corrupted stream, or bytes
+    after its end, raise UpdateRejected."""
+    check_compression(compression)
+    if compression == "none":
+        return data if isinstance(data, bytes) else bytes(data)
+    return _decompress(data, compression, limit)
 
 
 def _zstd():

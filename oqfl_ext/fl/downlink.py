@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
-from .._io import tensor_bytes
+from .._io import tensor_bytes, tensor_digest
 from . import codec as _codec
 from .codec import UpdateRejected
 
@@ -83,31 +83,23 @@ def _dtype(t: Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _entry_head(name: str, t: Tensor) -> bytes:
-    key = name.encode("utf-8", "surrogatepass")
-    dt = _dtype(t).encode()
-    return (struct.pack("<Q", len(key)) + key + struct.pack("<Q", len(dt)) + dt
-            + struct.pack(f"<Q{t.dim()}Q", t.dim(), *t.shape))
+def _digest(domain: bytes, state: Mapping[str, Tensor], with_data: bool) -> bytes:
+    digest = tensor_digest(domain, {}, {
+        k: (_dtype(t), list(t.shape), tensor_bytes(t) if with_data else b"")
+        for k, t in state.items()})
+    return bytes.fromhex(digest.split(":", 1)[1])
 
 
 def model_digest(state: Mapping[str, Tensor]) -> bytes:
     """SHA-256 over the names, dtypes and shapes of ``state`` (in sorted-name order: a state
     read back from safetensors has its names sorted)."""
-    h = hashlib.sha256(b"oqfl-downlink-model\0")
-    for name in sorted(state):
-        h.update(_entry_head(name, state[name]))
-    return h.digest()
+    return _digest(b"oqfl-downlink-model", state, with_data=False)
 
 
 def state_digest(state: Mapping[str, Tensor]) -> bytes:
     """SHA-256 over the names, dtypes, shapes and bytes of ``state`` (in sorted-name order):
     equal digests mean bit-identical models."""
-    h = hashlib.sha256(b"oqfl-downlink-state\0")
-    for name in sorted(state):
-        t = state[name]
-        h.update(_entry_head(name, t))
-        h.update(tensor_bytes(t.detach().cpu().contiguous()))
-    return h.digest()
+    return _digest(b"oqfl-downlink-state", state, with_data=True)
 
 
 def raw_limit(template: Mapping[str, Tensor]) -> int:
@@ -165,7 +157,7 @@ def parse_blob(blob, template: Mapping[str, Tensor]) -> dict:
         raise TypeError(f"blob expected bytes, got {type(blob).__name__}")
     limit = raw_limit(template)
     try:
-        raw = _codec._unzstd(bytes(blob), limit)
+        raw = _codec.unwrap_update(blob, "zstd", limit)
     except UpdateRejected as e:
         _reject(str(e))
     if len(raw) < _HEAD.size + 32:

@@ -297,15 +297,15 @@ def test_killed_cli_run_resumes_to_the_same_model(tmp_path):
                              "--out", str(cut)], env=env, cwd=str(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = cut / "checkpoints" / "checkpoint.json"
-    deadline = time.monotonic() + 120
     killed = False
-    while time.monotonic() < deadline and proc.poll() is None:
+    # the event is the first checkpoint on disk; the run ends by itself if it never comes
+    while proc.poll() is None:
         if ckpt.is_file():
             os.kill(proc.pid, signal.SIGKILL)
             killed = True
             break
         time.sleep(0.01)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate()
     assert killed, f"the run ended before its first checkpoint: {err.decode()[-2000:]}"
     done = ck.load_checkpoint(cut / "checkpoints").round
     assert 1 <= done <= 4
