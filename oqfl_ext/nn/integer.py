@@ -241,8 +241,14 @@ class _QIntBase(nn.Module):
         return x, None
 
     def _run(self, op, x: Tensor, residual: Optional[Tensor], dtype, **kwargs) -> Tensor:
-        """``op(x, ...)`` (``ops.qconv2d`` / ``ops.qlinear``) with the epilogue;
-        ``kwargs``: the op's other keyword arguments."""
+        """``op(x, ...)`` (the registered ``torch.ops.oqfl.qconv2d`` / ``qlinear``: the op
+        checks every argument itself) with the epilogue; ``kwargs``: the op's other keyword
+        arguments, already in the op's types (int lists, not pairs).
+
+        Per-call Python cost matters here (at batch 1 a small layer's kernel takes tens of
+        microseconds): the buffers are read from ``_buffers`` rather than through
+        ``nn.Module.__getattr__``, and the op is called without the argument-normalizing
+        wrappers of :mod:`oqfl_ext.ops`."""
         if self.residual != (residual is not None):
             raise ValueError(f"{type(self).__name__}: residual expected "
                              f"{'a tensor' if self.residual else 'None'} (the layer was built "
@@ -253,13 +259,15 @@ class _QIntBase(nn.Module):
                 raise TypeError(f"{type(self).__name__}: residual expected a floating-point "
                                 "tensor")
             residual = residual.float()
-        args = (x, self.x_scale, self.x_zero_point, self.w_packed, self.w_scale, self.bias)
-        out = {} if self.out_quant is None else dict(
-            out_scale=self.out_scale, out_zero_point=self.out_zero_point,
-            out_quant_min=self.out_quant_min, out_quant_max=self.out_quant_max)
-        y = op(*args, relu=self.relu, residual=residual, clamp_max=self.clamp_max, **out,
-               **kwargs)
-        return y if dtype is None or out else y.to(dtype)
+        b = self._buffers
+        if self.out_quant_min is None:
+            y = op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
+                   relu=self.relu, residual=residual, clamp_max=self.clamp_max, **kwargs)
+            return y if dtype is None else y.to(dtype)
+        return op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
+                  relu=self.relu, residual=residual, clamp_max=self.clamp_max,
+                  out_scale=b["out_scale"], out_zero_point=b["out_zero_point"],
+                  out_quant_min=self.out_quant_min, out_quant_max=self.out_quant_max, **kwargs)
 
     @classmethod
     def from_quant(cls, module):
@@ -347,7 +355,10 @@ class QConv2dInt(_QIntBase):
         # how forward pads: by the op (ints) or beforehand in float (any other case)
         padding = (0, 0) if self.padding == "valid" else self.padding
         self._prepad = self.padding_mode != "zeros" or isinstance(padding, str)
-        self._op_padding = (0, 0) if self._prepad else tuple(padding)
+        # the geometry as the registered op takes it (int lists; nn.Conv2d checked it)
+        self._op_padding = [0, 0] if self._prepad else [int(p) for p in padding]
+        self._op_stride = [int(v) for v in self.stride]
+        self._op_dilation = [int(v) for v in self.dilation]
         if self._prepad and self.input_codes:
             raise ValueError("input_codes expected False for a layer that pads its float input "
                              f"itself (padding={self.padding!r}, padding_mode="
@@ -386,10 +397,10 @@ class QConv2dInt(_QIntBase):
         if self._prepad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-        return self._run(ops.qconv2d, x, residual, dtype, w_bits=self.w_bits,
-                         stride=self.stride, padding=self._op_padding, dilation=self.dilation,
-                         groups=self.groups, x_quant_min=self.x_quant_min,
-                         x_quant_max=self.x_quant_max)
+        return self._run(torch.ops.oqfl.qconv2d, x, residual, dtype, w_bits=self.w_bits,
+                         stride=self._op_stride, padding=self._op_padding,
+                         dilation=self._op_dilation, groups=self.groups,
+                         x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -452,7 +463,7 @@ class QLinearInt(_QIntBase):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         x, dtype = self._input(x)
-        return self._run(ops.qlinear, x, residual, dtype, w_bits=self.w_bits,
+        return self._run(torch.ops.oqfl.qlinear, x, residual, dtype, w_bits=self.w_bits,
                          x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
 
     def extra_repr(self) -> str:
