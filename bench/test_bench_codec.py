@@ -243,7 +243,8 @@ def make_server(variant: str, per_client: int, n_test: int, synthetic: bool = Fa
         return m if variant == "fp32_fedavg" else quantize_model(m, weight_bits=4, act_bits=4)
 
     bits = 32 if variant == "fp32_fedavg" else 4
-    cfg = ClientConfig(local_epochs=1, batch_size=32, lr=0.05, uplink_bits=bits, stochastic=True)
+    cfg = ClientConfig(local_epochs=1, batch_size=32, lr=0.05, momentum=0.0, uplink_bits=bits,
+                       stochastic=True, error_feedback=False)
     parts = partition_iid(y, CLIENTS, seed=0)
     clients = [Client(f"client-{i}", (x[p], y[p]), cfg, seed=i) for i, p in enumerate(parts)]
     kwargs = {}

@@ -25,6 +25,7 @@ from .codec import (DEFAULT_COMPRESSION, check_compression, decode_update, encod
                     wrap_update)
 from .downlink import HeldModel
 from .._checks import check_int
+from ..nn.quantizer import QUANT_DEFAULTS
 
 __all__ = ["ClientConfig", "Client", "ClientTimeout", "float_state", "derive_seed",
            "encode_with_feedback"]
@@ -93,19 +94,24 @@ class ClientConfig:
             ``"zstd"``: the update blob entropy-coded, see :mod:`oqfl_ext.fl.codec`); the
             server must expect the same.
         step_size_lr_scale: the learning rate of the LSQ quantizers' step sizes and offsets,
-            as a multiple of ``lr`` (> 0).
+            as a multiple of ``lr`` (> 0); default ``QUANT_DEFAULTS["step_size_lr_scale"]``.
+
+    The defaults are those of ``oqfl-fl`` (SGD with momentum 0.9, int4 uplink with stochastic
+    rounding and error feedback).
     """
 
+    # the one set of client defaults: oqfl_ext.fl.experiment.ExperimentConfig takes its local
+    # training and uplink defaults from these
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
-    momentum: float = 0.0
+    momentum: float = 0.9
     weight_decay: float = 0.0
-    uplink_bits: int = 32
+    uplink_bits: int = 4
     stochastic: bool = True
-    error_feedback: bool = False
+    error_feedback: bool = True
     uplink_compression: str = DEFAULT_COMPRESSION
-    step_size_lr_scale: float = 1.0
+    step_size_lr_scale: float = QUANT_DEFAULTS["step_size_lr_scale"]
 
     def __post_init__(self):
         for name in ("local_epochs", "batch_size"):

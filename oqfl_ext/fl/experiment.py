@@ -40,7 +40,7 @@ from .._checks import check_int
 from ..models import MODELS
 from ..nn.quantizer import QUANT_DEFAULTS
 from .client import Client, ClientConfig, derive_seed
-from .codec import COMPRESSIONS, DEFAULT_COMPRESSION
+from .codec import COMPRESSIONS
 from .server import DOWNLINK_CODECS, Server
 
 __all__ = ["ExperimentConfig", "ExperimentError", "ConfigError", "ExperimentData", "Built",
@@ -298,11 +298,12 @@ class ExperimentConfig:
     server_momentum: float = 0.0
     norm_bound: Optional[float] = None
     client_time_limit_s: Optional[float] = None
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    # local training and uplink defaults: ClientConfig's (one set of defaults)
+    local_epochs: int = ClientConfig.local_epochs
+    batch_size: int = ClientConfig.batch_size
+    lr: float = ClientConfig.lr
+    momentum: float = ClientConfig.momentum
+    weight_decay: float = ClientConfig.weight_decay
     weight_bits: Optional[int] = 4
     act_bits: Optional[int] = 4
     # the quantizers' defaults live in oqfl_ext.nn.QUANT_DEFAULTS (None: float edge layers)
@@ -311,11 +312,11 @@ class ExperimentConfig:
     quant_init: str = QUANT_DEFAULTS["init"]
     grad_scale: str = "lsq"
     act_grad_count: str = QUANT_DEFAULTS["act_grad_count"]
-    step_size_lr_scale: float = QUANT_DEFAULTS["step_size_lr_scale"]
-    uplink: str = "int4"
-    uplink_compression: str = DEFAULT_COMPRESSION
-    stochastic: bool = True
-    error_feedback: bool = True
+    step_size_lr_scale: float = ClientConfig.step_size_lr_scale
+    uplink: str = {bits: name for name, bits in UPLINKS.items()}[ClientConfig.uplink_bits]
+    uplink_compression: str = ClientConfig.uplink_compression
+    stochastic: bool = ClientConfig.stochastic
+    error_feedback: bool = ClientConfig.error_feedback
     downlink: str = "float32"
     seed: int = 0
     device: str = "cpu"

@@ -394,7 +394,7 @@ class LateClient:
         return blob
 
 
-CFG = ClientConfig(batch_size=4, lr=0.1, uplink_bits=4, error_feedback=True)
+CFG = ClientConfig(batch_size=4, lr=0.1, momentum=0.0, uplink_bits=4, error_feedback=True)
 
 
 def _fast_clients():

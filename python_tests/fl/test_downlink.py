@@ -156,7 +156,7 @@ def test_server_reports_the_blob_length_as_downlink_bytes():
     def model_fn():
         return models.SmallCNN(in_channels=1, image_size=28)
 
-    clients = [Client(f"c{i}", (x[i::3], y[i::3]), ClientConfig(batch_size=16), seed=i)
+    clients = [Client(f"c{i}", (x[i::3], y[i::3]), ClientConfig(batch_size=16, momentum=0.0, uplink_bits=32, error_feedback=False), seed=i)
                for i in range(3)]
     server = Server(model_fn, (x[:16], y[:16]), clients=clients, downlink="int8")
     state = {k: v.detach().clone() for k, v in server.model.state_dict().items()}

@@ -36,7 +36,8 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
 
 
-CFG = ClientConfig(local_epochs=1, batch_size=16, lr=0.1, momentum=0.5)
+CFG = ClientConfig(local_epochs=1, batch_size=16, lr=0.1, momentum=0.5, uplink_bits=32,
+                   error_feedback=False)
 
 
 def _clients(sizes, cfg=CFG, seed=0):
@@ -111,7 +112,8 @@ def test_identical_clients_equal_one_client():
 
 
 def test_fedavg_weights_by_num_samples():
-    cfg = ClientConfig(local_epochs=1, batch_size=16, lr=0.1, uplink_bits=8)
+    cfg = ClientConfig(local_epochs=1, batch_size=16, lr=0.1, momentum=0.0, uplink_bits=8,
+                       error_feedback=False)
     clients = [Recording(c) for c in _clients([16, 48, 96], cfg)]
     server = Server(_mlp, TEST, clients=clients, seed=1)
     before = server.template()
@@ -194,7 +196,8 @@ def _flip_bit(blob: bytes) -> bytes:
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_corrupted_blob_is_rejected(compression):
-    cfg = ClientConfig(batch_size=16, lr=0.1, uplink_bits=4, uplink_compression=compression)
+    cfg = ClientConfig(batch_size=16, lr=0.1, momentum=0.0, uplink_bits=4, error_feedback=False,
+                       uplink_compression=compression)
     bad = Recording(_clients([32], cfg, seed=50)[0], mutate=_flip_bit)
     bad.client_id = bad.inner.client_id = "bad"
     good = _clients([32, 64], cfg)
@@ -264,7 +267,7 @@ def test_norm_bound_clips_outlier():
 
 @pytest.mark.parametrize("bits", [4, 32])
 def test_uplink_bytes_is_sum_of_blob_lengths(bits):
-    cfg = ClientConfig(batch_size=16, uplink_bits=bits)
+    cfg = ClientConfig(batch_size=16, momentum=0.0, uplink_bits=bits, error_feedback=False)
     clients = [Recording(c) for c in _clients([20, 30, 40], cfg)]
     server = Server(_mlp, TEST, clients=clients, seed=0)
     for r in range(2):
@@ -311,7 +314,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 
 def test_error_feedback_keeps_residual():
-    cfg = ClientConfig(batch_size=16, uplink_bits=4, error_feedback=True)
+    cfg = ClientConfig(batch_size=16, momentum=0.0, uplink_bits=4, error_feedback=True)
     client = _clients([32], cfg)[0]
     global_state = _mlp().state_dict()
     blob = client.train(global_state, _mlp, round_idx=0)
@@ -319,7 +322,8 @@ def test_error_feedback_keeps_residual():
     assert client.residual is not None and set(client.residual) == set(sent)
     assert any(float(v.abs().max()) > 0 for v in client.residual.values())
     # without error feedback: no residual
-    plain = _clients([32], ClientConfig(batch_size=16, uplink_bits=4))[0]
+    plain = _clients([32], ClientConfig(batch_size=16, momentum=0.0, uplink_bits=4,
+                                           error_feedback=False))[0]
     plain.train(global_state, _mlp, round_idx=0)
     assert plain.residual is None
 
