@@ -69,6 +69,8 @@ TRIALS: Dict[str, tuple] = {
                                                         "--uplink", "float32"]),
     "fp32-uplink-int4": ("FP32 model, int4 uplink", ["--weight-bits", "float", "--act-bits",
                                                      "float", "--uplink", "int4"]),
+    # the compressed downlink (issue 16's total-traffic check): against w4a4's float32 downlink
+    "w4a4-down-int4-delta": ("W4A4, int4-delta downlink", _W4A4 + ["--downlink", "int4-delta"]),
 }
 ALL_ARMS = {**ARMS, **TRIALS}
 DEFAULT_NETS = ("small_cnn", "vgg", "resnet20")

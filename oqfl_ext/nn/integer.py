@@ -397,6 +397,12 @@ class QConv2dInt(_QIntBase):
         if self._prepad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        if not self.input_codes and x.dim() == 4 and \
+                not x.is_contiguous(memory_format=torch.channels_last):
+            # the op writes its output in its input's memory format: a float input is made
+            # channels_last once (the network's first layer), so every float tensor after it
+            # is too (max pooling and the fused residual reads are several times faster so)
+            x = x.contiguous(memory_format=torch.channels_last)
         return self._run(torch.ops.oqfl.qconv2d, x, residual, dtype, w_bits=self.w_bits,
                          stride=self._op_stride, padding=self._op_padding,
                          dilation=self._op_dilation, groups=self.groups,
