@@ -166,13 +166,18 @@ def _source_version() -> str:
     return head + (" with uncommitted changes" if dirty.strip() else "")
 
 
+def log_path(folder: Path) -> Path:
+    """A run's log, beside its folder: oqfl-fl starts a new run only in an empty folder."""
+    return folder.with_name(folder.name + ".log")
+
+
 def _run_one(job) -> tuple:
     folder = run_dir(*job[:4], seed=job[5])
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     argv = command(*job)
     cmd = [sys.executable, "-m", "oqfl_ext.fl"] + argv[1:]
     t0 = time.perf_counter()
-    with open(folder / "log.txt", "ab") as log:
+    with open(log_path(folder), "ab") as log:
         log.write(f"# source: {_source_version()}\n$ {shlex.join(argv)}\n".encode())
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -210,7 +215,7 @@ def cmd_run(args) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in as_completed([pool.submit(_run_one, job) for job in jobs]):
             folder, rc, secs = future.result()
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {folder / 'log.txt'})"
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {log_path(folder)})"
             print(f"{status:9s} {folder.relative_to(args.out)} in {secs:.0f} s", flush=True)
             failed += rc != 0
     return 1 if failed else 0

@@ -138,3 +138,16 @@ def test_each_trial_changes_one_knob_of_its_arm(grid):
             (trial, changed)
     assert _config(grid, "vgg", "iid", "fp32-uplink-int4")["weight_bits"] is None
     assert _config(grid, "vgg", "iid", "w4a4-uplink-f32")["uplink"] == "float32"
+
+
+def test_a_fresh_run_starts_and_logs_beside_its_folder(grid, tmp_path, monkeypatch):
+    # oqfl-fl starts a new run only in an empty folder: the grid's log must not be inside it
+    common = list(grid.COMMON)
+    for opt, small in (("--train-subset", "1000"), ("--test-subset", "200")):
+        common[common.index(opt) + 1] = small
+    monkeypatch.setattr(grid, "COMMON", common)
+    folder, rc, _ = grid._run_one((tmp_path, "small_cnn", "iid", "fp32", 1, 0))
+    log = grid.log_path(folder)
+    assert rc == 0, log.read_text()[-2000:]
+    assert log.parent == folder.parent and "--resume" in log.read_text()
+    assert grid.rounds_done(folder) == 1
