@@ -41,6 +41,7 @@ NETS: Dict[str, List[str]] = {
 SPLITS: Dict[str, List[str]] = {
     "iid": ["--partition", "iid"],
     "dirichlet": ["--partition", "dirichlet", "--alpha", "0.5"],
+    "dirichlet0.1": ["--partition", "dirichlet", "--alpha", "0.1"],
 }
 # arm -> (label, options): the uplink codec follows the weight bits (8 -> int8, else int4)
 ARMS: Dict[str, tuple] = {
@@ -79,7 +80,7 @@ DEFAULT_NETS = ("small_cnn", "vgg", "resnet20")
 COMMON = ["--dataset", "fashion-mnist", "--image-size", "14", "--train-subset", "20000",
           "--test-subset", "all", "--clients", "10", "--fraction", "0.5",
           "--local-epochs", "1", "--batch-size", "32", "--lr", "0.05", "--momentum", "0.9",
-          "--uplink-compression", "zlib", "--no-eval-integer",
+          "--no-eval-integer",
           "--threads", "1",
           "--quiet"]
 DEFAULT_ROUNDS = 20

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from oqfl_ext.fl.cli import build_config, build_parser
+from oqfl_ext.fl.codec import DEFAULT_COMPRESSION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +34,7 @@ QUANT_KEYS = {"name", "weight_bits", "act_bits", "first_last_bits", "uplink", "s
 
 
 @pytest.mark.parametrize("net", ["small_cnn", "vgg", "resnet20", "mobilenet_v2"])
-@pytest.mark.parametrize("split", ["iid", "dirichlet"])
+@pytest.mark.parametrize("split", ["iid", "dirichlet", "dirichlet0.1"])
 def test_arms_share_everything_but_the_quantization(grid, net, split):
     configs = {arm: _config(grid, net, split, arm) for arm in grid.ARMS}
     base = configs["fp32"]
@@ -42,10 +43,12 @@ def test_arms_share_everything_but_the_quantization(grid, net, split):
     for arm, cfg in configs.items():
         shared = {k: v for k, v in cfg.items() if k not in QUANT_KEYS}
         assert shared == {k: v for k, v in base.items() if k not in QUANT_KEYS}, arm
-        assert cfg["model"] == net and cfg["partition"] == split and cfg["clients"] == 10
+        assert cfg["model"] == net and cfg["clients"] == 10
+        assert cfg["partition"] == ("iid" if split == "iid" else "dirichlet")
         assert cfg["dataset"] == "fashion-mnist" and cfg["seed"] == 0
-        assert cfg["uplink_compression"] == "zlib"
-    assert (split == "dirichlet") == (base["alpha"] == 0.5)
+        assert cfg["uplink_compression"] == DEFAULT_COMPRESSION
+    if split != "iid":
+        assert base["alpha"] == {"dirichlet": 0.5, "dirichlet0.1": 0.1}[split]
     bits = {arm: (c["weight_bits"], c["act_bits"], c["uplink"]) for arm, c in configs.items()}
     assert bits == {"fp32": (None, None, "float32"), "w8a8": (8, 8, "int8"),
                     "w4a4": (4, 4, "int4"), "w3a3": (3, 3, "int4"), "w2a2": (2, 2, "int4"),
