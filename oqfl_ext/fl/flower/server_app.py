@@ -167,19 +167,23 @@ def main(grid: Grid, context: Context) -> None:
     partition_of = {c.client_id: i for i, c in enumerate(clients)}
     server = ex.make_server(cfg, data, parts, clients)
 
+    t_map = time.monotonic()
     nodes = _wait_for_nodes(grid, cfg.clients, settings.wait_nodes_timeout)
     mapping = _map_partitions(grid, nodes, cfg, settings)
+    map_s = time.monotonic() - t_map
     if not mapping:
         raise RuntimeError(f"no SuperNode with a partition of this run answered within "
                            f"{settings.wait_nodes_timeout:g} s (nodes: {nodes})")
     missing = sorted(set(range(cfg.clients)) - set(mapping))
     if missing:
         logger.warning("partitions %s have no node: those clients are dropped", missing)
-    logger.warning("oqfl run %d: partitions -> nodes %s", run_id, mapping)
+    logger.warning("oqfl run %d: %d partitions mapped to nodes in %.1f s%s", run_id,
+                   len(mapping), map_s, f": {mapping}" if len(mapping) <= 20 else "")
 
     config = dict(cfg.record(), **settings.record(), engine="flower",
                   flwr_version=flwr.__version__, run_id=run_id,
                   nodes={str(p): n for p, n in sorted(mapping.items())},
+                  partition_map_s=round(map_s, 3),
                   flwr_env={k: os.environ.get(k) for k in NO_PHONE_HOME})
     if any(os.environ.get(k) != v for k, v in NO_PHONE_HOME.items()):
         logger.warning("this ServerApp runs without %s: Flower may contact its servers",
