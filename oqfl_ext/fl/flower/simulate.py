@@ -49,14 +49,17 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _stat(pid: int) -> Optional[Tuple[int, int, str]]:
-    """``(ppid, start time in clock ticks, name)`` of ``pid``, or None if it is gone."""
+    """``(ppid, start time in clock ticks, name)`` of ``pid``, or None if it is gone or a
+    zombie (dead, waiting for its parent to reap it; a container's init may never do that)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     name = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[19]), name  # ppid, starttime
+    fields = text[text.rindex(")") + 2:].split()  # state, ppid, ..., starttime (field 22)
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), int(fields[19]), name
 
 
 def _memory(pid: int) -> Tuple[int, int, int]:
