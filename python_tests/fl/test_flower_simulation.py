@@ -60,7 +60,9 @@ def test_simulation_matches_in_process(tmp_path):
 
     run_config = dict(RUN_CONFIG, clients=NODES)
     cfg, settings = parse_run_config(run_config)
-    sim = LocalSimulation(tmp_path / "sim", NODES, cpus_per_client=1, memory_interval=0.2)
+    # one ClientApp actor: fewer processes to start on a 2-core machine
+    sim = LocalSimulation(tmp_path / "sim", NODES, cpus_per_client=1, ray_cpus=1,
+                          memory_interval=0.2)
     with sim:
         run_id = sim.submit(run_config)
         info = sim.wait(run_id, timeout=900)  # raises unless finished:completed
