@@ -8,8 +8,9 @@ and every process stopped at the end whatever happens.
 The run folder holds ``flwr_home/`` (FLWR_HOME of every process: Flower's config.toml with the
 ``oqfl-local`` connection, installed app bundles), ``app/`` (the app folder),
 ``logs/{superlink,supernode-I,flwr-*,run-RUN}.log`` and ``out/`` (metrics.json, accuracy.png,
-model.safetensors). Every process gets ``FLWR_HOME``, ``FLWR_TELEMETRY_ENABLED=0`` and
-``FLWR_DISABLE_UPDATE_CHECK=1``, so nothing contacts Flower's servers; the SuperLink runs with
+model.safetensors). Every process gets ``FLWR_HOME`` and :data:`NO_PHONE_HOME`
+(``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``, ``RAY_USAGE_STATS_ENABLED=0``),
+so nothing contacts Flower's (or Ray's) servers; the SuperLink runs with
 ``--disable-runtime-dependency-installation`` (it would otherwise try to install the app's
 dependencies for each run) and everything with ``--insecure`` on 127.0.0.1 only.
 
@@ -58,8 +59,8 @@ def _bin(name: str) -> str:
 
 
 def flower_env(flwr_home: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment of every Flower process: FLWR_HOME, no telemetry, no update check,
-    this interpreter's bin folder first on PATH (the SuperLink and SuperNodes start
+    """The environment of every Flower process: FLWR_HOME, no telemetry, no update check, no
+    Ray usage statistics, this interpreter's bin folder first on PATH (the SuperLink and SuperNodes start
     ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name)."""
     env = dict(os.environ)
     env.update(NO_PHONE_HOME)
