@@ -36,7 +36,6 @@ import os
 import time
 
 import pytest
-import torch
 
 if os.environ.get("OQFL_REQUIRE_FLOWER") == "1":  # CI: a missing extra is a failure, not a skip
     import flwr  # noqa: F401

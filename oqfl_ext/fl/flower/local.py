@@ -36,7 +36,8 @@ from typing import Dict, List, Optional, Sequence
 
 from . import NO_PHONE_HOME, write_app
 
-__all__ = ["LocalFederation", "RunFailed", "free_port", "flower_env", "group_alive"]
+__all__ = ["LocalFederation", "RunFailed", "free_port", "flower_env", "group_alive",
+           "submit_and_wait"]
 
 CONNECTION = "oqfl-local"
 
@@ -60,8 +61,9 @@ def _bin(name: str) -> str:
 
 def flower_env(flwr_home: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment of every Flower process: FLWR_HOME, no telemetry, no update check, no
-    Ray usage statistics, this interpreter's bin folder first on PATH (the SuperLink and SuperNodes start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name)."""
+    Ray usage statistics, this interpreter's bin folder first on PATH (the SuperLink and
+    SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
+    name)."""
     env = dict(os.environ)
     env.update(NO_PHONE_HOME)
     env["FLWR_HOME"] = str(flwr_home)
@@ -436,18 +438,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with LocalFederation(args.run_dir, nodes=args.nodes, app_dir=args.app) as fed:
         print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {fed.logs}",
               flush=True)
-        run_id = fed.submit(cfg)
-        print(f"run {run_id} started", flush=True)
-        try:
-            info = fed.wait(run_id, timeout=args.timeout)
-        except RunFailed as e:
-            print(e, file=sys.stderr)
+        run_id, info = submit_and_wait(fed, cfg, args.timeout)
+        if info is None:
             return 1
         traffic = info.get("network-traffic", {})
         print(f"run {run_id}: {info['status']}; traffic in {traffic.get('inbound-bytes')} B, "
               f"out {traffic.get('outbound-bytes')} B; results in "
               f"{cfg.get('out-dir', fed.out_dir)}", flush=True)
     return 0
+
+
+def submit_and_wait(fed: LocalFederation, cfg: Dict, timeout: float):
+    """The launchers' run: ``(run id, run info)``, the info None when the run did not finish
+    with ``finished:completed`` (said on stderr)."""
+    run_id = fed.submit(cfg)
+    print(f"run {run_id} started", flush=True)
+    try:
+        return run_id, fed.wait(run_id, timeout=timeout)
+    except RunFailed as e:
+        print(e, file=sys.stderr)
+        return run_id, None
 
 
 if __name__ == "__main__":

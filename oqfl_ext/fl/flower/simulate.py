@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .local import LocalFederation, RunFailed, _parse_run_config
+from .local import LocalFederation, _parse_run_config, submit_and_wait
 
 __all__ = ["LocalSimulation", "ProcessTree", "ray_available"]
 
@@ -282,13 +282,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with sim:
         print(f"simulation SuperLink on 127.0.0.1:{sim.port}, {args.num_supernodes} virtual "
               f"SuperNodes; logs in {sim.logs}", flush=True)
-        run_id = sim.submit(cfg)
-        print(f"run {run_id} started", flush=True)
-        try:
-            info = sim.wait(run_id, timeout=args.timeout)
-        except RunFailed as e:
-            print(e, file=sys.stderr)
-            return 1
+        run_id, info = submit_and_wait(sim, cfg, args.timeout)
+    if info is None:
+        return 1
     wall = time.monotonic() - t0
     mem = sim.tree.report()
     print(f"run {run_id}: {info['status']} in {wall:.1f} s; peak memory of its "
