@@ -114,8 +114,9 @@ def test_process_tree_follows_orphans_and_stops_them():
                               stdout=subprocess.PIPE, text=True)
     tree = ProcessTree(parent.pid, interval=60)  # sampled by hand below
     try:
-        child = int(parent.stdout.readline())
-        assert parent.stdout.readline().strip() == "ready"  # the child's memory is written
+        lines = sorted(parent.stdout.readline().strip() for _ in range(2))
+        assert lines[1] == "ready"  # the child's memory is written
+        child = int(lines[0])
         tree.sample()
         assert child in tree.known and parent.pid in tree.known
         assert tree.peak_rss >= 64 << 20
@@ -130,5 +131,6 @@ def test_process_tree_follows_orphans_and_stops_them():
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+        parent.stdout.close()
         for pid in tree.survivors():  # only the child this test started
             os.kill(pid, 9)
