@@ -121,8 +121,8 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> List[int]:
 
 
 #: queries in flight at once while mapping partitions: the simulation runtime's in-memory state
-#: looks through every stored message for each virtual node every 0.1 s, so a query to each of
-#: 1000 nodes at once costs (nodes x messages) per look
+#: looks through every stored message for each virtual node every 0.1 s, so the work of a look
+#: grows with nodes x messages (1000 virtual nodes: mapped in 40 s 50 at a time, 46 s all at once)
 QUERY_WINDOW = 50
 
 
