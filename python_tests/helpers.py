@@ -1,7 +1,8 @@
-"""Input builders and comparison helpers shared by the fake-quant tests."""
+"""Input builders and comparison helpers shared by the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -279,3 +280,26 @@ def settle_batchnorm(model: torch.nn.Module, x: Tensor) -> None:
                 m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
     model.eval()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block (an in-process reference run
+    with the thread count of the Flower processes gives the same float results)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def assert_state_close(got, want, rtol=1e-4, atol=1e-5):
+    """Two state dicts with the same keys: floating-point entries within tolerance (a model
+    trained by other processes: float rounding), the others equal."""
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=rtol, atol=atol, msg=k)
+        else:
+            assert torch.equal(got[k], v), k

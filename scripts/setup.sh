@@ -3,7 +3,7 @@
 # missing and run as root), a virtual environment .venv with the pinned packages
 # (requirements.txt), and the extension built in place against that torch (editable install).
 #   OQFL_NO_CUDA=1   skip the CUDA kernels;  MAX_JOBS=N   parallel compile jobs;
-#   OQFL_NO_FLOWER=1 skip the Flower extra (its test is then skipped).
+#   OQFL_NO_FLOWER=1 skip the Flower extras (their tests are then skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,10 +28,11 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
-# the Flower extra (oqfl_ext.fl.flower; pyproject's [flower]), installed here rather than with
-# `-e .[flower]`, which would rebuild the extension
+# the Flower extras (oqfl_ext.fl.flower; pyproject's [flower] and [simulation]: flwr and, for its
+# simulation runtime, Ray), installed here rather than with `-e .[flower,simulation]`, which would
+# rebuild the extension
 [ "${OQFL_NO_FLOWER:-0}" = 1 ] || .venv/bin/python -m pip install --disable-pip-version-check -q \
-  "flwr==1.41.0"
+  "flwr[simulation]==1.41.0"
 MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install --disable-pip-version-check -q \
   --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import oqfl_ext, oqfl_ext._build_info as b; print('oqfl_ext ready: torch', b.TORCH_VERSION, '| CUDA kernels:', b.WITH_CUDA, b.CUDA_ARCH_LIST)"

@@ -249,6 +249,36 @@ def test_fashion_mnist_is_pooled_to_its_default_size():
     assert data.model_shape == (1, 10, 14)
 
 
+@pytest.mark.parametrize("partition", ex.PARTITIONS)
+def test_a_thousand_clients_of_fashion_mnists_60k(partition):
+    """1000 clients (the Flower simulation's scale) on Fashion-MNIST's 60000 training labels:
+    every partition scheme gives each client its own non-empty share (iid and shards: all of
+    them), client ids sort in index order, and fraction 0.01 samples 10 distinct clients a
+    round."""
+    from oqfl_ext.fl import RemoteClient
+
+    cfg = ExperimentConfig.from_options({"clients": 1000, "fraction": 0.01,
+                                         "train-subset": "all", "partition": partition})
+    assert cfg.train_subset is None  # all 60000
+    labels = torch.arange(60000) % 10
+    parts = ex.make_partitions(cfg, labels)
+    assert len(parts) == 1000 and min(len(q) for q in parts) > 0
+    flat = torch.cat(parts)
+    assert len(flat.unique()) == len(flat)  # disjoint
+    if partition != "dirichlet":
+        assert sorted(flat.tolist()) == list(range(60000))
+    ids = [ex.client_id(cfg, i) for i in range(1000)]
+    assert ids[0] == "client-000" and ids[-1] == "client-999" and ids == sorted(ids)
+    data = ex.ExperimentData(torch.randn(60000, 1, 1, 1).expand(60000, 1, 14, 14), labels,
+                             torch.randn(20, 1, 14, 14), labels[:20])
+    server = ex.make_server(cfg, data, parts,
+                            [RemoteClient(ids[i], len(parts[i])) for i in range(1000)])
+    for r in range(3):
+        sampled, _ = server.begin_round(r)
+        names = [c.client_id for c in sampled]
+        assert len(names) == 10 == len(set(names)) and set(names) <= set(ids)
+
+
 def test_a_partition_the_data_cannot_give_names_the_options():
     cfg = ExperimentConfig(dataset="digits", clients=2000)
     with pytest.raises(ex.ExperimentError, match="--clients 2000 is more than the 1438"):

@@ -36,7 +36,6 @@ import os
 import time
 
 import pytest
-import torch
 
 if os.environ.get("OQFL_REQUIRE_FLOWER") == "1":  # CI: a missing extra is a failure, not a skip
     import flwr  # noqa: F401
@@ -48,9 +47,10 @@ from oqfl_ext.fl.flower import FLWR_VERSION, NO_PHONE_HOME  # noqa: E402
 from oqfl_ext.fl.flower.client_app import HOLD_ENV  # noqa: E402
 from oqfl_ext.fl.flower.local import LocalFederation, RunFailed, group_alive  # noqa: E402
 from oqfl_ext.fl import experiment as ex  # noqa: E402
-from oqfl_ext.fl.flower.task import parse_run_config  # noqa: E402
+from oqfl_ext.fl.flower.task import parse_run_config, run_in_process  # noqa: E402
 from oqfl_ext.fl.metrics import load_run  # noqa: E402
 from oqfl_ext.fl.server import NotDelivered  # noqa: E402
+from helpers import assert_state_close, torch_threads  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     fashion_mnist_dir() is None,
@@ -93,17 +93,13 @@ class _Recording:
 
 def _reference(cfg, settings):
     """The in-process run of the same experiment, client 2 failing in KILL_ROUND."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)  # as in the Flower processes: same float results
-    try:
+    with torch_threads(settings.threads):  # as in the Flower processes: same float results
         data = ex.load_data(cfg)
         parts = ex.make_partitions(cfg, data.train_y)
         clients = [_Recording(ex.make_client(cfg, data, parts, i),
                               KILL_ROUND if i == 2 else None) for i in range(cfg.clients)]
         server = ex.make_server(cfg, data, parts, clients)
         results = [server.run_round(r) for r in range(cfg.rounds)]
-    finally:
-        torch.set_num_threads(threads)
     return server, results, clients
 
 
@@ -194,14 +190,7 @@ def test_flower_federation_matches_in_process_and_survives_a_killed_node(tmp_pat
     # the global model: the in-process one within float tolerance
     from safetensors.torch import load_file
 
-    got_state = load_file(fed.out_dir / "model.safetensors")
-    want_state = server.model.state_dict()
-    assert set(got_state) == set(want_state)
-    for k, v in want_state.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(got_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
-        else:
-            assert torch.equal(got_state[k], v), k
+    assert_state_close(load_file(fed.out_dir / "model.safetensors"), server.model.state_dict())
 
     # Flower's own count of the run's traffic against the ServerApp's, both ways
     traffic = info["network-traffic"]
@@ -259,13 +248,8 @@ def test_flower_carries_the_delta_downlink_as_in_process(tmp_path):
     config, rounds = load_run(fed.out_dir)
     assert config["downlink"] == "int4-delta" and config["uplink_compression"] == "zstd"
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        server = ex.build(cfg).server
-        ref = [server.run_round(r) for r in range(cfg.rounds)]
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(settings.threads):
+        _, ref = run_in_process(cfg)
     missed = set()
     for got, want in zip(rounds, ref):
         assert got["sampled"] == want.sampled and len(want.sampled) == 2

@@ -10,9 +10,15 @@
 * :func:`write_app`: the Flower app folder (``pyproject.toml`` naming the components, with the
   run config's defaults) that ``flwr run`` packs and sends to the SuperLink.
 
-Only :mod:`.task` and :mod:`.local` import without flwr. Every Flower process must run with
-``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1`` (:data:`NO_PHONE_HOME`):
-otherwise Flower contacts its own servers.
+* :mod:`.simulate`: the same apps on Flower's simulation runtime (N virtual SuperNodes in Ray
+  actors on this machine; the ``flwr[simulation]`` extra), with the peak memory of every
+  process involved (``python -m oqfl_ext.fl.flower.simulate --help``).
+
+Only :mod:`.task`, :mod:`.local` and :mod:`.simulate` import without flwr (nothing of the
+package imports Ray: the simulation runtime starts it). Every Flower process must run with
+``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and, for the simulation's Ray,
+``RAY_USAGE_STATS_ENABLED=0`` (:data:`NO_PHONE_HOME`): otherwise Flower and Ray contact their
+own servers.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ __all__ = ["FLWR_VERSION", "NO_PHONE_HOME", "APP_NAME", "write_app", "app_pyproj
 #: the Flower release this package is written and tested against (the extra pins it)
 FLWR_VERSION = "1.41.0"
 #: environment every Flower process of the project gets
-NO_PHONE_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+NO_PHONE_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                 "RAY_USAGE_STATS_ENABLED": "0"}
 APP_NAME = "oqfl-fl"
 
 

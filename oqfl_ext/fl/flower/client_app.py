@@ -10,6 +10,13 @@ with a delta downlink, the broadcast model it holds, :class:`oqfl_ext.fl.downlin
 lives in the node's ``context.state`` (it never leaves the node). On ``query`` it replies with its
 partition, so that the ServerApp can map partitions to node ids.
 
+What a message needs besides its own content (the parsed run config; the data, the partitions
+and the global model's template) is built once per process and run config (:func:`_setup`),
+not per message: in Flower's simulation one process (a Ray actor) serves the messages of
+many virtual SuperNodes, each of which would otherwise read and pool the whole data set. The
+cached values are only read: a client indexes its own copy of its partition's examples, and
+the template is only checked against.
+
 Fault injection (tests): with ``OQFL_FLOWER_HOLD="ROUND:PATH"`` in the SuperNode's
 environment, the ClientApp that gets the ``train`` message of round ROUND, once it has decoded
 the global state (the message was delivered in full), creates the file PATH and then waits
@@ -18,10 +25,12 @@ the global state (the message was delivered in full), creates the file PATH and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable, Dict, List, Mapping, NamedTuple, Tuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,7 +38,7 @@ from flwr.clientapp import ClientApp
 from .. import experiment as ex
 from ..._checks import check_int
 from ..experiment import ExperimentConfig
-from .task import apply_threads, parse_run_config
+from .task import FlowerSettings, apply_threads, parse_run_config
 from .wire import array_bytes, blob_array, encode_state
 
 __all__ = ["app"]
@@ -37,6 +46,35 @@ __all__ = ["app"]
 logger = logging.getLogger("oqfl_ext.fl.flower")
 
 app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(items: Tuple[Tuple[str, object], ...]) -> Tuple[ExperimentConfig, FlowerSettings]:
+    return parse_run_config(dict(items))
+
+
+def _parsed(run_config: Mapping) -> Tuple[ExperimentConfig, FlowerSettings]:
+    """:func:`~.task.parse_run_config`, once per run config and process (a bad run config
+    raises each time: lru_cache keeps no exception)."""
+    return _parse(tuple(sorted(run_config.items())))
+
+
+class _Setup(NamedTuple):
+    data: ex.ExperimentData
+    parts: List  # the partitions' indices (tensors)
+    model_fn: Callable
+    template: Dict  # the model's state_dict(), to check a downlink blob against
+
+
+@functools.lru_cache(maxsize=1)  # one run at a time per process: bounds the memory
+def _setup(cfg: ExperimentConfig) -> _Setup:
+    import torch
+
+    data = ex.load_data(cfg)
+    model_fn = ex.model_fn(cfg, *data.model_shape)
+    with torch.random.fork_rng(devices=[]):
+        template = model_fn().state_dict()
+    return _Setup(data, ex.make_partitions(cfg, data.train_y), model_fn, template)
 
 
 def _partition(context: Context, cfg: ExperimentConfig) -> int:
@@ -74,7 +112,7 @@ def _hold_if_asked(round_idx: int) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg, _ = parse_run_config(context.run_config)
+    cfg, _ = _parsed(context.run_config)
     pid = _partition(context, cfg)
     return Message(RecordDict({"node": ConfigRecord({"partition-id": pid,
                                                      "num-partitions": cfg.clients})}),
@@ -83,25 +121,22 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    import torch
     from safetensors.torch import load
 
     from ..downlink import DELTA_DOWNLINKS
     from ..server import downlink_codec
 
-    cfg, settings = parse_run_config(context.run_config)
+    cfg, settings = _parsed(context.run_config)
     apply_threads(settings)
     pid = _partition(context, cfg)
     config = msg.content["config"]
     round_idx = int(config["round"])
-    data = ex.load_data(cfg)
-    client = ex.make_client(cfg, data, ex.make_partitions(cfg, data.train_y), pid)
+    setup = _setup(cfg)
+    client = ex.make_client(cfg, setup.data, setup.parts, pid)
     if config["client-id"] != client.client_id:
         raise ValueError(f"message for client {config['client-id']!r} reached "
                          f"{client.client_id!r}")
-    model_fn = ex.model_fn(cfg, *data.model_shape)
-    with torch.random.fork_rng(devices=[]):
-        template = model_fn().state_dict()
+    model_fn, template = setup.model_fn, dict(setup.template)
     if "oqfl" in context.state:  # the residual and held model of the previous rounds
         client.load_state_dict(load(array_bytes(context.state["oqfl"]["client"])))
     blob = array_bytes(msg.content["global"]["model"])

@@ -7,9 +7,10 @@ and every process stopped at the end whatever happens.
 
 The run folder holds ``flwr_home/`` (FLWR_HOME of every process: Flower's config.toml with the
 ``oqfl-local`` connection, installed app bundles), ``app/`` (the app folder),
-``logs/{superlink,supernode-I,flwr-*}.log`` and ``out/`` (metrics.json, accuracy.png,
-model.safetensors). Every process gets ``FLWR_HOME``, ``FLWR_TELEMETRY_ENABLED=0`` and
-``FLWR_DISABLE_UPDATE_CHECK=1``, so nothing contacts Flower's servers; the SuperLink runs with
+``logs/{superlink,supernode-I,flwr-*,run-RUN}.log`` and ``out/`` (metrics.json, accuracy.png,
+model.safetensors). Every process gets ``FLWR_HOME`` and :data:`NO_PHONE_HOME`
+(``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``, ``RAY_USAGE_STATS_ENABLED=0``),
+so nothing contacts Flower's (or Ray's) servers; the SuperLink runs with
 ``--disable-runtime-dependency-installation`` (it would otherwise try to install the app's
 dependencies for each run) and everything with ``--insecure`` on 127.0.0.1 only.
 
@@ -35,7 +36,8 @@ from typing import Dict, List, Optional, Sequence
 
 from . import NO_PHONE_HOME, write_app
 
-__all__ = ["LocalFederation", "RunFailed", "free_port", "flower_env", "group_alive"]
+__all__ = ["LocalFederation", "RunFailed", "free_port", "flower_env", "group_alive",
+           "submit_and_wait"]
 
 CONNECTION = "oqfl-local"
 
@@ -58,9 +60,10 @@ def _bin(name: str) -> str:
 
 
 def flower_env(flwr_home: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment of every Flower process: FLWR_HOME, no telemetry, no update check,
-    this interpreter's bin folder first on PATH (the SuperLink and SuperNodes start
-    ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name)."""
+    """The environment of every Flower process: FLWR_HOME, no telemetry, no update check, no
+    Ray usage statistics, this interpreter's bin folder first on PATH (the SuperLink and
+    SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
+    name)."""
     env = dict(os.environ)
     env.update(NO_PHONE_HOME)
     env["FLWR_HOME"] = str(flwr_home)
@@ -190,14 +193,30 @@ class LocalFederation:
             self.superlink = self._spawn(
                 [_bin("flower-superlink"), "--insecure",
                  "--disable-runtime-dependency-installation",
-                 "--host", "127.0.0.1", "--port", str(self.port)], "superlink.log", env)
+                 "--host", "127.0.0.1", "--port", str(self.port), *self._superlink_args()],
+                "superlink.log", env)
+            self._started_superlink()
             _wait_port(self.port, self.superlink, self.start_timeout, "flower-superlink")
-            for i in range(self.nodes):
-                self.supernodes.append(self._start_node(i))
+            self._start_nodes()
         except BaseException:
             self.stop()
             raise
         return self
+
+    # hooks of a federation of another kind (.simulate: no SuperNodes, a simulation run)
+    def _superlink_args(self) -> List[str]:
+        return []
+
+    def _started_superlink(self) -> None:
+        pass
+
+    def _start_nodes(self) -> None:
+        for i in range(self.nodes):
+            self.supernodes.append(self._start_node(i))
+
+    def _run_args(self) -> List[str]:
+        """Arguments of ``flwr run`` besides the app, the connection and the run config."""
+        return []
 
     def _start_node(self, i: int) -> subprocess.Popen:
         env = flower_env(self.flwr_home, {k: str(v) for k, v in
@@ -301,7 +320,7 @@ class LocalFederation:
         (the run goes on in the background)."""
         cfg = dict(run_config or {})
         cfg.setdefault("out-dir", str(self.out_dir))
-        args = ["run", str(self.app_dir), CONNECTION, "--format", "json"]
+        args = ["run", str(self.app_dir), CONNECTION, "--format", "json", *self._run_args()]
         if cfg:
             args += ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in cfg.items())]
         res = self.flwr(*args)
@@ -338,10 +357,23 @@ class LocalFederation:
                 raise RunFailed(f"run {run_id} not finished after {timeout:g} s (status "
                                 f"{status}); stopped\n{self.log_tail()}")
             time.sleep(poll)
+        self.save_run_log(run_id)
         if check and status != "finished:completed":
             raise RunFailed(f"run {run_id} ended with status {status} "
                             f"({info.get('status-details')})\n{self.log_tail()}")
         return info
+
+    def save_run_log(self, run_id: int) -> Path:
+        """Writes the run's log as the SuperLink keeps it (the ServerApp's output, and on the
+        simulation runtime the ClientApps' too: ``flwr log RUN --show``) to
+        ``logs/run-RUN.log``."""
+        path = self.logs / f"run-{run_id}.log"
+        try:
+            res = self.flwr("log", str(run_id), CONNECTION, "--show")
+            path.write_text(res.stdout + res.stderr)
+        except (OSError, subprocess.SubprocessError) as e:  # a log is no reason to fail
+            path.write_text(f"flwr log failed: {e}\n")
+        return path
 
     def log_tail(self, lines: int = 30) -> str:
         out = []
@@ -359,9 +391,11 @@ def _toml(v) -> str:
     return json.dumps(str(v))
 
 
-def _parse_run_config(text: str, check: bool = True) -> Dict[str, object]:
-    """``"k=v k2='x'"`` (TOML values) into a dict, with ``check`` checked as the package's apps
-    check the run config."""
+def _parse_run_config(text: str, check: bool = True,
+                      overrides: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """``"k=v k2='x'"`` (TOML values) into a dict, updated with ``overrides`` (what the
+    launcher sets, e.g. ``clients``), with ``check`` checked as the package's apps check the run
+    config."""
     try:
         import tomllib
     except ImportError:  # Python < 3.11
@@ -378,6 +412,7 @@ def _parse_run_config(text: str, check: bool = True) -> Dict[str, object]:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = value  # a bare string
+    out.update(overrides or {})
     if not check:
         return out
     try:
@@ -397,24 +432,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--app", default=None, help="run this Flower app folder instead of the "
                    "package's (its run config needs an out-dir key)")
     args = p.parse_args(argv)
-    cfg = _parse_run_config(args.run_config, check=args.app is None)
-    if args.app is None:
-        cfg["clients"] = args.nodes
+    own = args.app is None
+    cfg = _parse_run_config(args.run_config, check=own,
+                            overrides={"clients": args.nodes} if own else None)
     with LocalFederation(args.run_dir, nodes=args.nodes, app_dir=args.app) as fed:
         print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {fed.logs}",
               flush=True)
-        run_id = fed.submit(cfg)
-        print(f"run {run_id} started", flush=True)
-        try:
-            info = fed.wait(run_id, timeout=args.timeout)
-        except RunFailed as e:
-            print(e, file=sys.stderr)
+        run_id, info = submit_and_wait(fed, cfg, args.timeout)
+        if info is None:
             return 1
         traffic = info.get("network-traffic", {})
         print(f"run {run_id}: {info['status']}; traffic in {traffic.get('inbound-bytes')} B, "
               f"out {traffic.get('outbound-bytes')} B; results in "
               f"{cfg.get('out-dir', fed.out_dir)}", flush=True)
     return 0
+
+
+def submit_and_wait(fed: LocalFederation, cfg: Dict, timeout: float):
+    """The launchers' run: ``(run id, run info)``, the info None when the run did not finish
+    with ``finished:completed`` (said on stderr)."""
+    run_id = fed.submit(cfg)
+    print(f"run {run_id} started", flush=True)
+    try:
+        return run_id, fed.wait(run_id, timeout=timeout)
+    except RunFailed as e:
+        print(e, file=sys.stderr)
+        return run_id, None
 
 
 if __name__ == "__main__":

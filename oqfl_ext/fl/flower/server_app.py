@@ -6,7 +6,8 @@ with Flower messages in between:
 1. :meth:`Server.begin_round` samples the clients exactly as in process and encodes the global
    state with the downlink codec; client ``I`` (``client-<I>``) is the SuperNode whose node
    config says ``partition-id=I`` (learned once, at the start, with a ``query`` message to
-   every node);
+   every node, :data:`QUERY_WINDOW` of them in flight at once: the same code for the SuperNodes
+   of the deployment engine and the virtual ones of the simulation runtime);
 2. every sampled client's node gets a ``train`` message with that blob (layout: :mod:`.wire`),
    through ``grid.send_and_receive(..., timeout=round-timeout)``; a sampled partition whose
    node is not connected is not sent anything;
@@ -119,35 +120,65 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> List[int]:
         time.sleep(0.5)
 
 
+#: queries in flight at once while mapping partitions: the simulation runtime's in-memory state
+#: looks through every stored message for each virtual node every 0.1 s, so the work of a look
+#: grows with nodes x messages (1000 virtual nodes: mapped in 40 s 50 at a time, 46 s all at once)
+QUERY_WINDOW = 50
+
+
+def _read_query_reply(reply: Message, cfg: ExperimentConfig):
+    """The partition a ``query`` reply names, or None (logged) for a reply that does not name a
+    partition of this run."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        logger.warning("node %d: query failed: %s", node, reply.error.reason)
+        return None
+    try:
+        answer = reply.content["node"]
+        pid, n = answer["partition-id"], answer["num-partitions"]
+    except Exception as e:  # a malformed reply: not a node of this run
+        logger.warning("node %d: malformed query reply (%s: %s); ignored", node,
+                       type(e).__name__, e)
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, n)):
+        logger.warning("node %d: partition-id / num-partitions expected integers, got "
+                       "%.40r / %.40r; ignored", node, pid, n)
+        return None
+    if n != cfg.clients or not 0 <= pid < n:
+        logger.warning("node %d: partition %d of %d does not fit clients=%d; ignored",
+                       node, pid, n, cfg.clients)
+        return None
+    return pid
+
+
 def _map_partitions(grid: Grid, nodes: List[int], cfg: ExperimentConfig,
-                    settings: FlowerSettings) -> Dict[int, int]:
-    """partition-id -> node id, from a ``query`` to every node."""
-    msgs = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY,
-                    group_id="query", ttl=settings.wait_nodes_timeout) for node in nodes]
+                    settings: FlowerSettings, window: int = QUERY_WINDOW) -> Dict[int, int]:
+    """partition-id -> node id, from a ``query`` to every node, at most ``window`` of them in
+    flight at once, all within ``wait-nodes-timeout``."""
+    deadline = time.monotonic() + settings.wait_nodes_timeout
+    todo = list(reversed(nodes))
+    pending: Dict[str, int] = {}  # message id -> node
     mapping: Dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=settings.wait_nodes_timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            logger.warning("node %d: query failed: %s", node, reply.error.reason)
-            continue
-        try:
-            answer = reply.content["node"]
-            pid, n = answer["partition-id"], answer["num-partitions"]
-        except Exception as e:  # a malformed reply: not a node of this run
-            logger.warning("node %d: malformed query reply (%s: %s); ignored", node,
-                           type(e).__name__, e)
-            continue
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, n)):
-            logger.warning("node %d: partition-id / num-partitions expected integers, got "
-                           "%.40r / %.40r; ignored", node, pid, n)
-        elif n != cfg.clients or not 0 <= pid < n:
-            logger.warning("node %d: partition %d of %d does not fit clients=%d; ignored",
-                           node, pid, n, cfg.clients)
-        elif pid in mapping:
-            logger.warning("node %d: partition %d is already node %d's; ignored", node, pid,
-                           mapping[pid])
-        else:
-            mapping[pid] = node
+    while (todo or pending) and time.monotonic() < deadline:
+        while todo and len(pending) < window:
+            node = todo.pop()
+            msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY,
+                          group_id="query", ttl=settings.wait_nodes_timeout)
+            for msg_id in grid.push_messages([msg]):  # none: the node is gone
+                pending[msg_id] = node
+        replies = list(grid.pull_messages(list(pending))) if pending else []
+        for reply in replies:
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            pid = None if node is None else _read_query_reply(reply, cfg)
+            if pid is None:
+                continue
+            if pid in mapping:
+                logger.warning("node %d: partition %d is already node %d's; ignored", node,
+                               pid, mapping[pid])
+            else:
+                mapping[pid] = node
+        if not replies:
+            time.sleep(0.05)
     return mapping
 
 
@@ -167,19 +198,23 @@ def main(grid: Grid, context: Context) -> None:
     partition_of = {c.client_id: i for i, c in enumerate(clients)}
     server = ex.make_server(cfg, data, parts, clients)
 
+    t_map = time.monotonic()
     nodes = _wait_for_nodes(grid, cfg.clients, settings.wait_nodes_timeout)
     mapping = _map_partitions(grid, nodes, cfg, settings)
+    map_s = time.monotonic() - t_map
     if not mapping:
         raise RuntimeError(f"no SuperNode with a partition of this run answered within "
                            f"{settings.wait_nodes_timeout:g} s (nodes: {nodes})")
     missing = sorted(set(range(cfg.clients)) - set(mapping))
     if missing:
         logger.warning("partitions %s have no node: those clients are dropped", missing)
-    logger.warning("oqfl run %d: partitions -> nodes %s", run_id, mapping)
+    logger.warning("oqfl run %d: %d partitions mapped to nodes in %.1f s%s", run_id,
+                   len(mapping), map_s, f": {mapping}" if len(mapping) <= 20 else "")
 
     config = dict(cfg.record(), **settings.record(), engine="flower",
                   flwr_version=flwr.__version__, run_id=run_id,
                   nodes={str(p): n for p, n in sorted(mapping.items())},
+                  partition_map_s=round(map_s, 3),
                   flwr_env={k: os.environ.get(k) for k in NO_PHONE_HOME})
     if any(os.environ.get(k) != v for k, v in NO_PHONE_HOME.items()):
         logger.warning("this ServerApp runs without %s: Flower may contact its servers",
