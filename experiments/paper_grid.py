@@ -258,9 +258,30 @@ def _mb(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
 
+def _ptq_accuracy(base_dir: Path, quant_record: dict) -> float:
+    """Test accuracy of the FP32 run's final model quantized after training as the quantized
+    run ``quant_record`` quantizes (step sizes calibrated on the server's calibration images,
+    no retraining): the baseline OQFL has to beat (issue 17)."""
+    import oqfl_ext.fl.experiment as ex
+    from oqfl_ext.fl.server import evaluate_model
+    _, fp32_model = _load_model(base_dir)
+    cfg = ex.ExperimentConfig.from_record(quant_record)
+    data = ex.load_data(cfg)
+    ptq = ex.post_training_baseline(cfg, fp32_model, data, ex.make_partitions(cfg, data.train_y))
+    return evaluate_model(ptq, data.test_x, data.test_y)[0]
+
+
+# columns after the arm's name: one "—" per column for a row without that number
+_COLUMNS = ("uplink", "final acc %", "best acc %", f"last {TAIL} rounds %",
+            f"gap to FP32 (final / best / last {TAIL}), pts", "uplink MB total", "uplink vs FP32",
+            "downlink MB total", "total MB (up + down)", "total vs FP32", "model bytes (vs FP32)",
+            "BitOPs vs FP32")
+
+
 def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int):
     """Markdown rows of one network and split, the named runs and the totals for the plot;
-    ``None`` when its FP32 run is missing."""
+    ``None`` when its FP32 run is missing. Below the arms: the FP32 model quantized after
+    training (PTQ) at the W4A4 arm's bits, when that arm has finished."""
     from oqfl_ext.fl.metrics import load_run, summarize
     base_dir = run_dir(out, net, split, "fp32")
     if not finished(base_dir, rounds):
@@ -274,7 +295,7 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int
         folder = run_dir(out, net, split, arm)
         if not finished(folder, rounds):
             rows.append(f"| {ARMS[arm][0]} | (not finished: {rounds_done(folder)} of {rounds} "
-                        "rounds) |" + " |" * 9)
+                        "rounds) |" + " |" * (len(_COLUMNS) - 1))
             continue
         cfg, records = load_run(folder)
         s = summarize(records)
@@ -283,19 +304,24 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int
         gap = 100 * (s["final_accuracy"] - base["final_accuracy"])
         gap_best = 100 * (s["best_accuracy"] - base["best_accuracy"])
         tail = _tail_mean(records)
-        ratio = base["uplink_mb"] / s["uplink_mb"]
         rows.append(
             f"| {ARMS[arm][0]} | {cfg['uplink']} | {100 * s['final_accuracy']:.2f} "
             f"| {100 * s['best_accuracy']:.2f} | {100 * tail:.2f} "
             f"| {gap:+.2f} / {gap_best:+.2f} / {100 * (tail - base_tail):+.2f} "
-            f"| {_mb(s['uplink_mb_per_round'])} | {_mb(s['uplink_mb'])} | {ratio:.2f}x "
+            f"| {_mb(s['uplink_mb'])} | {base['uplink_mb'] / s['uplink_mb']:.2f}x "
+            f"| {_mb(s['downlink_mb'])} | {_mb(s['total_mb'])} "
+            f"| {base['total_mb'] / s['total_mb']:.2f}x "
             f"| {c.param_bytes / 1e3:.1f} kB ({base_cost.param_bytes / c.param_bytes:.2f}x) "
             f"| {c.bitops / base_cost.bitops:.4f} |")
         named.append((ARMS[arm][0], records))
-    head = (f"| arm | uplink | final acc % | best acc % | last {TAIL} rounds % "
-            f"| gap to FP32 (final / best / last {TAIL}), pts "
-            "| uplink MB/round | uplink MB total | uplink vs FP32 | model bytes (vs FP32) "
-            "| BitOPs vs FP32 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w4a4 = run_dir(out, net, split, "w4a4")
+    if "w4a4" in arms and finished(w4a4, rounds):
+        acc = _ptq_accuracy(base_dir, load_run(w4a4)[0])
+        gap = 100 * (acc - base["final_accuracy"])
+        rows.append(f"| FP32 FedAvg + PTQ W4A4 (no retraining) | — | {100 * acc:.2f} | — | — "
+                    f"| {gap:+.2f} / — / — |" + " — |" * (len(_COLUMNS) - 5))
+    head = ("| arm | " + " | ".join(_COLUMNS) + " |\n|---|---|"
+            + "---:|" * (len(_COLUMNS) - 1))
     return head + "\n" + "\n".join(rows), named, seconds
 
 

@@ -329,12 +329,12 @@ def _post_training_baseline(record: dict, fp32_server, data_dir, cache) -> Optio
     data = ex.load_data(cfg, data_dir, cache)
     model = ex.post_training_baseline(cfg, fp32_server.model, data,
                                       ex.make_partitions(cfg, data.train_y))
-    acc, _ = fp32_server._evaluate(model)
+    acc, _ = fp32_server.evaluate_model(model)
     doc = {"accuracy": acc, "integer_accuracy": None}
     if cfg.eval_integer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConversionWarning)
-            doc["integer_accuracy"] = fp32_server._evaluate(convert(model))[0]
+            doc["integer_accuracy"] = fp32_server.evaluate_model(convert(model))[0]
     return doc
 
 

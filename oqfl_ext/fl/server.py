@@ -86,9 +86,9 @@ from .codec import DEFAULT_COMPRESSION, UpdateRejected, check_compression, decod
 from .downlink import DELTA_DOWNLINKS, DeltaBroadcast, HeldModel
 from .._checks import check_int
 
-__all__ = ["Server", "RoundResult", "RoundStart", "RemoteClient", "Dropped", "DOWNLINK_CODECS",
-           "downlink_codec", "NotDelivered", "DeliveryUnconfirmed", "accept_update",
-           "AcceptedUpdate", "step_problem"]
+__all__ = ["Server", "evaluate_model", "RoundResult", "RoundStart", "RemoteClient", "Dropped",
+           "DOWNLINK_CODECS", "downlink_codec", "NotDelivered", "DeliveryUnconfirmed",
+           "accept_update", "AcceptedUpdate", "step_problem"]
 
 logger = logging.getLogger("oqfl_ext.fl")
 
@@ -309,6 +309,31 @@ def _has_uninitialized_quantizers(model: nn.Module) -> bool:
     return any(isinstance(m, LSQQuantizer) and m.enabled and not m.is_initialized()
                for m in model.modules())
 
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512,
+                   device: Optional[torch.device] = None) -> Tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode on images ``x`` and labels
+    ``y``, ``batch_size`` at a time on ``device`` (default: the model's); the model's
+    training flag is restored after. NaN for an empty set."""
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    n = int(y.shape[0])
+    correct, loss_sum = 0, 0.0
+    try:
+        for s in range(0, n, batch_size):
+            logits = model(x[s:s + batch_size].to(device))
+            yb = y[s:s + batch_size].to(device)
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return float("nan"), float("nan")
+    return correct / n, loss_sum / n
 
 class Server:
     """A federated server (FedAvg / FedAvgM) over in-process clients; see the module docstring.
@@ -793,7 +818,7 @@ class Server:
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:
         """(accuracy, mean cross-entropy) of the global model on the test set (eval mode)."""
-        return self._evaluate(self.model)
+        return self.evaluate_model(self.model)
 
     def evaluate_integer_model(self) -> Optional[float]:
         """Test accuracy of the global model converted to integer inference (a converted copy;
@@ -803,24 +828,10 @@ class Server:
         with warnings.catch_warnings():  # which layers stay fake-quant: said once, not per round
             warnings.simplefilter("ignore", ConversionWarning)
             integer_model = convert(self.model)
-        return self._evaluate(integer_model)[0]
+        return self.evaluate_model(integer_model)[0]
 
-    @torch.no_grad()
-    def _evaluate(self, model: nn.Module) -> Tuple[float, float]:
-        was_training = model.training
-        model.eval()
-        device = self._device()
-        n = int(self.test_y.shape[0])
-        correct, loss_sum = 0, 0.0
-        try:
-            for s in range(0, n, self.eval_batch_size):
-                x = self.test_x[s:s + self.eval_batch_size].to(device)
-                y = self.test_y[s:s + self.eval_batch_size].to(device)
-                logits = model(x)
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
-        finally:
-            model.train(was_training)
-        if n == 0:
-            return float("nan"), float("nan")
-        return correct / n, loss_sum / n
+    def evaluate_model(self, model: nn.Module) -> Tuple[float, float]:
+        """(accuracy, mean cross-entropy) of any ``model`` on the server's test set
+        (:func:`evaluate_model` on the server's device and evaluation batch size)."""
+        return evaluate_model(model, self.test_x, self.test_y, self.eval_batch_size,
+                              self._device())
