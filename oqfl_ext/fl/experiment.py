@@ -19,8 +19,9 @@ run whichever of them starts it:
   (the zoo model, quantized with ``weight_bits`` / ``act_bits`` / ``first_last_bits``,
   ``quant_init``, ``grad_scale`` and ``act_grad_count``), :func:`make_clients` (client ``i`` is
   ``client-<i>`` on partition ``i`` with seed ``derive_seed(seed, 0xC1, i)``) and
-  :func:`make_server` (quantizers calibrated on the first examples of partition 0);
-  :func:`build` does all of it.
+  :func:`make_server` (quantizers calibrated on the first examples of partition 0); with a
+  delta downlink both get :func:`initial_template` (the model built under ``seed``, for
+  first-contact sparse snapshots); :func:`build` does all of it.
 """
 
 from __future__ import annotations
