@@ -200,8 +200,8 @@ def _reject(msg: str):
 
 def parse_blob(blob, template: Mapping[str, Tensor]) -> dict:
     """The checked framing of a downlink blob for ``template``: ``{"bits", "kind"
-    ("snapshot" | "chain" | "sparse"), "round", "version", "items": [bytes]}``. Raises UpdateRejected
-    (corruption, truncation, another model, a decompression bomb)."""
+    ("snapshot" | "chain" | "sparse"), "round", "version", "items": [bytes]}``. Raises
+    UpdateRejected (corruption, truncation, another model, a decompression bomb)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise TypeError(f"blob expected bytes, got {type(blob).__name__}")
     limit = raw_limit(template)

@@ -9,8 +9,8 @@ The client's state between rounds (``Client.state_dict()``: the error-feedback r
 with a delta downlink, the broadcast model it holds, :class:`oqfl_ext.fl.downlink.HeldModel`)
 lives in the node's ``context.state`` (it never leaves the node); the held model's initial
 template, which a first-contact sparse snapshot applies to, is built again from the run config
-on every message (:func:`oqfl_ext.fl.experiment.initial_template`, by ``make_client``). On ``query`` it replies with its
-partition, so that the ServerApp can map partitions to node ids.
+on every message (:func:`oqfl_ext.fl.experiment.initial_template`, by ``make_client``). On
+``query`` it replies with its partition, so that the ServerApp can map partitions to node ids.
 
 Fault injection (tests): with ``OQFL_FLOWER_HOLD="ROUND:PATH"`` in the SuperNode's
 environment, the ClientApp that gets the ``train`` message of round ROUND, once it has decoded
