@@ -159,10 +159,13 @@ class Client:
         config: a :class:`ClientConfig` (default: ``ClientConfig()``).
         seed: the client's seed; with the round index it fixes the batch order, any randomness
             of the model (dropout) and the stochastic rounding of the uplink.
+        initial_template: with a delta downlink, the run's initial template the held model
+            starts from (first contact can then be a sparse snapshot,
+            :class:`oqfl_ext.fl.downlink.HeldModel`); None: full snapshots.
     """
 
     def __init__(self, client_id: str, dataset: Dataset, config: Optional[ClientConfig] = None,
-                 seed: int = 0):
+                 seed: int = 0, initial_template: Optional[Dict[str, Tensor]] = None):
         if not isinstance(client_id, str) or not client_id or not client_id.isprintable() \
                 or len(client_id) > 256:
             raise ValueError(f"client_id expected non-empty printable text (<= 256 characters), "
@@ -175,7 +178,7 @@ class Client:
             raise TypeError(f"config expected a ClientConfig, got {type(self.config).__name__}")
         self.seed = seed
         self.residual: Optional[Dict[str, Tensor]] = None  # error feedback memory
-        self.held = HeldModel()  # the broadcast model of a delta downlink
+        self.held = HeldModel(initial_template)  # the broadcast model of a delta downlink
         self.last_loss: Optional[float] = None  # mean training loss of the last round
 
     # ------------------------------------------------------------------ state

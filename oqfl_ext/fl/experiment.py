@@ -19,8 +19,9 @@ run whichever of them starts it:
   (the zoo model, quantized with ``weight_bits`` / ``act_bits`` / ``first_last_bits``,
   ``quant_init``, ``grad_scale`` and ``act_grad_count``), :func:`make_clients` (client ``i`` is
   ``client-<i>`` on partition ``i`` with seed ``derive_seed(seed, 0xC1, i)``) and
-  :func:`make_server` (quantizers calibrated on the first examples of partition 0);
-  :func:`build` does all of it.
+  :func:`make_server` (quantizers calibrated on the first examples of partition 0); with a
+  delta downlink both get :func:`initial_template` (the model built under ``seed``, for
+  first-contact sparse snapshots); :func:`build` does all of it.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from ..models import MODELS
 from ..nn.quantizer import QUANT_DEFAULTS
 from .client import Client, ClientConfig, derive_seed
 from .codec import COMPRESSIONS
-from .server import DOWNLINK_CODECS, Server
+from .downlink import DELTA_DOWNLINKS, state_digest
+from .server import DOWNLINK_CODECS, Server, initial_model
 
 __all__ = ["ExperimentConfig", "ExperimentError", "ConfigError", "ExperimentData", "Built",
            "add_arguments", "load_dataset", "load_data", "make_partitions", "model_fn",
+           "initial_template",
            "client_config", "client_id", "client_seed", "make_client", "make_clients",
            "make_server", "build", "post_training_baseline", "check_device", "DATASETS",
            "PARTITIONS", "UPLINKS",
@@ -715,6 +718,29 @@ def model_fn(cfg: ExperimentConfig, in_channels: int, num_classes: int,
     return build
 
 
+def initial_template(cfg: ExperimentConfig, in_channels: int, num_classes: int,
+                     image_size: int) -> Optional[Dict[str, Tensor]]:
+    """The compressed downlink's initial template (:mod:`oqfl_ext.fl.downlink`, "First
+    contact"): the state (CPU) of :func:`model_fn`'s model built under ``cfg.seed``
+    (:func:`oqfl_ext.fl.server.initial_model`, the server's own construction: its initial
+    model is this one plus calibration, the global RNG stream is untouched), which the server
+    and every client (a Flower SuperNode too) build from the configuration. None when
+    ``cfg.downlink`` is not a delta downlink, or when two builds differ (the construction
+    draws on randomness the seed does not fix): first contact is then a full snapshot."""
+    if cfg.downlink not in DELTA_DOWNLINKS:
+        return None
+    build = model_fn(cfg, in_channels, num_classes, image_size)
+    states = [{k: v.detach().cpu() for k, v in initial_model(build, cfg.seed).state_dict()
+               .items()} for _ in range(2)]
+    if state_digest(states[0]) != state_digest(states[1]):
+        import logging
+        logging.getLogger("oqfl_ext.fl").warning(
+            "the model's construction is not deterministic under the seed: first contact of "
+            "the %s downlink is a full snapshot", cfg.downlink)
+        return None
+    return states[0]
+
+
 def client_config(cfg: ExperimentConfig) -> ClientConfig:
     """The clients' settings; ``stochastic`` and ``error_feedback`` are off with a float32
     uplink (as its record says: they do not apply)."""
@@ -736,28 +762,38 @@ def client_seed(cfg: ExperimentConfig, index: int) -> int:
     return derive_seed(cfg.seed, 0xC1, index)
 
 
+_BUILD: Any = object()  # make_client / make_server: build the initial template here
+
+
 def make_client(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Tensor],
-                index: int) -> Client:
+                index: int, template: Optional[Dict[str, Tensor]] = _BUILD) -> Client:
     """Client ``index``: its partition of the training set, :func:`client_config`,
-    :func:`client_seed`."""
+    :func:`client_seed`, and ``template`` (default: :func:`initial_template`, built here)."""
     check_int("index", index, minimum=0, maximum=cfg.clients - 1)
+    if template is _BUILD:
+        template = initial_template(cfg, *data.model_shape)
     p = parts[index]
     return Client(client_id(cfg, index), (data.train_x[p], data.train_y[p]),
-                  client_config(cfg), seed=client_seed(cfg, index))
+                  client_config(cfg), seed=client_seed(cfg, index), initial_template=template)
 
 
-def make_clients(cfg: ExperimentConfig, data: ExperimentData,
-                 parts: Sequence[Tensor]) -> List[Client]:
-    return [make_client(cfg, data, parts, i) for i in range(cfg.clients)]
+def make_clients(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Tensor],
+                 template: Optional[Dict[str, Tensor]] = _BUILD) -> List[Client]:
+    if template is _BUILD:
+        template = initial_template(cfg, *data.model_shape)
+    return [make_client(cfg, data, parts, i, template) for i in range(cfg.clients)]
 
 
 def make_server(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Tensor],
-                clients: Sequence) -> Server:
+                clients: Sequence, template: Optional[Dict[str, Tensor]] = _BUILD) -> Server:
     """The :class:`~oqfl_ext.fl.Server`: ``clients`` stand for partitions 0..N-1 in order
     (in-process clients, or :class:`~oqfl_ext.fl.RemoteClient` s whose training happens
     elsewhere); the quantizers are calibrated on the first :data:`CALIBRATION_SIZE` examples
-    of partition 0; the test set lives on ``cfg.device``."""
+    of partition 0; the test set lives on ``cfg.device``; ``template``: the downlink's
+    initial template (default: :func:`initial_template`, built here)."""
     device = torch.device(cfg.device)
+    if template is _BUILD:
+        template = initial_template(cfg, *data.model_shape)
     return Server(model_fn(cfg, *data.model_shape),
                   (data.test_x.to(device), data.test_y.to(device)), clients=clients,
                   fraction=cfg.fraction, server_lr=cfg.server_lr,
@@ -765,7 +801,7 @@ def make_server(cfg: ExperimentConfig, data: ExperimentData, parts: Sequence[Ten
                   norm_bound=cfg.norm_bound, client_time_limit_s=cfg.client_time_limit_s,
                   calibration_data=data.train_x[parts[0]][:CALIBRATION_SIZE],
                   downlink=cfg.downlink, evaluate_integer=cfg.eval_integer and cfg.quantized,
-                  uplink_compression=cfg.uplink_compression)
+                  uplink_compression=cfg.uplink_compression, initial_template=template)
 
 
 def post_training_baseline(cfg: ExperimentConfig, float_model: nn.Module,
@@ -798,5 +834,6 @@ def build(cfg: ExperimentConfig, data_dir: Optional[str] = None,
     """Data, partitions, in-process clients and server of ``cfg``."""
     data = load_data(cfg, data_dir, cache)
     parts = make_partitions(cfg, data.train_y)
-    clients = make_clients(cfg, data, parts)
-    return Built(data, parts, clients, make_server(cfg, data, parts, clients))
+    template = initial_template(cfg, *data.model_shape)  # once for every side
+    clients = make_clients(cfg, data, parts, template)
+    return Built(data, parts, clients, make_server(cfg, data, parts, clients, template))

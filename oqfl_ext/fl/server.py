@@ -86,9 +86,9 @@ from .codec import DEFAULT_COMPRESSION, UpdateRejected, check_compression, decod
 from .downlink import DELTA_DOWNLINKS, DeltaBroadcast, HeldModel
 from .._checks import check_int
 
-__all__ = ["Server", "evaluate_model", "RoundResult", "RoundStart", "RemoteClient", "Dropped",
-           "DOWNLINK_CODECS", "downlink_codec", "NotDelivered", "DeliveryUnconfirmed",
-           "accept_update", "AcceptedUpdate", "step_problem"]
+__all__ = ["Server", "evaluate_model", "initial_model", "RoundResult", "RoundStart",
+           "RemoteClient", "Dropped", "DOWNLINK_CODECS", "downlink_codec", "NotDelivered",
+           "DeliveryUnconfirmed", "accept_update", "AcceptedUpdate", "step_problem"]
 
 logger = logging.getLogger("oqfl_ext.fl")
 
@@ -305,6 +305,15 @@ def step_problem(new_values: Mapping[str, Tensor],
     return None
 
 
+def initial_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``model_fn()`` under ``torch.manual_seed(seed)``, the global RNG stream left as it was:
+    the server's initial model before calibration, and the compressed downlink's initial
+    template (:func:`oqfl_ext.fl.experiment.initial_template`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_fn()
+
+
 def _has_uninitialized_quantizers(model: nn.Module) -> bool:
     return any(isinstance(m, LSQQuantizer) and m.enabled and not m.is_initialized()
                for m in model.modules())
@@ -366,6 +375,11 @@ class Server:
             :func:`oqfl_ext.fl.codec.decode_update`); ``uplink_bytes`` counts what arrived.
         evaluate_integer: also evaluate, every round, the global model converted to integer
             inference (:func:`oqfl_ext.convert`; layers it cannot convert stay fake-quant).
+        initial_template: with a delta downlink, the initial template the clients hold
+            (:func:`initial_model` ``(model_fn, seed).state_dict()``, built on their side):
+            first contact is then a sparse snapshot and a chain when that is smaller than a
+            full snapshot (:mod:`oqfl_ext.fl.downlink`); None: a full snapshot. In-process
+            clients without a ``held`` attribute are given it too.
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module], test_set, *, clients: Sequence,
@@ -374,7 +388,8 @@ class Server:
                  calibration_data: Optional[Tensor] = None, calibration_size: int = 256,
                  eval_batch_size: int = 512, client_time_limit_s: Optional[float] = None,
                  downlink: str = "float32", evaluate_integer: bool = False,
-                 uplink_compression: str = DEFAULT_COMPRESSION):
+                 uplink_compression: str = DEFAULT_COMPRESSION,
+                 initial_template: Optional[Mapping[str, Tensor]] = None):
         if not callable(model_fn):
             raise TypeError("model_fn expected a callable returning an nn.Module")
         clients = list(clients)
@@ -404,7 +419,7 @@ class Server:
         if downlink in DELTA_DOWNLINKS:
             self.downlink = None
             self.broadcast: Optional[DeltaBroadcast] = DeltaBroadcast(
-                DELTA_DOWNLINKS[downlink], ids)
+                DELTA_DOWNLINKS[downlink], ids, initial_template)
         else:
             self.downlink = downlink_codec(downlink)
             self.broadcast = None
@@ -427,9 +442,7 @@ class Server:
         self.round = 0  # rounds completed (the last round index + 1)
         self._open: Optional[_OpenRound] = None  # begun by begin_round, not yet ended
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = model_fn()
+        self.model = initial_model(model_fn, seed)
         if _has_uninitialized_quantizers(self.model):
             if calibration_data is None:
                 first = clients[0]
@@ -693,7 +706,9 @@ class Server:
         held = getattr(client, "held", None)
         if isinstance(held, HeldModel):
             return held
-        return self._holders.setdefault(client.client_id, HeldModel())
+        if client.client_id not in self._holders:
+            self._holders[client.client_id] = HeldModel(self.broadcast.initial)
+        return self._holders[client.client_id]
 
     def _global_state(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}

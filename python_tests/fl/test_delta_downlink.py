@@ -9,7 +9,12 @@
 * round trips: snapshot and chains exact; held-model and server state through state_dict and a
   checkpoint resume (bit-identical continuation);
 * corrupted, truncated, oversized and wrong-template blobs, and deltas for another base, are
-  refused with clear errors and leave the client's model as it was.
+  refused with clear errors and leave the client's model as it was;
+* first contact with an initial template (the model built under the run's seed): a sparse
+  snapshot (the entries the server changed before round 1) and the chain since it, far smaller
+  than a full snapshot, leaving the client on the server's model bit for bit and the run exactly
+  as with full snapshots; a client with another template (or none) refuses it and gets full
+  snapshots from then on.
 A tiny synthetic task (about a minute on a loaded 2-core machine)."""
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import torch
 from torch import nn
 
 from oqfl_ext.fl import Client, ClientConfig, Server, UpdateRejected
-from oqfl_ext.fl.downlink import (DeltaBroadcast, HeldModel, apply_delta, raw_limit,
-                                  state_digest)
-from oqfl_ext.fl.server import downlink_codec
+from oqfl_ext.fl.downlink import (DeltaBroadcast, HeldModel, apply_delta, parse_blob,
+                                  raw_limit, state_digest)
+from oqfl_ext.fl.server import downlink_codec, initial_model
+from oqfl_ext.nn import quantize_model
 
 
 def _blobs(n: int, seed: int):
@@ -42,10 +48,29 @@ CFG = ClientConfig(local_epochs=1, batch_size=16, lr=0.1, momentum=0.5, uplink_b
                    error_feedback=True)
 
 
-def _server(downlink="int4-delta", n_clients=4, fraction=0.5, seed=0):
-    clients = [Client(f"c{i}", _blobs(40, 10 * i), CFG, seed=i) for i in range(n_clients)]
+def _server(downlink="int4-delta", n_clients=4, fraction=0.5, seed=0, template=None):
+    clients = [Client(f"c{i}", _blobs(40, 10 * i), CFG, seed=i, initial_template=template)
+               for i in range(n_clients)]
     return Server(_mlp, _blobs(90, 999), clients=clients, fraction=fraction, seed=seed,
-                  downlink=downlink)
+                  downlink=downlink, initial_template=template)
+
+
+def _quantized_mlp() -> nn.Module:
+    # W4A4: the server calibrates the quantizers before round 1 (what first contact must carry)
+    return quantize_model(nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                                        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)),
+                          weight_bits=4, act_bits=4)
+
+
+def _template(model_fn, seed=0):
+    return {k: v.clone() for k, v in initial_model(model_fn, seed).state_dict().items()}
+
+
+def _quantized_server(templates, server_template, fraction=0.5):
+    clients = [Client(f"c{i}", _blobs(40, 10 * i), CFG, seed=i, initial_template=t)
+               for i, t in enumerate(templates)]
+    return Server(_quantized_mlp, _blobs(90, 999), clients=clients, fraction=fraction, seed=0,
+                  downlink="int4-delta", initial_template=server_template)
 
 
 def _assert_same(a, b, ordered=True):
@@ -154,17 +179,21 @@ def test_a_client_whose_reply_got_lost_skips_what_it_applied():
 
 # ------------------------------------------------------------------------------ round trips
 
-def test_state_dict_round_trips_and_resume_continues_bit_identically(tmp_path):
-    straight = _server()
+@pytest.mark.parametrize("with_template", [False, True])
+def test_state_dict_round_trips_and_resume_continues_bit_identically(tmp_path, with_template):
+    template = _template(_mlp) if with_template else None
+    straight = _server(template=template)
     straight.fit(5)
-    first = _server()
+    first = _server(template=template)
     first.fit(3, checkpoint_dir=tmp_path)
-    resumed = _server()
+    resumed = _server(template=template)
     resumed.fit(5, checkpoint_dir=tmp_path, resume=True)
     _assert_same(resumed.model.state_dict(), straight.model.state_dict())
     _assert_same(resumed.broadcast.state, straight.broadcast.state)
     assert resumed.broadcast.held == straight.broadcast.held
     assert resumed.broadcast.history == straight.broadcast.history
+    assert resumed.broadcast.base == straight.broadcast.base
+    assert (resumed.broadcast.base is not None) == with_template
     for a, b in zip(resumed.clients, straight.clients):
         assert a.held.version == b.held.version
         if b.held.state is not None:  # read back from the checkpoint: names sorted
@@ -210,18 +239,23 @@ def _one_client_blobs():
     return g, bc, held, snapshot, bc.blob_for("a")[0]
 
 
+def _refuses_every_corruption(held, blob, template):
+    """Every single-byte change and every 7th truncation of ``blob`` is refused."""
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 0x41
+        with pytest.raises(UpdateRejected, match="downlink rejected"):
+            held.receive(bytes(bad), template)
+    for n in range(0, len(blob), 7):
+        with pytest.raises(UpdateRejected, match="downlink rejected"):
+            held.receive(blob[:n], template)
+
+
 def test_every_corruption_is_refused_and_leaves_the_model():
     g, bc, held, snapshot, delta = _one_client_blobs()
     before = {k: v.clone() for k, v in held.state.items()}
     for blob in (delta, snapshot):
-        for i in range(len(blob)):
-            bad = bytearray(blob)
-            bad[i] ^= 0x41
-            with pytest.raises(UpdateRejected, match="downlink rejected"):
-                held.receive(bytes(bad), g)
-        for n in range(0, len(blob), 7):
-            with pytest.raises(UpdateRejected, match="downlink rejected"):
-                held.receive(blob[:n], g)
+        _refuses_every_corruption(held, blob, g)
     _assert_same(held.state, before)
     assert held.version == 0
 
@@ -264,3 +298,106 @@ def test_downlink_argument_errors():
     server = _server()
     with pytest.raises(ValueError, match="not sampled in an open round"):
         server.downlink_for("c0")
+
+
+# ------------------------------------------------------------------------------ first contact
+
+def test_first_contact_is_a_sparse_snapshot_and_the_run_is_unchanged():
+    template = _template(_quantized_mlp)
+    server = _quantized_server([template] * 6, template)
+    full = _quantized_server([None] * 6, None)  # the same run with full snapshots
+    b0 = server.broadcast
+    seen = set()
+    for r in range(5):
+        res, ref = server.run_round(r), full.run_round(r)
+        assert res.sampled == ref.sampled and res.accepted == res.sampled, res.dropped
+        new = set(res.sampled) - seen
+        assert set(ref.downlink_snapshots) >= new
+        assert res.downlink_snapshots == []  # every first contact: sparse snapshot + chain
+        if new:
+            assert res.downlink_bytes < ref.downlink_bytes
+        seen |= new
+        for c in server.clients:
+            if c.client_id in res.sampled:
+                _assert_same(c.held.state, b0.state)
+                assert c.held.version == b0.version and c.held.digest == state_digest(b0.state)
+        if r == 0:
+            # what the server changed before round 1: the calibrated quantizers only
+            changed = sorted(k for k in template if not torch.equal(b0.state[k], template[k]))
+            assert changed and all("quantizer" in k for k in changed), changed
+            assert any(k.endswith("weight_quantizer.step_size") for k in changed)
+    assert len(seen) == 6
+    # the clients held the same models, so the run is the full-snapshot run, bit for bit
+    _assert_same(server.model.state_dict(), full.model.state_dict())
+    _assert_same(b0.state, full.broadcast.state)
+
+
+def test_a_sparse_snapshot_and_chain_are_far_smaller_than_a_full_snapshot():
+    torch.manual_seed(2)
+    t = {"w": torch.randn(64, 128), "b": torch.randn(64), "s": torch.rand(64),
+         "n": torch.tensor(0)}
+    g = {**t, "s": 2 * t["s"], "n": torch.tensor(1)}  # what the server changed before round 1
+    ids = ["a", "b"]
+    sparse_bc, full_bc = DeltaBroadcast(4, ids, t), DeltaBroadcast(4, ids)
+    for r in range(3):
+        if r:
+            g = {**g, "w": g["w"] + 0.05 * torch.randn(64, 128), "b": g["b"] + 0.1}
+        sparse_bc.prepare(g, r)
+        full_bc.prepare(g, r)
+        _assert_same(sparse_bc.state, full_bc.state)
+        if r in (0, 2):  # "a" at version 0, "b" at version 2 (a chain of two deltas)
+            cid = "a" if r == 0 else "b"
+            blob, kind = sparse_bc.blob_for(cid)
+            snapshot, full_kind = full_bc.blob_for(cid)
+            assert (kind, full_kind) == ("sparse", "snapshot")
+            assert parse_blob(blob, t)["kind"] == "sparse"
+            # float32 "w" never travels: the changed entries, then int4 deltas
+            assert len(blob) < (len(snapshot) / 20 if r == 0 else len(snapshot) / 3), \
+                (len(blob), len(snapshot))
+            held = HeldModel(t)
+            held.receive(blob, t)
+            _assert_same(held.state, full_bc.state)
+            assert held.version == r and held.digest == sparse_bc.digest
+            sparse_bc.settle(cid, "received")
+            full_bc.settle(cid, "received")
+
+
+def test_a_client_with_another_template_refuses_and_then_gets_full_snapshots():
+    template = _template(_quantized_mlp)
+    other = _template(_quantized_mlp, seed=1)  # another seed: other initial weights
+    server = _quantized_server([template, other, None, template], template, fraction=1.0)
+    res = server.run_round(0)
+    dropped = dict(res.dropped)
+    assert sorted(dropped) == ["c1", "c2"], dropped
+    assert "sparse snapshot made for another initial template" in dropped["c1"]
+    assert "this client has no initial template: it needs a full snapshot" in dropped["c2"]
+    for c in server.clients[1:3]:
+        assert c.held.version is None  # refused: nothing applied
+    assert server.broadcast.no_template == {"c1", "c2"}
+    for r in (1, 2):
+        res = server.run_round(r)
+        assert res.accepted == res.sampled, res.dropped
+        # the refusers took a full snapshot (round 1) and then chains
+        assert res.downlink_snapshots == (["c1", "c2"] if r == 1 else [])
+        for c in server.clients:
+            _assert_same(c.held.state, server.broadcast.state)
+
+
+def test_every_corruption_of_a_sparse_snapshot_is_refused():
+    t = {"w": torch.randn(16, 32), "s": torch.rand(16), "n": torch.tensor(0)}
+    bc = DeltaBroadcast(4, ["a"], t)
+    bc.prepare({**t, "s": 3 * t["s"], "n": torch.tensor(1)}, 0)
+    bc.settle("a", "received")
+    bc.prepare({**t, "w": t["w"] + 0.5, "s": 3 * t["s"], "n": torch.tensor(1)}, 1)
+    bc.held["a"] = None  # the server lost track of "a": sparse snapshot + chain
+    blob, kind = bc.blob_for("a")
+    assert kind == "sparse"
+    held = HeldModel(t)
+    _refuses_every_corruption(held, blob, t)
+    assert held.version is None and held.state is None
+    held.receive(blob, t)
+    _assert_same(held.state, bc.state)
+    assert held.version == 1
+    # the template is not part of the held model's state; a reset keeps it
+    held.load_state_dict({})
+    assert held.state is None and held.initial_digest == state_digest(t)

@@ -178,8 +178,9 @@ def _by_hand_model(cfg, shape, calibration):
     for q in m.modules():
         if isinstance(q, LSQQuantizer):
             q.init, q.grad_factor = cfg.quant_init, 1.0 if cfg.grad_scale == "none" else None
-    m.train()
-    calibrate(m, calibration)
+    if calibration is not None:
+        m.train()
+        calibrate(m, calibration)
     return m
 
 
@@ -209,6 +210,29 @@ def test_a_built_run_equals_one_built_by_hand(grad_scale):
     assert quantizers and {(q.init, q.grad_factor) for q in quantizers} == \
         {("lsq", 1.0 if grad_scale == "none" else None)}
     assert built.server.fraction == 0.5 and built.server.evaluate_integer
+
+
+def test_the_initial_template_is_the_servers_model_before_calibration():
+    from oqfl_ext.fl.downlink import state_digest
+
+    cfg = ExperimentConfig(dataset="digits", width=4, clients=3, seed=11, weight_bits=4,
+                           act_bits=4, uplink="int4", downlink="int4-delta")
+    rng = torch.get_rng_state()
+    template = ex.initial_template(cfg, 1, 10, 8)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's RNG stream is untouched
+    want = _by_hand_model(cfg, (1, 10, 8), None).state_dict()
+    assert list(template) == list(want) and all(torch.equal(template[k], want[k]) for k in want)
+    built = ex.build(cfg)
+    digest = state_digest(template)
+    assert built.server.broadcast.initial_digest == digest
+    assert all(c.held.initial_digest == digest for c in built.clients)
+    # the server's initial model is still the one built by hand (template + calibration)
+    tx = datasets.load_digits("train", normalize=True)[0]
+    calibrated = _by_hand_model(cfg, (1, 10, 8), tx[built.parts[0]][:256]).state_dict()
+    got = built.server.model.state_dict()
+    assert all(torch.equal(got[k], calibrated[k]) for k in calibrated)
+    assert ex.initial_template(dataclasses.replace(cfg, downlink="float32"), 1, 10, 8) is None
+    assert ex.build(dataclasses.replace(cfg, downlink="float32")).clients[0].held.initial is None
 
 
 def test_the_validation_split_is_held_out_of_the_training_images():

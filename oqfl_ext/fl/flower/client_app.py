@@ -7,8 +7,10 @@ in-process run does (:func:`oqfl_ext.fl.experiment.make_client`), decodes the gl
 the message, trains, and replies with the encoded update blob (message layout: :mod:`.wire`).
 The client's state between rounds (``Client.state_dict()``: the error-feedback residual and,
 with a delta downlink, the broadcast model it holds, :class:`oqfl_ext.fl.downlink.HeldModel`)
-lives in the node's ``context.state`` (it never leaves the node). On ``query`` it replies with its
-partition, so that the ServerApp can map partitions to node ids.
+lives in the node's ``context.state`` (it never leaves the node); the held model's initial
+template, which a first-contact sparse snapshot applies to, is built again from the run config
+on every message (:func:`oqfl_ext.fl.experiment.initial_template`, by ``make_client``). On
+``query`` it replies with its partition, so that the ServerApp can map partitions to node ids.
 
 What a message needs besides its own content (the parsed run config; the data, the partitions
 and the global model's template) is built once per process and run config (:func:`_setup`),
