@@ -240,15 +240,14 @@ def _check_finite(what: str, name: str, x: Tensor) -> None:
 
 def _scales(x: Tensor, bits: int) -> Tensor:
     """float32 step sizes of a float32 tensor with 2 or more dimensions, one per slice along
-    axis 0. A NaN or infinite element makes its slice's step size non-finite (amax propagates
-    NaN)."""
+    axis 0. A NaN or infinite element makes its slice's step size non-finite (the inf-norm
+    propagates NaN)."""
     n = x.shape[0]
     if x.numel() == 0:
-        amax = torch.zeros(n, dtype=torch.float32, device=x.device)
-    else:  # max |x| as max(max x, -min x): two reductions, no |x| temporary
-        rows = x.reshape(n, -1)
-        amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
-    return (amax / _QMAX[bits]).clamp_min(_TINY).to(torch.float32).contiguous()
+        return torch.full((n,), _TINY, dtype=torch.float32, device=x.device)
+    # max |x| per slice in one pass over x (no |x| temporary, no second reduction)
+    amax = torch.linalg.vector_norm(x.reshape(n, -1), math.inf, dim=1)
+    return amax.div_(_QMAX[bits]).clamp_min_(_TINY)
 
 
 def _quantize(what: str, name: str, x: Tensor, bits: int, stochastic: bool,
@@ -359,39 +358,36 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
     num_samples = _check_u64("num_samples", num_samples)
     _check_text("client_id", client_id)
     _check_entries("update", update)
+    entries, (nsteps, nvectors, ncodes), tdigest = _layout(
+        [(k, list(v.shape)) for k, v in update.items()], bits)
+    rounding = _ROUND_NONE if bits == 32 else (_ROUND_STOCH if stochastic else _ROUND_EVEN)
+    head = _header(bits, rounding, round, num_samples, tdigest, client_id.encode("utf-8"))
+    # the whole blob in one buffer: every entry is written (or converted) straight into its place
+    out = torch.empty(len(head) + nsteps + nvectors + ncodes + _DIGEST_SIZE, dtype=torch.uint8)
+    mem = memoryview(out.numpy())
+    mem[:len(head)] = head
+    code_start = len(head) + nsteps + nvectors
+    steps = out[len(head):len(head) + nsteps].view(torch.float32)
+    vtype = torch.float32 if bits == 32 else torch.bfloat16
+    vectors = out[len(head) + nsteps:code_start].view(vtype)
+    where = {name: (kind, s, v, c) for name, _, kind, s, v, c in entries}
     # quantize in the update's order (the generator's draws do not depend on the layout)
-    parts: Dict[str, Tuple[Tensor, ...]] = {}
     for name, value in update.items():
         x = _float32("update", name, value)
-        kind = _kind(bits, x.dim())
-        if kind == _KIND_F32:
+        kind, s, v, c = where[name]
+        if kind != _KIND_CODES:
             _check_finite("update", name, x)
-            parts[name] = (x.cpu(),)
-        elif kind == _KIND_BF16:
-            _check_finite("update", name, x)
-            values = x.to(torch.bfloat16)
-            if not bool(torch.isfinite(values).all()):
+            dst = vectors[v:v + x.numel()]
+            dst.copy_(x.reshape(-1))
+            if kind == _KIND_BF16 and not bool(torch.isfinite(dst).all()):
                 raise ValueError(f"update[{name!r}] has values beyond bfloat16's range "
                                  f"(|x| > {torch.finfo(torch.bfloat16).max:.4g})")
-            parts[name] = (values.cpu(),)
-        else:
-            codes, scale, _ = _quantize("update", name, x, bits, stochastic, generator)
-            parts[name] = (codes, scale)
-    entries, _, tdigest = _layout([(k, list(v.shape)) for k, v in update.items()], bits)
-    rounding = _ROUND_NONE if bits == 32 else (_ROUND_STOCH if stochastic else _ROUND_EVEN)
-    steps, vectors, codes = [], [], []
-    for name, _, kind, *_ in entries:
-        if kind == _KIND_CODES:
-            codes.append(tensor_bytes(parts[name][0]))
-            steps.append(tensor_bytes(parts[name][1]))
-        else:
-            vectors.append(tensor_bytes(parts[name][0]))
-    out = bytearray(_header(bits, rounding, round, num_samples, tdigest,
-                            client_id.encode("utf-8")))
-    for chunk in (*steps, *vectors, *codes):
-        out += chunk
-    out += hashlib.sha256(out).digest()
-    return wrap_update(out, compression)
+            continue
+        codes, scale, _ = _quantize("update", name, x, bits, stochastic, generator)
+        steps[s:s + scale.numel()].copy_(scale)
+        out[code_start + c:code_start + c + codes.numel()].copy_(codes)
+    mem[-_DIGEST_SIZE:] = hashlib.sha256(mem[:-_DIGEST_SIZE]).digest()
+    return wrap_update(mem, compression)
 
 
 def check_compression(compression, name: str = "compression") -> None:
