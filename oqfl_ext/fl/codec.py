@@ -238,16 +238,25 @@ def _check_finite(what: str, name: str, x: Tensor) -> None:
         raise ValueError(f"{what}[{name!r}] has non-finite values")
 
 
-def _scales(x: Tensor, bits: int) -> Tensor:
-    """float32 step sizes of a float32 tensor with 2 or more dimensions, one per slice along
-    axis 0. A NaN or infinite element makes its slice's step size non-finite (the inf-norm
-    propagates NaN)."""
+def _absmax(x: Tensor) -> Tensor:
+    """max |slice| of a float32 tensor with 2 or more dimensions, one per slice along axis 0,
+    in one pass over x (no |x| temporary). A NaN or infinite element makes its slice's value
+    non-finite (the inf-norm propagates NaN)."""
     n = x.shape[0]
     if x.numel() == 0:
-        return torch.full((n,), _TINY, dtype=torch.float32, device=x.device)
-    # max |x| per slice in one pass over x (no |x| temporary, no second reduction)
-    amax = torch.linalg.vector_norm(x.reshape(n, -1), math.inf, dim=1)
+        return torch.zeros(n, dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x.reshape(n, -1), math.inf, dim=1)
+
+
+def _steps_from_absmax(amax: Tensor, bits: int) -> Tensor:
+    """Step sizes ``max(amax / qmax, smallest normal float32)``, computed in place."""
     return amax.div_(_QMAX[bits]).clamp_min_(_TINY)
+
+
+def _scales(x: Tensor, bits: int) -> Tensor:
+    """float32 step sizes of a float32 tensor with 2 or more dimensions, one per slice along
+    axis 0 (non-finite for a slice with a NaN or infinite element)."""
+    return _steps_from_absmax(_absmax(x), bits)
 
 
 def _quantize(what: str, name: str, x: Tensor, bits: int, stochastic: bool,
@@ -371,23 +380,44 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
     vtype = torch.float32 if bits == 32 else torch.bfloat16
     vectors = out[len(head) + nsteps:code_start].view(vtype)
     where = {name: (kind, s, v, c) for name, _, kind, s, v, c in entries}
-    # quantize in the update's order (the generator's draws do not depend on the layout)
-    for name, value in update.items():
-        x = _float32("update", name, value)
-        kind, s, v, c = where[name]
-        if kind != _KIND_CODES:
-            _check_finite("update", name, x)
-            dst = vectors[v:v + x.numel()]
-            dst.copy_(x.reshape(-1))
-            if kind == _KIND_BF16 and not bool(torch.isfinite(dst).all()):
-                raise ValueError(f"update[{name!r}] has values beyond bfloat16's range "
-                                 f"(|x| > {torch.finfo(torch.bfloat16).max:.4g})")
-            continue
-        codes, scale, _ = _quantize("update", name, x, bits, stochastic, generator)
-        steps[s:s + scale.numel()].copy_(scale)
-        out[code_start + c:code_start + c + codes.numel()].copy_(codes)
+    xs = {name: _float32("update", name, value) for name, value in update.items()}
+    # pass 1: every step size and vector value into its place, then one finiteness check per
+    # buffer (a NaN or inf input makes its step non-finite)
+    for name, x in xs.items():
+        kind, s, v, _ = where[name]
+        if kind == _KIND_CODES:
+            steps[s:s + x.shape[0]].copy_(_absmax(x))
+        else:
+            vectors[v:v + x.numel()].copy_(x.reshape(-1))
+    if bits != 32:
+        _steps_from_absmax(steps, bits)
+    if not (bool(torch.isfinite(steps).all()) and bool(torch.isfinite(vectors).all())):
+        _raise_non_finite(xs, where, steps, vectors)
+    # pass 2: quantize in the update's order (the generator's draws do not depend on the layout)
+    for name, x in xs.items():
+        kind, s, _, c = where[name]
+        if kind == _KIND_CODES:
+            scale = steps[s:s + x.shape[0]].to(x.device)
+            codes = ops.quantize_pack(x, scale, bits=bits, axis=0, stochastic=stochastic,
+                                      generator=generator)
+            out[code_start + c:code_start + c + codes.numel()].copy_(codes)
     mem[-_DIGEST_SIZE:] = hashlib.sha256(mem[:-_DIGEST_SIZE]).digest()
     return wrap_update(mem, compression)
+
+
+def _raise_non_finite(xs: Dict[str, Tensor], where, steps: Tensor, vectors: Tensor) -> None:
+    """The ValueError for the first entry (in the update's order) with a non-finite input or
+    a value beyond bfloat16's range (the slow path of a failed finiteness check)."""
+    for name, x in xs.items():
+        kind, s, v, _ = where[name]
+        if kind == _KIND_CODES:
+            if not bool(torch.isfinite(steps[s:s + x.shape[0]]).all()):
+                raise ValueError(f"update[{name!r}] has non-finite values")
+            continue
+        _check_finite("update", name, x)
+        if not bool(torch.isfinite(vectors[v:v + x.numel()]).all()):
+            raise ValueError(f"update[{name!r}] has values beyond bfloat16's range "
+                             f"(|x| > {torch.finfo(torch.bfloat16).max:.4g})")
 
 
 def check_compression(compression, name: str = "compression") -> None:
@@ -921,11 +951,12 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
                    and not bool(torch.isfinite(vectors[v:v + math.prod(shape)]).all()))
         _reject(f"parameter {bad!r}: non-finite values")
     step_max = float(steps.max()) if steps.numel() else 0.0
+    values = vectors.float()  # every vector entry converted at once (a view of it each)
     decoded: Dict[str, Tensor] = {}
     for name, shape, kind, s, v, c in entries:
         numel = math.prod(shape)
         if kind != _KIND_CODES:
-            decoded[name] = vectors[v:v + numel].reshape(shape).float()
+            decoded[name] = values[v:v + numel].reshape(shape)
             continue
         scale = steps[s:s + shape[0]]
         if not numel:
