@@ -53,12 +53,13 @@ def _updates():
     def rand(state):
         return {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in state.items()}
 
-    for model, size, label in (("small_cnn", 14, "small CNN (the demo's and RESULTS', 14x14)"),
-                               ("vgg", 14, "VGG (RESULTS, 14x14)"),
-                               ("resnet20", 14, "ResNet-20 (RESULTS, 14x14)")):
-        cfg = ExperimentConfig(model=model, image_size=size)
-        state = float_state(model_fn(cfg, 1, 10, size)().state_dict())
-        out[f"{model}-{size}"] = (label, rand(state))
+    for model, width, label in (("small_cnn", 16, "small CNN, the demo's (width 16, 14x14)"),
+                                ("small_cnn", 32, "small CNN (RESULTS, width 32, 14x14)"),
+                                ("vgg", 16, "VGG (RESULTS, width 16, 14x14)"),
+                                ("resnet20", 16, "ResNet-20 (RESULTS, 14x14)")):
+        cfg = ExperimentConfig(model=model, width=width, image_size=14)
+        state = float_state(model_fn(cfg, 1, 10, 14)().state_dict())
+        out[f"{model}-{width}"] = (label, rand(state))
     import torchvision
     with torch.device("meta"):
         state = torchvision.models.resnet18().state_dict()
