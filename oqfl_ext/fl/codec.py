@@ -114,6 +114,7 @@ import hashlib
 import json
 import math
 import struct
+import threading
 import zlib
 from typing import Dict, List, Optional, Tuple
 
@@ -171,6 +172,7 @@ _KIND_F32, _KIND_BF16, _KIND_CODES = 0, 1, 2
 _ROUND_NONE, _ROUND_EVEN, _ROUND_STOCH = 0, 1, 2
 _ROUNDINGS = (_ROUND_NONE, _ROUND_EVEN, _ROUND_STOCH)
 _TEMPLATE_DOMAIN = b"oqfl-update-template-v2\0"
+_LOCAL = threading.local()  # per-thread Zstandard contexts
 
 
 class UpdateRejected(ValueError):
@@ -239,13 +241,15 @@ def _check_finite(what: str, name: str, x: Tensor) -> None:
 
 
 def _absmax(x: Tensor) -> Tensor:
-    """max |slice| of a float32 tensor with 2 or more dimensions, one per slice along axis 0,
-    in one pass over x (no |x| temporary). A NaN or infinite element makes its slice's value
-    non-finite (the inf-norm propagates NaN)."""
+    """max |slice| of a float32 tensor with 2 or more dimensions, one per slice along axis 0.
+    A NaN or infinite element makes its slice's value non-finite (amax propagates NaN)."""
     n = x.shape[0]
     if x.numel() == 0:
         return torch.zeros(n, dtype=torch.float32, device=x.device)
-    return torch.linalg.vector_norm(x.reshape(n, -1), math.inf, dim=1)
+    # max(max x, -min x): two vectorized reductions, no |x| temporary (one-pass alternatives
+    # are slower: vector_norm(inf) and aminmax take about 6x as long on the CPU)
+    rows = x.reshape(n, -1)
+    return torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
 
 
 def _steps_from_absmax(amax: Tensor, bits: int) -> Tensor:
@@ -461,10 +465,22 @@ def wrap_update(blob: bytes, compression: str) -> bytes:
     if compression == "zlib":
         return zlib.compress(blob, _ZLIB_LEVEL)
     if compression == "zstd":
-        # one frame with its content size, which the receiver checks before it decompresses
-        return _zstd().ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True,
-                                      write_checksum=False).compress(blob)
+        return _zstd_compressor().compress(blob)
     return blob if isinstance(blob, bytes) else bytes(blob)
+
+
+def _zstd_compressor():
+    """This thread's Zstandard compressor (a context is not thread-safe; kept, with its worker
+    threads, for the next blob): one frame with its content size, which the receiver checks
+    before it decompresses; as many workers as torch has threads (the frame's bytes do not
+    depend on the number of workers)."""
+    workers = torch.get_num_threads()
+    workers = workers if workers > 1 else 0
+    cache = _LOCAL.__dict__.setdefault("zstd", {})
+    if workers not in cache:
+        cache[workers] = _zstd().ZstdCompressor(level=_ZSTD_LEVEL, threads=workers,
+                                                write_content_size=True, write_checksum=False)
+    return cache[workers]
 
 
 def unwrap_update(data, compression: str, limit: int) -> bytes:
@@ -523,7 +539,9 @@ def _unzstd(data, limit: int) -> bytes:
     if params.dict_id:
         _reject(f"the zstd frame needs dictionary {params.dict_id}; none is used")
     try:
-        out = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+        if not hasattr(_LOCAL, "unzstd"):
+            _LOCAL.unzstd = zstd.ZstdDecompressor()
+        out = _LOCAL.unzstd.decompress(data, allow_extra_data=False)
     except zstd.ZstdError as e:
         _reject(f"the zstd frame is truncated or corrupted ({e})")
     if len(out) != params.content_size:
