@@ -522,11 +522,9 @@ def _decompress(data, compression: str, limit: int) -> bytes:
     return out
 
 
-def _unzstd(data, limit: int) -> bytes:
-    """One Zstandard frame decompressed: its header must state a content size of at most
-    ``limit`` (checked before anything is allocated; the library checks the frame against
-    it), no dictionary, nothing after the frame."""
-    zstd = _zstd()
+def _zstd_frame_size(zstd, data, limit: int) -> int:
+    """The content size a Zstandard frame's header states, checked before anything is
+    decompressed: stated, at most ``limit``, no dictionary."""
     try:
         params = zstd.get_frame_parameters(data)
     except zstd.ZstdError as e:
@@ -538,15 +536,88 @@ def _unzstd(data, limit: int) -> bytes:
                 f"{limit} an update for this model can take")
     if params.dict_id:
         _reject(f"the zstd frame needs dictionary {params.dict_id}; none is used")
+    return params.content_size
+
+
+def _zstd_decompressor(zstd):
+    if not hasattr(_LOCAL, "unzstd"):
+        _LOCAL.unzstd = zstd.ZstdDecompressor()
+    return _LOCAL.unzstd
+
+
+def _unzstd(data, limit: int) -> bytes:
+    """One Zstandard frame decompressed: its header must state a content size of at most
+    ``limit`` (checked before anything is allocated; the library checks the frame against
+    it), no dictionary, nothing after the frame."""
+    zstd = _zstd()
+    size = _zstd_frame_size(zstd, data, limit)
     try:
-        if not hasattr(_LOCAL, "unzstd"):
-            _LOCAL.unzstd = zstd.ZstdDecompressor()
-        out = _LOCAL.unzstd.decompress(data, allow_extra_data=False)
+        out = _zstd_decompressor(zstd).decompress(data, allow_extra_data=False)
     except zstd.ZstdError as e:
         _reject(f"the zstd frame is truncated or corrupted ({e})")
-    if len(out) != params.content_size:
+    if len(out) != size:
         _reject("the zstd frame's content size is wrong")
     return out
+
+
+# compressed bytes per step of the hashed decompression; blobs below _HASH_ASIDE bytes are
+# hashed after decompression, on the calling thread
+_UNZSTD_STEP = 1 << 19
+_HASH_ASIDE = 1 << 20
+_HASHER = []  # the one worker thread that hashes beside the decompression (started on use)
+_HASHER_LOCK = threading.Lock()
+
+
+def _hasher():
+    with _HASHER_LOCK:
+        if not _HASHER:
+            from concurrent.futures import ThreadPoolExecutor
+            _HASHER.append(ThreadPoolExecutor(1, thread_name_prefix="oqfl-codec-sha256"))
+        return _HASHER[0]
+
+
+def _unzstd_hashed(data, limit: int) -> Tuple[bytearray, bytes]:
+    """Like :func:`_unzstd` (same checks), into a bytearray, with the SHA-256 of all but its
+    last 32 bytes (the blob's digest field). A large frame is decompressed step by step while
+    another thread hashes what is already out (both release the GIL): the digest costs
+    almost no time of its own."""
+    zstd = _zstd()
+    size = _zstd_frame_size(zstd, data, limit)
+    out = bytearray(size)
+    view = memoryview(out)
+    hashed = max(size - _DIGEST_SIZE, 0)
+    h = hashlib.sha256()
+    aside = size >= _HASH_ASIDE
+    pending = []
+    src = memoryview(data).cast("B")
+    dobj = _zstd_decompressor(zstd).decompressobj()
+    pos = consumed = 0
+    try:
+        while consumed < len(src) and not dobj.eof:
+            piece = dobj.decompress(src[consumed:consumed + _UNZSTD_STEP])
+            consumed += _UNZSTD_STEP
+            if pos + len(piece) > size:
+                _reject("the zstd frame's content size is wrong")
+            view[pos:pos + len(piece)] = piece
+            if aside and min(pos + len(piece), hashed) > pos:
+                pending.append(_hasher().submit(h.update, view[pos:min(pos + len(piece),
+                                                                         hashed)]))
+            pos += len(piece)
+    except zstd.ZstdError as e:
+        _reject(f"the zstd frame is truncated or corrupted ({e})")
+    finally:
+        for f in pending:  # in order on the one worker; wait even when rejecting
+            f.result()
+    if not dobj.eof:
+        _reject("the zstd frame is truncated or corrupted (no end of frame)")
+    if dobj.unused_data or consumed < len(src):
+        _reject(f"{len(dobj.unused_data) + max(len(src) - consumed, 0)} bytes after the end "
+                "of the zstd frame")
+    if pos != size:
+        _reject("the zstd frame's content size is wrong")
+    if not aside:
+        h.update(view[:hashed])
+    return out, h.digest()
 
 
 def encode_model(state: Dict[str, Tensor], *, bits: Optional[int] = None,
@@ -911,9 +982,13 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
     _check_template(template)
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         _reject(f"expected bytes, got {type(blob).__name__}")
-    if compression != "none":
-        blob = _decompress(blob, compression, update_size_limit(template))
-    buf = bytearray(blob)  # the one copy: every tensor below is a view of it
+    digest = None  # SHA-256 of all but the last 32 bytes, when found while decompressing
+    if compression == "zstd":
+        buf, digest = _unzstd_hashed(blob, update_size_limit(template))
+    else:
+        if compression != "none":
+            blob = _decompress(blob, compression, update_size_limit(template))
+        buf = bytearray(blob)  # the one copy: every tensor below is a view of it
     if len(buf) < _HEAD.size + _DIGEST_SIZE:
         _not_v2(buf)
         _reject(f"truncated: {len(buf)} bytes, fewer than the {_HEAD.size + _DIGEST_SIZE} of "
@@ -926,7 +1001,9 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
                 f"{bytes(buf[:4])!r}, expected {_MAGIC!r})")
     if version != int(FORMAT_VERSION):
         _reject(f"format version {version}, expected {FORMAT_VERSION}")
-    if hashlib.sha256(memoryview(buf)[:-_DIGEST_SIZE]).digest() != buf[-_DIGEST_SIZE:]:
+    if digest is None:
+        digest = hashlib.sha256(memoryview(buf)[:-_DIGEST_SIZE]).digest()
+    if digest != buf[-_DIGEST_SIZE:]:
         _reject("digest mismatch: the blob was corrupted, truncated or altered")
     if bits not in _BITS:
         _reject(f"bits {bits}, expected 4, 8 or 32")
