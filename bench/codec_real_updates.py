@@ -158,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="fp32,w8a8,w4a4")
     p.add_argument("--nets", default="small_cnn,vgg,resnet20")
     p.add_argument("--save", metavar="NAME")
+    p.add_argument("--dump", metavar="DIR", help="also write every blob (NET-ARM-I.bin) and "
+                   "each template (NET-ARM.safetensors) there, for a closer look")
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     t0 = time.time()
@@ -165,6 +167,14 @@ def main(argv=None) -> int:
     for net, label, arm, run_argv in runs(args.arms.split(","), args.nets.split(",")):
         blobs, template = capture(run_argv, args.rounds, args.threads)
         results[net, label, arm] = measure(blobs, template)
+        if args.dump:
+            from safetensors.torch import save_file
+            folder = Path(args.dump)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in template.items()},
+                      str(folder / f"{net}-{arm}.safetensors"))
+            for i, b in enumerate(blobs):
+                (folder / f"{net}-{arm}-{i}.bin").write_bytes(b)
         print(f"{label} {arm}: {results[net, label, arm]['zstd']:,.0f} bytes with zstd",
               file=sys.stderr)
     text = render(results, args.rounds, load_before, time.time() - t0)
