@@ -116,6 +116,7 @@ own; every tensor it reads is a view of that buffer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -320,7 +321,13 @@ def _layout(shapes, bits: int):
     pairs both sides know: ``(entries, (steps, vectors, codes) byte sizes, template digest)``.
     ``entries`` is in canonical (sorted name) order, each ``(name, shape, kind, step offset,
     vector offset, code offset)`` with offsets relative to the start of their buffer (steps in
-    float32 elements, vectors in elements of their dtype, codes in bytes)."""
+    float32 elements, vectors in elements of their dtype, codes in bytes); shapes are tuples.
+    Cached: every update of a run has the same template (read-only results)."""
+    return _layout_of(tuple((name, tuple(shape)) for name, shape in shapes), bits)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(shapes, bits: int):
     h = hashlib.sha256(_TEMPLATE_DOMAIN + bytes([bits]))
     entries, steps, vectors, codes = [], 0, 0, 0
     for name, shape in sorted(shapes, key=lambda e: e[0]):
@@ -411,8 +418,23 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
             codes = ops.quantize_pack(x, scale, bits=bits, axis=0, stochastic=stochastic,
                                       generator=generator)
             out[code_start + c:code_start + c + codes.numel()].copy_(codes)
+    if compression == "zstd" and len(mem) >= _HASH_ASIDE:
+        return _zstd_sealed(mem)
     mem[-_DIGEST_SIZE:] = hashlib.sha256(mem[:-_DIGEST_SIZE]).digest()
     return wrap_update(mem, compression)
+
+
+def _zstd_sealed(mem: memoryview) -> bytes:
+    """The Zstandard frame (as :func:`wrap_update` makes it) of a blob whose last 32 bytes
+    are still to be set to the SHA-256 of the rest: the hash runs on the hasher thread while
+    the rest is compressed."""
+    digest = _hasher().submit(lambda: hashlib.sha256(mem[:-_DIGEST_SIZE]).digest())
+    c = _zstd_compressor().compressobj(size=len(mem))
+    try:
+        head = c.compress(mem[:-_DIGEST_SIZE])
+    finally:
+        mem[-_DIGEST_SIZE:] = digest.result()
+    return head + c.compress(mem[-_DIGEST_SIZE:]) + c.flush()
 
 
 def _raise_non_finite(xs: Dict[str, Tensor], where, steps: Tensor, vectors: Tensor) -> None:
