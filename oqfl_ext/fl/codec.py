@@ -418,23 +418,13 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
             codes = ops.quantize_pack(x, scale, bits=bits, axis=0, stochastic=stochastic,
                                       generator=generator)
             out[code_start + c:code_start + c + codes.numel()].copy_(codes)
+    starts = (len(head) + nsteps, code_start, len(mem) - _DIGEST_SIZE)
     if compression == "zstd" and len(mem) >= _HASH_ASIDE:
-        return _zstd_sealed(mem)
+        # the SHA-256 on the hasher thread while everything before it is compressed
+        digest = _hasher().submit(lambda: hashlib.sha256(mem[:-_DIGEST_SIZE]).digest())
+        return _zstd_frame(mem, starts, digest)
     mem[-_DIGEST_SIZE:] = hashlib.sha256(mem[:-_DIGEST_SIZE]).digest()
-    return wrap_update(mem, compression)
-
-
-def _zstd_sealed(mem: memoryview) -> bytes:
-    """The Zstandard frame (as :func:`wrap_update` makes it) of a blob whose last 32 bytes
-    are still to be set to the SHA-256 of the rest: the hash runs on the hasher thread while
-    the rest is compressed."""
-    digest = _hasher().submit(lambda: hashlib.sha256(mem[:-_DIGEST_SIZE]).digest())
-    c = _zstd_compressor().compressobj(size=len(mem))
-    try:
-        head = c.compress(mem[:-_DIGEST_SIZE])
-    finally:
-        mem[-_DIGEST_SIZE:] = digest.result()
-    return head + c.compress(mem[-_DIGEST_SIZE:]) + c.flush()
+    return _zstd_frame(mem, starts) if compression == "zstd" else wrap_update(mem, compression)
 
 
 def _raise_non_finite(xs: Dict[str, Tensor], where, steps: Tensor, vectors: Tensor) -> None:
@@ -486,15 +476,45 @@ def update_size_limit(template: Dict[str, Tensor]) -> int:
     return head + (-head % 8) + payload + _DIGEST_SIZE
 
 
-def wrap_update(blob: bytes, compression: str) -> bytes:
+def wrap_update(blob: bytes, compression: str, layout: Optional[Dict[str, int]] = None) -> bytes:
     """The bytes that travel for an uncompressed update blob (``compression="none"``): the
-    blob itself (``"none"``) or its compressed stream."""
+    blob itself (``"none"``) or its compressed stream.
+
+    ``layout``: the blob's :func:`update_layout` (optional). With it a zstd frame starts a new
+    block at each part (header and steps, vectors, codes, digest), so each part's literals get
+    a Huffman table of their own: 2-3 % smaller on real updates (``bench/codec_real_updates.py``);
+    the frame is the same kind, read the same way."""
     check_compression(compression)
     if compression == "zlib":
         return zlib.compress(blob, _ZLIB_LEVEL)
     if compression == "zstd":
-        return _zstd_compressor().compress(blob)
+        starts = ()
+        if layout is not None:
+            if layout.get("total") != len(blob):
+                raise ValueError(f"layout expected the update_layout of this {len(blob)}-byte "
+                                 f"blob, got one of {layout.get('total')} bytes")
+            steps = layout["header"] + layout["steps"]
+            starts = (steps, steps + layout["vectors"], len(blob) - layout["digest"])
+        return _zstd_frame(memoryview(blob).cast("B"), starts)
     return blob if isinstance(blob, bytes) else bytes(blob)
+
+
+def _zstd_frame(mem: memoryview, starts=(), digest=None) -> bytes:
+    """One Zstandard frame of ``mem``, a new block at each offset of ``starts``. ``digest``:
+    a future of the blob's last 32 bytes (its SHA-256, computed beside the compression), set
+    into ``mem`` before they are compressed (the last offset of ``starts`` is theirs)."""
+    c = _zstd_compressor().compressobj(size=len(mem))
+    out, pos = [], 0
+    try:
+        for start in starts:
+            if start > pos:
+                out += [c.compress(mem[pos:start]), c.flush(_zstd().COMPRESSOBJ_FLUSH_BLOCK)]
+                pos = start
+    finally:
+        if digest is not None:
+            mem[-_DIGEST_SIZE:] = digest.result()
+    out += [c.compress(mem[pos:]), c.flush()]
+    return b"".join(out)
 
 
 def _zstd_compressor():

@@ -736,3 +736,22 @@ def test_large_zstd_blob_round_trip_and_stream_errors():
         mangled[pos] ^= 0xFF
         with pytest.raises(UpdateRejected):
             decode_update(bytes(mangled), template, compression="zstd")
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (512, 4500)])
+def test_wrap_update_with_layout_is_the_encoders_frame(shape):
+    # with the blob's layout, wrap_update starts a zstd block at each part: still one plain
+    # frame of the same blob, the same bytes encode_update makes (small and hashed-aside sizes)
+    from oqfl_ext.fl.codec import update_layout, wrap_update
+    g = torch.Generator().manual_seed(0)
+    u = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
+    plain = encode_update(u, bits=4, client_id="c-1", stochastic=False)
+    layout = update_layout(template_of(u), 4, client_id="c-1")
+    packed = wrap_update(plain, "zstd", layout)
+    assert decompress(packed, "zstd") == plain
+    assert packed == encode_update(u, bits=4, client_id="c-1", stochastic=False,
+                                   compression="zstd")
+    for mode in ("zlib", "none"):                           # the layout only guides zstd
+        assert wrap_update(plain, mode, layout) == wrap_update(plain, mode)
+    with pytest.raises(ValueError, match="layout"):
+        wrap_update(plain + b"\0" * 8, "zstd", layout)
