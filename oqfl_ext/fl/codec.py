@@ -417,7 +417,8 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
             scale = steps[s:s + x.shape[0]].to(x.device)
             codes = ops.quantize_pack(x, scale, bits=bits, axis=0, stochastic=stochastic,
                                       generator=generator)
-            out[code_start + c:code_start + c + codes.numel()].copy_(codes)
+            # a plain memcpy (no parallel region: each costs a scheduler tick on a busy machine)
+            mem[code_start + c:code_start + c + codes.numel()] = codes.cpu().numpy()
     starts = (len(head) + nsteps, code_start, len(mem) - _DIGEST_SIZE)
     if compression == "zstd" and len(mem) >= _HASH_ASIDE:
         # the SHA-256 on the hasher thread while everything before it is compressed
