@@ -153,6 +153,29 @@ def render(results, rounds: int, load_before, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_table(results) -> str:
+    """docs/RESULTS.md's "Where the uplink bytes go" table (kB means over the updates)."""
+    import paper_grid as pg
+    rows = ["| network | update | blob before compression, kB | overhead, bytes | codes "
+            "(float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 | sent with "
+            "zstd (default), kB | vs FP32 | with zlib, kB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {}
+    for (net, _, arm), r in results.items():
+        if net == "small_cnn-demo":
+            continue
+        p = r["parts"]
+        base.setdefault(net, (p["total"], r["zstd"]))
+        raw0, zstd0 = base[net]
+        data = p["codes"] if r["bits"] != 32 else p["vectors"]
+        detail = (f"| {data / 1e3:.1f} | - | - " if r["bits"] == 32 else
+                  f"| {p['codes'] / 1e3:.1f} | {p['steps'] / 1e3:.1f} | {p['vectors'] / 1e3:.1f} ")
+        rows.append(f"| {net} | {pg.ARMS[arm][0]} ({r['bits']}-bit) | {p['total'] / 1e3:.1f} "
+                    f"| {p['header'] + p['digest']} {detail}| {raw0 / p['total']:.2f}x "
+                    f"| {r['zstd'] / 1e3:.1f} | {zstd0 / r['zstd']:.2f}x | {r['zlib'] / 1e3:.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2)
@@ -162,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--save", metavar="NAME")
     p.add_argument("--dump", metavar="DIR", help="also write every blob (NET-ARM-I.bin) and "
                    "each template (NET-ARM.safetensors) there, for a closer look")
+    p.add_argument("--results-md", action="store_true", help="also write the uplink table "
+                   "into docs/RESULTS.md (between its uplink markers)")
     p.add_argument("--from-dump", metavar="DIR", help="measure the blobs of an earlier --dump "
                    "instead of training (the same runs must be there)")
     args = p.parse_args(argv)
@@ -193,6 +218,10 @@ def main(argv=None) -> int:
                             "(load and minutes above: of this measurement, not of the training)."
                             "\n\nMeans over", 1)
     print(text)
+    if args.results_md:
+        import paper_grid as pg
+        pg._splice(ROOT / "docs" / "RESULTS.md", {"uplink": results_table(results)})
+        print("wrote the uplink table into docs/RESULTS.md", file=sys.stderr)
     if args.save:
         path = BENCH_DIR / "results" / f"{args.save}.md"
         path.write_text(text)
