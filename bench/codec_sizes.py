@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -52,12 +53,13 @@ def _updates():
     def rand(state):
         return {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in state.items()}
 
-    for model, size, label in (("small_cnn", 14, "small CNN (the demo's and RESULTS', 14x14)"),
-                               ("vgg", 14, "VGG (RESULTS, 14x14)"),
-                               ("resnet20", 14, "ResNet-20 (RESULTS, 14x14)")):
-        cfg = ExperimentConfig(model=model, image_size=size)
-        state = float_state(model_fn(cfg, 1, 10, size)().state_dict())
-        out[f"{model}-{size}"] = (label, rand(state))
+    for model, width, label in (("small_cnn", 16, "small CNN, the demo's (width 16, 14x14)"),
+                                ("small_cnn", 32, "small CNN (RESULTS, width 32, 14x14)"),
+                                ("vgg", 16, "VGG (RESULTS, width 16, 14x14)"),
+                                ("resnet20", 16, "ResNet-20 (RESULTS, 14x14)")):
+        cfg = ExperimentConfig(model=model, width=width, image_size=14)
+        state = float_state(model_fn(cfg, 1, 10, 14)().state_dict())
+        out[f"{model}-{width}"] = (label, rand(state))
     import torchvision
     with torch.device("meta"):
         state = torchvision.models.resnet18().state_dict()
@@ -85,14 +87,19 @@ def _cpu() -> str:
         return platform.processor() or "unknown"
 
 
-def run(repeat: int, threads: int, speed_table: bool = True) -> str:
+def cpu_line(threads: Optional[int] = None) -> str:
+    """``CPU: model; ISA path: ...; torch ...[, N threads]; zstandard ...`` (report header)."""
     import oqfl_ext
+    isa = getattr(oqfl_ext.ops, "cpu_capability", lambda: "?")()
+    return (f"CPU: {_cpu()}; ISA path: {isa}; torch {torch.__version__}"
+            f"{f', {threads} threads' if threads else ''}; zstandard {_zstd_version()}.")
+
+
+def run(repeat: int, threads: int, speed_table: bool = True) -> str:
     from oqfl_ext.fl.codec import decode_update, encode_update, update_layout
     torch.set_num_threads(threads)
-    isa = getattr(oqfl_ext.ops, "cpu_capability", lambda: "?")()
     lines = ["## Update transfer v2: bytes and speed per model", "",
-             f"CPU: {_cpu()}; ISA path: {isa}; torch {torch.__version__}, {threads} threads; "
-             f"zstandard {_zstd_version()}; median of {repeat} runs.", "",
+             f"{cpu_line(threads)} Median of {repeat} runs.", "",
              "### Bytes (int4 = W4A4 uplink; ratios are float32 bytes / blob bytes)", "",
              "| update | values | overhead bytes | overhead % of int4 blob | int4 none | int4 zlib "
              "| int4 zstd | int8 zstd | float32 zstd |",
@@ -139,11 +146,8 @@ def run_downlink(repeat: int, threads: int) -> str:
     from oqfl_ext.fl.downlink import DeltaBroadcast, HeldModel
     torch.set_num_threads(threads)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    import oqfl_ext
-    isa = getattr(oqfl_ext.ops, "cpu_capability", lambda: "?")()
     out = ["## Compressed downlink (int4-delta): bytes and speed per model", "",
-           f"CPU: {_cpu()}; ISA path: {isa}; torch {torch.__version__}, {threads} threads; "
-           f"zstandard {_zstd_version()}; median of {repeat} runs.", "",
+           f"{cpu_line(threads)} Median of {repeat} runs.", "",
            f"### One version, server + client "
                f"(float32-equivalent GB/s; load average before: {load})", "",
            "| model | values | delta blob bytes | float32 / delta | snapshot bytes "

@@ -30,11 +30,12 @@ DEFAULT_MAX_TIME = 1.0
 BYTES_TARGETS = {4: 0.127, 8: 0.255}
 GBPS_TARGET = 1.0
 ROUND_TARGET = 1.5
-STAGES = ("scales", "quantize_pack", "compress", "decompress", "unpack_dequantize")
+STAGES = ("scales", "quantize_pack", "digest", "compress", "decompress", "unpack_dequantize")
 STAGE_WHAT = {"scales": "per-channel absmax step sizes",
               "quantize_pack": "oqfl::quantize_pack op (stochastic)",
+              "digest": "SHA-256 of the blob (sender)",
               "compress": "zstd compression of the blob",
-              "decompress": "bounded zstd decompression (receiver)",
+              "decompress": "bounded zstd decompression + SHA-256 beside it (receiver)",
               "unpack_dequantize": "oqfl::unpack_dequantize op"}
 
 

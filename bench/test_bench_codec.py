@@ -13,13 +13,16 @@ floating-point entries of ``torchvision.models.resnet18().state_dict()`` (11.7M 
     the same without compression.
 ``encode`` / ``decode``
     each half of ``roundtrip`` alone.
-``stage_scales``, ``stage_quantize_pack``, ``stage_compress``, ``stage_decompress``,
-``stage_unpack_dequantize``
+``stage_scales``, ``stage_quantize_pack``, ``stage_digest``, ``stage_compress``,
+``stage_decompress``, ``stage_unpack_dequantize``
     the pieces of the round trip (int4/int8 groups): the per-channel absmax step sizes, the
-    ``oqfl::quantize_pack`` op on every entry, zstd compression of the raw blob, its bounded
-    decompression, the ``oqfl::unpack_dequantize`` op.
+    ``oqfl::quantize_pack`` op on every entry, the sender's SHA-256 of the raw blob, zstd
+    compression of the raw blob, its bounded decompression (with the receiver's SHA-256 on a
+    second thread beside it), the ``oqfl::unpack_dequantize`` op.
 ``copy``
     ``dst.copy_(src)`` of the 46.8 MB of float32: the memory-bandwidth reference.
+
+``OQFL_BENCH_CODEC_THREADS`` sets another thread count (the report prints it).
 
 ``extra_info`` of ``roundtrip`` holds ``float_bytes`` (4 bytes per value), ``raw_bytes`` (the
 uncompressed blob), ``blob_bytes`` (what travels, zstd) and the parts of the raw blob: the report
@@ -44,17 +47,21 @@ runs once on small inputs (random images instead of Fashion-MNIST).
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import math
+import os
 
 import pytest
 import torch
 
 from test_bench_fake_quant import _oqfl_ops
 
-CODEC_THREADS = 2
+# 2 (the target's setting); OQFL_BENCH_CODEC_THREADS=1 gives a split that a busy machine
+# disturbs less (a 2-thread region waits a scheduler tick whenever the other core is taken)
+CODEC_THREADS = int(os.environ.get("OQFL_BENCH_CODEC_THREADS", "2"))
 BITS = {"int4": 4, "int8": 8, "f32": 32}
-STAGES = ("scales", "quantize_pack", "compress", "decompress", "unpack_dequantize")
+STAGES = ("scales", "quantize_pack", "digest", "compress", "decompress", "unpack_dequantize")
 
 
 def _skip_without_oqfl():
@@ -180,11 +187,13 @@ def _stage(stage: str, update, template, bits: int, gen, raw: bytes):
     if stage == "quantize_pack":
         return quantize_pack
     codes = quantize_pack()
+    if stage == "digest":
+        return lambda: hashlib.sha256(raw[:-32]).digest()
     if stage == "compress":
         return lambda: codec.wrap_update(raw, "zstd")
     if stage == "decompress":
         packed, limit = codec.wrap_update(raw, "zstd"), codec.update_size_limit(template)
-        return lambda: codec._decompress(packed, "zstd", limit)
+        return lambda: codec._unzstd_hashed(packed, limit)
     if stage == "unpack_dequantize":
         return lambda: [ops.unpack_dequantize(codes[k], scales[k], bits=bits,
                                               shape=list(v.shape), axis=0)

@@ -325,41 +325,6 @@ def grid_table(out: Path, net: str, split: str, arms: Sequence[str], rounds: int
     return head + "\n" + "\n".join(rows), named, seconds
 
 
-def uplink_breakdown(out: Path, net: str, split: str, rounds: int) -> Optional[str]:
-    """One markdown row per uplink codec of ``net``: where the bytes of one client update go
-    (header and digest, int codes, per-channel step sizes, 0-D/1-D entries; docs/DESIGN.md
-    section 4.2), and its size with the default compression, from a blob the codec makes of the
-    run's own final model (sizes before compression do not depend on values)."""
-    from oqfl_ext.fl.codec import encode_update, update_layout
-    from oqfl_ext.fl.metrics import load_run
-    rows = []
-    base = base_sent = base_packed = None
-    for arm, bits in (("fp32", 32), ("w8a8", 8), ("w4a4", 4)):
-        folder = run_dir(out, net, split, arm)
-        if not finished(folder, rounds):
-            return None
-        _, model = _load_model(folder)
-        records = load_run(folder)[1]
-        sent = sum(r["uplink_bytes"] for r in records) / sum(len(r["accepted"]) for r in records)
-        base_sent = base_sent or sent
-        update = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        parts = update_layout(update, bits, client_id="client-0")
-        packed = len(encode_update(update, bits=bits, round=0, client_id="client-0",
-                                   num_samples=1))
-        base, base_packed = base or parts["total"], base_packed or packed
-        overhead = parts["header"] + parts["digest"]
-        if bits == 32:
-            detail = f"| {parts['vectors'] / 1e3:.1f} | - | - "
-        else:
-            detail = (f"| {parts['codes'] / 1e3:.1f} | {parts['steps'] / 1e3:.1f} "
-                      f"| {parts['vectors'] / 1e3:.1f} ")
-        rows.append(f"| {net} | {ARMS[arm][0]} ({bits}-bit) | {parts['total'] / 1e3:.1f} "
-                    f"| {overhead} {detail}| {base / parts['total']:.2f}x "
-                    f"| {packed / 1e3:.1f} | {base_packed / packed:.2f}x "
-                    f"| {sent / 1e3:.1f} | {base_sent / sent:.2f}x |")
-    return "\n".join(rows)
-
-
 def _seeds_run(out: Path, net: str, split: str, arm: str, rounds: int) -> List[int]:
     """The seeds for which both ``arm`` and FP32 finished."""
     import re
@@ -450,15 +415,10 @@ def cmd_report(args) -> int:
             sections.append(f"### {title}\n\n{table}\n\n![{title}](results/{png.name})\n\n"
                             f"Training time of these runs: {seconds / 60:.1f} min (sum of the "
                             f"rounds' wall time, one thread per run).\n")
-    rows = [r for r in (uplink_breakdown(args.out, net, args.splits[0], args.rounds)
-                        for net in args.nets) if r]
+    # (RESULTS' uplink table, "Where the uplink bytes go", comes from real updates measured by
+    # bench/codec_real_updates.py --results-md, not from these runs)
     _splice(docs / "RESULTS.md", {
         "grid": "\n".join(sections) + f"\nAll runs: {total_s / 3600:.2f} h of one-thread time.",
-        "uplink": "| network | update | blob, kB | header + digest, bytes "
-                  "| codes (float32 values) kB | step sizes kB | 0-D/1-D bfloat16 kB | vs FP32 "
-                  "| zstd blob, kB | vs FP32 | sent per client in the runs, kB | vs FP32 |\n"
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-                  + "\n".join(rows),
         "seeds": seed_table(args.out, args.nets, args.splits, args.rounds),
         "trials": trial_table(args.out, args.nets, args.splits, args.rounds)})
     print(f"wrote {len(sections)} tables and plots into {docs}")

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from .codec import (DEFAULT_COMPRESSION, check_compression, decode_update, encode_update,
-                    wrap_update)
+                    update_layout, wrap_update)
 from .downlink import HeldModel
 from .._checks import check_int
 from ..nn.quantizer import QUANT_DEFAULTS
@@ -66,7 +66,8 @@ def encode_with_feedback(delta: Dict[str, Tensor], residual: Optional[Dict[str, 
     if error_feedback:
         sent = decode_update(blob, delta, compression="none")
         new_residual = {k: (delta[k].float() - sent[k]).cpu() for k in delta}
-    return wrap_update(blob, compression), new_residual
+    # the layout lets the compressor give each part of the blob its own entropy-coder table
+    return wrap_update(blob, compression, update_layout(delta, bits, client_id)), new_residual
 
 
 class ClientTimeout(TimeoutError):

@@ -96,24 +96,34 @@ dictionary), or as one zlib stream (RFC 1950, DEFLATE level 6) with ``"zlib"``, 
 ``"none"``. The int4/int8 codes of an update are far from uniform (most are small), so the
 literal entropy coder saves a good part of their bytes (about a quarter of an int4 update); on
 such data Zstandard level 1 is as small as DEFLATE and 10-20x faster (``bench/codec_sizes.py``).
-:func:`wrap_update` makes the stream. The receiver decompresses at most
+:func:`wrap_update` makes the stream; given the blob's :func:`update_layout` it starts a zstd
+block at each part (header and steps, vectors, codes, digest), so each part's literals get their
+own Huffman table (2-3 % smaller on real updates; the frame is read as any other). The receiver decompresses at most
 :func:`update_size_limit` bytes for its template: a zstd frame must state a content size within
 it before anything is decompressed, a zlib stream is cut off there, so a small "bomb" cannot
 exhaust memory; the stream must end exactly at the end of the data; then the checks above apply
 to the decompressed blob.
 
-Implementation notes (speed): values are framed straight from their memory (memoryviews, no
-``bytes`` copies) into one output buffer; non-finite inputs of a quantized update are caught by
-their (per-channel) absmax step rather than by an extra pass; the step sizes are checked in one
-pass over their buffer.
+Implementation notes (speed; ``bench/report_codec.py`` times each stage): the encoder allocates
+the whole blob once and writes every part in place (step sizes as ``max(amax, -amin)`` per
+slice, two vectorized reductions; vectors converted by ``copy_`` into their bfloat16 region;
+each entry's codes from one ``quantize_pack`` call); steps and vectors are checked for
+non-finite values in one pass per buffer (a NaN or inf input makes its step non-finite), the
+entry to blame looked up only on failure. Zstandard contexts are kept per thread and compress
+with as many workers as torch has threads (the frame's bytes do not depend on it). The
+receiver decompresses a large frame step by step into its one buffer while a second thread
+computes the SHA-256 of what is already out, so the digest check costs almost no time of its
+own; every tensor it reads is a view of that buffer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import struct
+import threading
 import zlib
 from typing import Dict, List, Optional, Tuple
 
@@ -171,6 +181,7 @@ _KIND_F32, _KIND_BF16, _KIND_CODES = 0, 1, 2
 _ROUND_NONE, _ROUND_EVEN, _ROUND_STOCH = 0, 1, 2
 _ROUNDINGS = (_ROUND_NONE, _ROUND_EVEN, _ROUND_STOCH)
 _TEMPLATE_DOMAIN = b"oqfl-update-template-v2\0"
+_LOCAL = threading.local()  # per-thread Zstandard contexts
 
 
 class UpdateRejected(ValueError):
@@ -238,17 +249,27 @@ def _check_finite(what: str, name: str, x: Tensor) -> None:
         raise ValueError(f"{what}[{name!r}] has non-finite values")
 
 
-def _scales(x: Tensor, bits: int) -> Tensor:
-    """float32 step sizes of a float32 tensor with 2 or more dimensions, one per slice along
-    axis 0. A NaN or infinite element makes its slice's step size non-finite (amax propagates
-    NaN)."""
+def _absmax(x: Tensor) -> Tensor:
+    """max |slice| of a float32 tensor with 2 or more dimensions, one per slice along axis 0.
+    A NaN or infinite element makes its slice's value non-finite (amax propagates NaN)."""
     n = x.shape[0]
     if x.numel() == 0:
-        amax = torch.zeros(n, dtype=torch.float32, device=x.device)
-    else:  # max |x| as max(max x, -min x): two reductions, no |x| temporary
-        rows = x.reshape(n, -1)
-        amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
-    return (amax / _QMAX[bits]).clamp_min(_TINY).to(torch.float32).contiguous()
+        return torch.zeros(n, dtype=torch.float32, device=x.device)
+    # max(max x, -min x): two vectorized reductions, no |x| temporary (one-pass alternatives
+    # are slower: vector_norm(inf) and aminmax take about 6x as long on the CPU)
+    rows = x.reshape(n, -1)
+    return torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
+
+
+def _steps_from_absmax(amax: Tensor, bits: int) -> Tensor:
+    """Step sizes ``max(amax / qmax, smallest normal float32)``, computed in place."""
+    return amax.div_(_QMAX[bits]).clamp_min_(_TINY)
+
+
+def _scales(x: Tensor, bits: int) -> Tensor:
+    """float32 step sizes of a float32 tensor with 2 or more dimensions, one per slice along
+    axis 0 (non-finite for a slice with a NaN or infinite element)."""
+    return _steps_from_absmax(_absmax(x), bits)
 
 
 def _quantize(what: str, name: str, x: Tensor, bits: int, stochastic: bool,
@@ -302,7 +323,13 @@ def _layout(shapes, bits: int):
     pairs both sides know: ``(entries, (steps, vectors, codes) byte sizes, template digest)``.
     ``entries`` is in canonical (sorted name) order, each ``(name, shape, kind, step offset,
     vector offset, code offset)`` with offsets relative to the start of their buffer (steps in
-    float32 elements, vectors in elements of their dtype, codes in bytes)."""
+    float32 elements, vectors in elements of their dtype, codes in bytes); shapes are tuples.
+    Cached: every update of a run has the same template (read-only results)."""
+    return _layout_of(tuple((name, tuple(shape)) for name, shape in shapes), bits)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(shapes, bits: int):
     h = hashlib.sha256(_TEMPLATE_DOMAIN + bytes([bits]))
     entries, steps, vectors, codes = [], 0, 0, 0
     for name, shape in sorted(shapes, key=lambda e: e[0]):
@@ -359,39 +386,63 @@ def encode_update(update: Dict[str, Tensor], *, bits: int, round: int = 0, clien
     num_samples = _check_u64("num_samples", num_samples)
     _check_text("client_id", client_id)
     _check_entries("update", update)
-    # quantize in the update's order (the generator's draws do not depend on the layout)
-    parts: Dict[str, Tuple[Tensor, ...]] = {}
-    for name, value in update.items():
-        x = _float32("update", name, value)
-        kind = _kind(bits, x.dim())
-        if kind == _KIND_F32:
-            _check_finite("update", name, x)
-            parts[name] = (x.cpu(),)
-        elif kind == _KIND_BF16:
-            _check_finite("update", name, x)
-            values = x.to(torch.bfloat16)
-            if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"update[{name!r}] has values beyond bfloat16's range "
-                                 f"(|x| > {torch.finfo(torch.bfloat16).max:.4g})")
-            parts[name] = (values.cpu(),)
-        else:
-            codes, scale, _ = _quantize("update", name, x, bits, stochastic, generator)
-            parts[name] = (codes, scale)
-    entries, _, tdigest = _layout([(k, list(v.shape)) for k, v in update.items()], bits)
+    entries, (nsteps, nvectors, ncodes), tdigest = _layout(
+        [(k, list(v.shape)) for k, v in update.items()], bits)
     rounding = _ROUND_NONE if bits == 32 else (_ROUND_STOCH if stochastic else _ROUND_EVEN)
-    steps, vectors, codes = [], [], []
-    for name, _, kind, *_ in entries:
+    head = _header(bits, rounding, round, num_samples, tdigest, client_id.encode("utf-8"))
+    # the whole blob in one buffer: every entry is written (or converted) straight into its place
+    out = torch.empty(len(head) + nsteps + nvectors + ncodes + _DIGEST_SIZE, dtype=torch.uint8)
+    mem = memoryview(out.numpy())
+    mem[:len(head)] = head
+    code_start = len(head) + nsteps + nvectors
+    steps = out[len(head):len(head) + nsteps].view(torch.float32)
+    vtype = torch.float32 if bits == 32 else torch.bfloat16
+    vectors = out[len(head) + nsteps:code_start].view(vtype)
+    where = {name: (kind, s, v, c) for name, _, kind, s, v, c in entries}
+    xs = {name: _float32("update", name, value) for name, value in update.items()}
+    # pass 1: every step size and vector value into its place, then one finiteness check per
+    # buffer (a NaN or inf input makes its step non-finite)
+    for name, x in xs.items():
+        kind, s, v, _ = where[name]
         if kind == _KIND_CODES:
-            codes.append(tensor_bytes(parts[name][0]))
-            steps.append(tensor_bytes(parts[name][1]))
+            steps[s:s + x.shape[0]].copy_(_absmax(x))
         else:
-            vectors.append(tensor_bytes(parts[name][0]))
-    out = bytearray(_header(bits, rounding, round, num_samples, tdigest,
-                            client_id.encode("utf-8")))
-    for chunk in (*steps, *vectors, *codes):
-        out += chunk
-    out += hashlib.sha256(out).digest()
-    return wrap_update(out, compression)
+            vectors[v:v + x.numel()].copy_(x.reshape(-1))
+    if bits != 32:
+        _steps_from_absmax(steps, bits)
+    if not (bool(torch.isfinite(steps).all()) and bool(torch.isfinite(vectors).all())):
+        _raise_non_finite(xs, where, steps, vectors)
+    # pass 2: quantize in the update's order (the generator's draws do not depend on the layout)
+    for name, x in xs.items():
+        kind, s, _, c = where[name]
+        if kind == _KIND_CODES:
+            scale = steps[s:s + x.shape[0]].to(x.device)
+            codes = ops.quantize_pack(x, scale, bits=bits, axis=0, stochastic=stochastic,
+                                      generator=generator)
+            # a plain memcpy (no parallel region: each costs a scheduler tick on a busy machine)
+            mem[code_start + c:code_start + c + codes.numel()] = codes.cpu().numpy()
+    starts = (len(head) + nsteps, code_start, len(mem) - _DIGEST_SIZE)
+    if compression == "zstd" and len(mem) >= _HASH_ASIDE:
+        # the SHA-256 on the hasher thread while everything before it is compressed
+        digest = _hasher().submit(lambda: hashlib.sha256(mem[:-_DIGEST_SIZE]).digest())
+        return _zstd_frame(mem, starts, digest)
+    mem[-_DIGEST_SIZE:] = hashlib.sha256(mem[:-_DIGEST_SIZE]).digest()
+    return _zstd_frame(mem, starts) if compression == "zstd" else wrap_update(mem, compression)
+
+
+def _raise_non_finite(xs: Dict[str, Tensor], where, steps: Tensor, vectors: Tensor) -> None:
+    """The ValueError for the first entry (in the update's order) with a non-finite input or
+    a value beyond bfloat16's range (the slow path of a failed finiteness check)."""
+    for name, x in xs.items():
+        kind, s, v, _ = where[name]
+        if kind == _KIND_CODES:
+            if not bool(torch.isfinite(steps[s:s + x.shape[0]]).all()):
+                raise ValueError(f"update[{name!r}] has non-finite values")
+            continue
+        _check_finite("update", name, x)
+        if not bool(torch.isfinite(vectors[v:v + x.numel()]).all()):
+            raise ValueError(f"update[{name!r}] has values beyond bfloat16's range "
+                             f"(|x| > {torch.finfo(torch.bfloat16).max:.4g})")
 
 
 def check_compression(compression, name: str = "compression") -> None:
@@ -428,17 +479,59 @@ def update_size_limit(template: Dict[str, Tensor]) -> int:
     return head + (-head % 8) + payload + _DIGEST_SIZE
 
 
-def wrap_update(blob: bytes, compression: str) -> bytes:
+def wrap_update(blob: bytes, compression: str, layout: Optional[Dict[str, int]] = None) -> bytes:
     """The bytes that travel for an uncompressed update blob (``compression="none"``): the
-    blob itself (``"none"``) or its compressed stream."""
+    blob itself (``"none"``) or its compressed stream.
+
+    ``layout``: the blob's :func:`update_layout` (optional). With it a zstd frame starts a new
+    block at each part (header and steps, vectors, codes, digest), so each part's literals get
+    a Huffman table of their own: 2-3 % smaller on real updates (``bench/codec_real_updates.py``);
+    the frame is the same kind, read the same way."""
     check_compression(compression)
     if compression == "zlib":
         return zlib.compress(blob, _ZLIB_LEVEL)
     if compression == "zstd":
-        # one frame with its content size, which the receiver checks before it decompresses
-        return _zstd().ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True,
-                                      write_checksum=False).compress(blob)
+        starts = ()
+        if layout is not None:
+            if layout.get("total") != len(blob):
+                raise ValueError(f"layout expected the update_layout of this {len(blob)}-byte "
+                                 f"blob, got one of {layout.get('total')} bytes")
+            steps = layout["header"] + layout["steps"]
+            starts = (steps, steps + layout["vectors"], len(blob) - layout["digest"])
+        return _zstd_frame(memoryview(blob).cast("B"), starts)
     return blob if isinstance(blob, bytes) else bytes(blob)
+
+
+def _zstd_frame(mem: memoryview, starts=(), digest=None) -> bytes:
+    """One Zstandard frame of ``mem``, a new block at each offset of ``starts``. ``digest``:
+    a future of the blob's last 32 bytes (its SHA-256, computed beside the compression), set
+    into ``mem`` before they are compressed (the last offset of ``starts`` is theirs)."""
+    c = _zstd_compressor().compressobj(size=len(mem))
+    out, pos = [], 0
+    try:
+        for start in starts:
+            if start > pos:
+                out += [c.compress(mem[pos:start]), c.flush(_zstd().COMPRESSOBJ_FLUSH_BLOCK)]
+                pos = start
+    finally:
+        if digest is not None:
+            mem[-_DIGEST_SIZE:] = digest.result()
+    out += [c.compress(mem[pos:]), c.flush()]
+    return b"".join(out)
+
+
+def _zstd_compressor():
+    """This thread's Zstandard compressor (a context is not thread-safe; kept, with its worker
+    threads, for the next blob): one frame with its content size, which the receiver checks
+    before it decompresses; as many workers as torch has threads (the frame's bytes do not
+    depend on the number of workers)."""
+    workers = torch.get_num_threads()
+    workers = workers if workers > 1 else 0
+    cache = _LOCAL.__dict__.setdefault("zstd", {})
+    if workers not in cache:
+        cache[workers] = _zstd().ZstdCompressor(level=_ZSTD_LEVEL, threads=workers,
+                                                write_content_size=True, write_checksum=False)
+    return cache[workers]
 
 
 def unwrap_update(data, compression: str, limit: int) -> bytes:
@@ -480,11 +573,9 @@ def _decompress(data, compression: str, limit: int) -> bytes:
     return out
 
 
-def _unzstd(data, limit: int) -> bytes:
-    """One Zstandard frame decompressed: its header must state a content size of at most
-    ``limit`` (checked before anything is allocated; the library checks the frame against
-    it), no dictionary, nothing after the frame."""
-    zstd = _zstd()
+def _zstd_frame_size(zstd, data, limit: int) -> int:
+    """The content size a Zstandard frame's header states, checked before anything is
+    decompressed: stated, at most ``limit``, no dictionary."""
     try:
         params = zstd.get_frame_parameters(data)
     except zstd.ZstdError as e:
@@ -496,13 +587,88 @@ def _unzstd(data, limit: int) -> bytes:
                 f"{limit} an update for this model can take")
     if params.dict_id:
         _reject(f"the zstd frame needs dictionary {params.dict_id}; none is used")
+    return params.content_size
+
+
+def _zstd_decompressor(zstd):
+    if not hasattr(_LOCAL, "unzstd"):
+        _LOCAL.unzstd = zstd.ZstdDecompressor()
+    return _LOCAL.unzstd
+
+
+def _unzstd(data, limit: int) -> bytes:
+    """One Zstandard frame decompressed: its header must state a content size of at most
+    ``limit`` (checked before anything is allocated; the library checks the frame against
+    it), no dictionary, nothing after the frame."""
+    zstd = _zstd()
+    size = _zstd_frame_size(zstd, data, limit)
     try:
-        out = zstd.ZstdDecompressor().decompress(data, allow_extra_data=False)
+        out = _zstd_decompressor(zstd).decompress(data, allow_extra_data=False)
     except zstd.ZstdError as e:
         _reject(f"the zstd frame is truncated or corrupted ({e})")
-    if len(out) != params.content_size:
+    if len(out) != size:
         _reject("the zstd frame's content size is wrong")
     return out
+
+
+# compressed bytes per step of the hashed decompression; blobs below _HASH_ASIDE bytes are
+# hashed after decompression, on the calling thread
+_UNZSTD_STEP = 1 << 19
+_HASH_ASIDE = 1 << 20
+_HASHER = []  # the one worker thread that hashes beside the decompression (started on use)
+_HASHER_LOCK = threading.Lock()
+
+
+def _hasher():
+    with _HASHER_LOCK:
+        if not _HASHER:
+            from concurrent.futures import ThreadPoolExecutor
+            _HASHER.append(ThreadPoolExecutor(1, thread_name_prefix="oqfl-codec-sha256"))
+        return _HASHER[0]
+
+
+def _unzstd_hashed(data, limit: int) -> Tuple[bytearray, bytes]:
+    """Like :func:`_unzstd` (same checks), into a bytearray, with the SHA-256 of all but its
+    last 32 bytes (the blob's digest field). A large frame is decompressed step by step while
+    another thread hashes what is already out (both release the GIL): the digest costs
+    almost no time of its own."""
+    zstd = _zstd()
+    size = _zstd_frame_size(zstd, data, limit)
+    out = bytearray(size)
+    view = memoryview(out)
+    hashed = max(size - _DIGEST_SIZE, 0)
+    h = hashlib.sha256()
+    aside = size >= _HASH_ASIDE
+    pending = []
+    src = memoryview(data).cast("B")
+    dobj = _zstd_decompressor(zstd).decompressobj()
+    pos = consumed = 0
+    try:
+        while consumed < len(src) and not dobj.eof:
+            piece = dobj.decompress(src[consumed:consumed + _UNZSTD_STEP])
+            consumed += _UNZSTD_STEP
+            if pos + len(piece) > size:
+                _reject("the zstd frame's content size is wrong")
+            view[pos:pos + len(piece)] = piece
+            if aside and min(pos + len(piece), hashed) > pos:
+                pending.append(_hasher().submit(h.update, view[pos:min(pos + len(piece),
+                                                                         hashed)]))
+            pos += len(piece)
+    except zstd.ZstdError as e:
+        _reject(f"the zstd frame is truncated or corrupted ({e})")
+    finally:
+        for f in pending:  # in order on the one worker; wait even when rejecting
+            f.result()
+    if not dobj.eof:
+        _reject("the zstd frame is truncated or corrupted (no end of frame)")
+    if dobj.unused_data or consumed < len(src):
+        _reject(f"{len(dobj.unused_data) + max(len(src) - consumed, 0)} bytes after the end "
+                "of the zstd frame")
+    if pos != size:
+        _reject("the zstd frame's content size is wrong")
+    if not aside:
+        h.update(view[:hashed])
+    return out, h.digest()
 
 
 def encode_model(state: Dict[str, Tensor], *, bits: Optional[int] = None,
@@ -867,9 +1033,13 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
     _check_template(template)
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         _reject(f"expected bytes, got {type(blob).__name__}")
-    if compression != "none":
-        blob = _decompress(blob, compression, update_size_limit(template))
-    buf = bytearray(blob)  # the one copy: every tensor below is a view of it
+    digest = None  # SHA-256 of all but the last 32 bytes, when found while decompressing
+    if compression == "zstd":
+        buf, digest = _unzstd_hashed(blob, update_size_limit(template))
+    else:
+        if compression != "none":
+            blob = _decompress(blob, compression, update_size_limit(template))
+        buf = bytearray(blob)  # the one copy: every tensor below is a view of it
     if len(buf) < _HEAD.size + _DIGEST_SIZE:
         _not_v2(buf)
         _reject(f"truncated: {len(buf)} bytes, fewer than the {_HEAD.size + _DIGEST_SIZE} of "
@@ -882,7 +1052,9 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
                 f"{bytes(buf[:4])!r}, expected {_MAGIC!r})")
     if version != int(FORMAT_VERSION):
         _reject(f"format version {version}, expected {FORMAT_VERSION}")
-    if hashlib.sha256(memoryview(buf)[:-_DIGEST_SIZE]).digest() != buf[-_DIGEST_SIZE:]:
+    if digest is None:
+        digest = hashlib.sha256(memoryview(buf)[:-_DIGEST_SIZE]).digest()
+    if digest != buf[-_DIGEST_SIZE:]:
         _reject("digest mismatch: the blob was corrupted, truncated or altered")
     if bits not in _BITS:
         _reject(f"bits {bits}, expected 4, 8 or 32")
@@ -925,11 +1097,12 @@ def _decode_update(blob, template: Dict[str, Tensor], return_info: bool,
                    and not bool(torch.isfinite(vectors[v:v + math.prod(shape)]).all()))
         _reject(f"parameter {bad!r}: non-finite values")
     step_max = float(steps.max()) if steps.numel() else 0.0
+    values = vectors.float()  # every vector entry converted at once (a view of it each)
     decoded: Dict[str, Tensor] = {}
     for name, shape, kind, s, v, c in entries:
         numel = math.prod(shape)
         if kind != _KIND_CODES:
-            decoded[name] = vectors[v:v + numel].reshape(shape).float()
+            decoded[name] = values[v:v + numel].reshape(shape)
             continue
         scale = steps[s:s + shape[0]]
         if not numel:

@@ -704,3 +704,54 @@ def test_compression_argument_errors(fuzz_case):
             encode_update(u, bits=4, compression=bad)
         with pytest.raises(ValueError, match="compression"):
             decode_update(encode_update(u, bits=4), template, compression=bad)
+
+
+def test_large_zstd_blob_round_trip_and_stream_errors():
+    # above 1 MiB the receiver hashes beside the decompression (codec._unzstd_hashed): the same
+    # result and the same rejections as the small path
+    g = torch.Generator().manual_seed(0)
+    u = {"a.weight": torch.randn(512, 4500, generator=g) * 0.01, "b": torch.randn(300, generator=g)}
+    template = template_of(u)
+    plain = encode_update(u, bits=4, stochastic=False)
+    assert len(plain) > 1 << 20
+    packed = encode_update(u, bits=4, stochastic=False, compression="zstd")
+    assert decompress(packed, "zstd") == plain
+    got = decode_update(packed, template, compression="zstd")
+    want = decode_update(plain, template)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for n in (len(packed) // 3, len(packed) - 1):
+        with pytest.raises(UpdateRejected, match="zstd"):
+            decode_update(packed[:n], template, compression="zstd")
+    with pytest.raises(UpdateRejected, match="after the end"):
+        decode_update(packed + b"\x00", template, compression="zstd")
+    with pytest.raises(UpdateRejected, match="after the end"):
+        decode_update(packed + packed, template, compression="zstd")
+    bad = bytearray(plain)
+    bad[len(bad) // 2] ^= 1                               # a valid stream of a corrupted blob
+    from oqfl_ext.fl.codec import wrap_update
+    with pytest.raises(UpdateRejected, match="digest"):
+        decode_update(wrap_update(bytes(bad), "zstd"), template, compression="zstd")
+    for pos in (len(packed) // 2, len(packed) - 5):        # the stream itself corrupted
+        mangled = bytearray(packed)
+        mangled[pos] ^= 0xFF
+        with pytest.raises(UpdateRejected):
+            decode_update(bytes(mangled), template, compression="zstd")
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (512, 4500)])
+def test_wrap_update_with_layout_is_the_encoders_frame(shape):
+    # with the blob's layout, wrap_update starts a zstd block at each part: still one plain
+    # frame of the same blob, the same bytes encode_update makes (small and hashed-aside sizes)
+    from oqfl_ext.fl.codec import update_layout, wrap_update
+    g = torch.Generator().manual_seed(0)
+    u = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
+    plain = encode_update(u, bits=4, client_id="c-1", stochastic=False)
+    layout = update_layout(template_of(u), 4, client_id="c-1")
+    packed = wrap_update(plain, "zstd", layout)
+    assert decompress(packed, "zstd") == plain
+    assert packed == encode_update(u, bits=4, client_id="c-1", stochastic=False,
+                                   compression="zstd")
+    for mode in ("zlib", "none"):                           # the layout only guides zstd
+        assert wrap_update(plain, mode, layout) == wrap_update(plain, mode)
+    with pytest.raises(ValueError, match="layout"):
+        wrap_update(plain + b"\0" * 8, "zstd", layout)
