@@ -8,8 +8,8 @@ the message, trains, and replies with the encoded update blob (message layout: :
 The client's state between rounds (``Client.state_dict()``: the error-feedback residual and,
 with a delta downlink, the broadcast model it holds, :class:`oqfl_ext.fl.downlink.HeldModel`)
 lives in the node's ``context.state`` (it never leaves the node); the held model's initial
-template, which a first-contact sparse snapshot applies to, is built again from the run config
-on every message (:func:`oqfl_ext.fl.experiment.initial_template`, by ``make_client``). On
+template, which a first-contact sparse snapshot applies to, is built from the run config
+(:func:`oqfl_ext.fl.experiment.initial_template`), once per process with the rest below. On
 ``query`` it replies with its partition, so that the ServerApp can map partitions to node ids.
 
 What a message needs besides its own content (the parsed run config; the data, the partitions
@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, NamedTuple, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -66,6 +66,7 @@ class _Setup(NamedTuple):
     parts: List  # the partitions' indices (tensors)
     model_fn: Callable
     template: Dict  # the model's state_dict(), to check a downlink blob against
+    initial: Optional[Dict]  # the delta downlink's initial template (built once, not per message)
 
 
 @functools.lru_cache(maxsize=1)  # one run at a time per process: bounds the memory
@@ -76,7 +77,8 @@ def _setup(cfg: ExperimentConfig) -> _Setup:
     model_fn = ex.model_fn(cfg, *data.model_shape)
     with torch.random.fork_rng(devices=[]):
         template = model_fn().state_dict()
-    return _Setup(data, ex.make_partitions(cfg, data.train_y), model_fn, template)
+    return _Setup(data, ex.make_partitions(cfg, data.train_y), model_fn, template,
+                  ex.initial_template(cfg, *data.model_shape))
 
 
 def _partition(context: Context, cfg: ExperimentConfig) -> int:
@@ -134,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     round_idx = int(config["round"])
     setup = _setup(cfg)
-    client = ex.make_client(cfg, setup.data, setup.parts, pid)
+    client = ex.make_client(cfg, setup.data, setup.parts, pid, setup.initial)
     if config["client-id"] != client.client_id:
         raise ValueError(f"message for client {config['client-id']!r} reached "
                          f"{client.client_id!r}")
