@@ -8,6 +8,7 @@ one run per folder ``OUT/<network>-<split>/<arm>``, and makes the tables and plo
     python experiments/paper_grid.py run --nets resnet20 --splits iid --arms fp32,w4a4
     python experiments/paper_grid.py deploy              # converted integer models vs float
     python experiments/paper_grid.py report              # tables + plots into docs/
+    python experiments/paper_grid.py claim               # the claim per network and split
 
 ``run`` is resumable: a finished run is skipped, an interrupted one continues from its last
 checkpoint (``oqfl-fl --resume``), bit-identically, so the grid can be completed over several
@@ -391,6 +392,93 @@ def trial_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
             + "\n".join(rows))
 
 
+# issue 17's goals, per network and split
+CLAIM_GAP_PTS = 0.5     # W4A4 within this of FP32 (mean over seeds of the last-rounds gap)
+CLAIM_PTQ_PTS = 3.0     # W4A4 this far above the FP32 model quantized after training
+CLAIM_W3A3_PTS = 1.0    # W3A3 within this of FP32
+
+
+def _last_rounds_gaps(out: Path, net: str, split: str, arm: str, rounds: int) -> List[float]:
+    return [_gaps(out, net, split, arm, seed)[3] for seed in _seeds_run(out, net, split, arm,
+                                                                         rounds)]
+
+
+def _spread(values: Sequence[float]) -> str:
+    import statistics
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.mean(values):+.2f} ({min(values):+.2f} .. {max(values):+.2f})"
+
+
+def claim_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: int):
+    """One row per network and split with FP32 and W4A4 finished on at least one seed: the
+    last-rounds gaps of W4A4 (every seed run), W8A8 / W3A3 / W2A2 (seed 0) to FP32 of the same
+    seed, the PTQ baseline per W4A4 seed, the traffic ratios; and the goals met or not.
+    Returns (markdown, the run folders it read)."""
+    import statistics
+
+    from oqfl_ext.fl.metrics import load_run, summarize
+    rows, folders = [], []
+    for net in nets:
+        for split in splits:
+            seeds = _seeds_run(out, net, split, "w4a4", rounds)
+            if not seeds:
+                continue
+            gaps = _last_rounds_gaps(out, net, split, "w4a4", rounds)
+            fp32_tail = [100 * _tail_mean(load_run(run_dir(out, net, split, "fp32", s))[1])
+                         for s in seeds]
+            w4_tail = [f + g for f, g in zip(fp32_tail, gaps)]
+            ptq_over = []
+            for s in seeds:
+                quant = run_dir(out, net, split, "w4a4", s)
+                cfg, records = load_run(quant)
+                ptq = 100 * _ptq_accuracy(run_dir(out, net, split, "fp32", s), cfg)
+                ptq_over.append(100 * float(records[-1]["accuracy"]) - ptq)
+                folders += [quant, run_dir(out, net, split, "fp32", s)]
+            lower = []
+            for arm in ("w8a8", "w3a3", "w2a2"):
+                g = [_gaps(out, net, split, arm, 0)[3]] if 0 in _seeds_run(
+                    out, net, split, arm, rounds) else []
+                lower.append(_spread(g) if g else "—")
+                folders += [run_dir(out, net, split, arm)] if g else []
+            up, total = [], []
+            for s in seeds:
+                a = summarize(load_run(run_dir(out, net, split, "w4a4", s))[1])
+                b = summarize(load_run(run_dir(out, net, split, "fp32", s))[1])
+                up.append(b["uplink_mb"] / a["uplink_mb"])
+                total.append(b["total_mb"] / a["total_mb"])
+            mean_gap = statistics.mean(gaps)
+            met = "met" if mean_gap >= -CLAIM_GAP_PTS and len(seeds) >= 3 else (
+                "not met" if mean_gap < -CLAIM_GAP_PTS else "met so far")
+            rows.append(
+                f"| {net} | {split} | {len(seeds)} | {statistics.mean(fp32_tail):.2f} "
+                f"| {statistics.mean(w4_tail):.2f} | {_spread(gaps)} | {met} "
+                f"| {_spread(ptq_over)} | {lower[0]} | {lower[1]} | {lower[2]} "
+                f"| {statistics.mean(up):.2f}x / {statistics.mean(total):.2f}x |")
+    if not rows:
+        return "(no network and split has finished FP32 and W4A4 runs yet)", folders
+    head = (f"| network | split | seeds | FP32, last {TAIL} rounds % | W4A4, last {TAIL} rounds % "
+            f"| W4A4 - FP32, pts: mean (range) | within {CLAIM_GAP_PTS} pts "
+            f"| W4A4 - PTQ W4A4 (final), pts | W8A8 - FP32 | W3A3 - FP32 | W2A2 - FP32 "
+            f"| W4A4 uplink / total traffic vs FP32 |\n|---|---|---:|---:|---:|---:|---|---:|---:"
+            f"|---:|---:|---:|")
+    return head + "\n" + "\n".join(rows), folders
+
+
+def cmd_claim(args) -> int:
+    """The claim table into RESULTS.md (marker ``claim``) and the per-round metrics of the runs
+    it read into ``docs/results/metrics/<--metrics-dir>/``."""
+    table, folders = claim_table(args.out, args.nets, args.splits, args.rounds)
+    dst_dir = args.docs / "results" / "metrics" / args.metrics_dir
+    for folder in folders:
+        dst = dst_dir / f"{folder.parent.name}-{folder.name}.json"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes((folder / "metrics.json").read_bytes())
+    _splice(args.docs / "RESULTS.md", {"claim": table})
+    print(table)
+    return 0
+
+
 def cmd_report(args) -> int:
     from oqfl_ext.fl.metrics import plot_runs
     docs = args.docs
@@ -557,6 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(rep)
     rep.add_argument("--docs", type=Path, default=ROOT / "docs")
 
+    c = sub.add_parser("claim", help="issue 17's goals per network and split (W4A4 vs FP32 over "
+                       "the seeds run, PTQ baseline, lower bits, traffic) into docs/RESULTS.md")
+    common(c)
+    c.add_argument("--docs", type=Path, default=ROOT / "docs")
+    c.add_argument("--metrics-dir", default="rerun-2026-12-04", help="folder under "
+                   "docs/results/metrics/ for the runs' per-round metrics")
+
     d = sub.add_parser("deploy", help="converted W8A8/W4A4 integer models against the FP32 "
                        "float model: accuracy, file size, CPU inference time")
     common(d)
@@ -576,6 +671,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_report(args)
     if args.cmd == "deploy":
         return cmd_deploy(args)
+    if args.cmd == "claim":
+        return cmd_claim(args)
     raise AssertionError(args.cmd)
 
 

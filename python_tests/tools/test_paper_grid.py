@@ -154,3 +154,36 @@ def test_a_fresh_run_starts_and_logs_beside_its_folder(grid, tmp_path, monkeypat
     assert rc == 0, log.read_text()[-2000:]
     assert log.parent == folder.parent and "--resume" in log.read_text()
     assert grid.rounds_done(folder) == 1
+
+
+def test_claim_table_gaps_against_the_same_seed(grid, tmp_path, monkeypatch):
+    """The claim row: W4A4's last-rounds gap to FP32 of the same seed (mean and range over the
+    seeds), its margin over the PTQ baseline, the traffic ratios; float64 arithmetic as the
+    reference. PTQ is stubbed: it needs a real trained model and data."""
+    from oqfl_ext.fl.metrics import write_metrics
+
+    def run(arm, seed, accs, up, down):
+        folder = grid.run_dir(tmp_path, "vgg", "iid", arm, seed)
+        folder.mkdir(parents=True)
+        recs = [{"round": i, "accuracy": a, "loss": 1.0, "uplink_bytes": up, "downlink_bytes": down,
+                 "wall_time_s": 1.0} for i, a in enumerate(accs)]
+        write_metrics(folder / "metrics.json", {"seed": seed}, recs)
+        (folder / "model.safetensors").write_bytes(b"x")
+        return accs
+
+    fp32 = {s: run("fp32", s, [0.5, 0.80, 0.81, 0.82 + s / 100], 4000, 4000) for s in (0, 1, 2)}
+    w4 = {s: run("w4a4", s, [0.5, 0.79, 0.80, 0.80 + s / 50], 500, 4000) for s in (0, 1, 2)}
+    run("w3a3", 0, [0.5, 0.70, 0.70, 0.70], 500, 4000)
+    monkeypatch.setattr(grid, "_ptq_accuracy", lambda base, cfg: 0.75)
+    table, folders = grid.claim_table(tmp_path, ["vgg"], ["iid"], 4)
+    gaps = [100 * (sum(w4[s][-3:]) - sum(fp32[s][-3:])) / 3 for s in (0, 1, 2)]
+    over_ptq = [100 * (w4[s][-1] - 0.75) for s in (0, 1, 2)]
+    row = table.splitlines()[2].split(" | ")
+    assert row[2] == "3"
+    assert row[5] == f"{sum(gaps) / 3:+.2f} ({min(gaps):+.2f} .. {max(gaps):+.2f})"
+    assert row[6] == ("met" if sum(gaps) / 3 >= -0.5 else "not met")
+    assert row[7] == f"{sum(over_ptq) / 3:+.2f} ({min(over_ptq):+.2f} .. {max(over_ptq):+.2f})"
+    w3_gap = 100 * (0.70 - sum(fp32[0][-3:]) / 3)
+    assert row[8] == "—" and row[9] == f"{w3_gap:+.2f}" and row[10] == "—"
+    assert row[11].rstrip(" |") == f"{4000 / 500:.2f}x / {8000 / 4500:.2f}x"
+    assert len(folders) == 7                             # 3 x (W4A4, FP32) + W3A3
