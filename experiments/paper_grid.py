@@ -448,8 +448,9 @@ def claim_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
                 up.append(b["uplink_mb"] / a["uplink_mb"])
                 total.append(b["total_mb"] / a["total_mb"])
             mean_gap = statistics.mean(gaps)
-            met = "met" if mean_gap >= -CLAIM_GAP_PTS and len(seeds) >= 3 else (
-                "not met" if mean_gap < -CLAIM_GAP_PTS else "met so far")
+            # the goal is a mean over 3 seeds: with fewer it is only a first reading
+            met = ("met" if mean_gap >= -CLAIM_GAP_PTS else "not met") + (
+                "" if len(seeds) >= 3 else f" ({len(seeds)} of 3 seeds)")
             rows.append(
                 f"| {net} | {split} | {len(seeds)} | {statistics.mean(fp32_tail):.2f} "
                 f"| {statistics.mean(w4_tail):.2f} | {_spread(gaps)} | {met} "
