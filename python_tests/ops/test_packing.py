@@ -174,7 +174,7 @@ def _stochastic(x, s, z=None, *, bits=8, axis=None, seed=0, gen_device="cpu"):
 @pytest.mark.parametrize("axis", [None, 1])
 def test_stochastic_matches_counter_reference(bits, axis):
     # the documented scheme, written out in Python: seed drawn like torch.randint, then a
-    # splitmix64 hash of (seed, element index)
+    # counter hash of (seed, element index)
     shape = (7, 9)
     s, z = _params(shape, axis, True, bits, "cpu", pow2=False)
     x = torch.randn(shape) * 0.5
