@@ -22,9 +22,7 @@ namespace cpu {
 namespace avx2 {
 namespace {
 // The kernels, 8 float lanes: the same arithmetic as packing_isa_avx512.cpp (see there), with
-// masks as vectors. The uniforms' hash (counter_bits24 of common/quant_math.h) runs in 32-bit
-// lanes with native multiplies; their 24-bit integers convert to double exactly. Tails go
-// through zero-padded stack buffers and the same vector code.
+// masks as vectors. Tails go through zero-padded stack buffers and the same vector code.
 
 inline __m256i xorshift32(__m256i h, int n) { return _mm256_xor_si256(h, _mm256_srli_epi32(h, n)); }
 inline __m256i mul32(__m256i h, uint32_t m) {
@@ -107,20 +105,14 @@ inline __m256i codes8(__m256 x, __m256 vs, __m256 vz, __m256 lo, __m256 hi, __m2
   __m256 r;
   if (kStochastic) {
     const __m256 f = _mm256_round_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m256d frac0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                        _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-    const __m256d frac1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
-                                        _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-    const __m256i k = counter_bits24_8(low, add, mid);
-    const __m256d scale = _mm256_set1_pd(5.9604644775390625e-8);  // 2^-24: u exact in double
-    const __m256d u0 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(k)), scale);
-    const __m256d u1 = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(k, 1)), scale);
-    const __m256 m0 = _mm256_castpd_ps(_mm256_cmp_pd(u0, frac0, _CMP_LT_OQ));
-    const __m256 m1 = _mm256_castpd_ps(_mm256_cmp_pd(u1, frac1, _CMP_LT_OQ));
-    // 64-bit masks of elements 0-3 and 4-7 -> one 32-bit mask per element, in order.
-    const __m256 m = _mm256_castpd_ps(_mm256_permute4x64_pd(
-        _mm256_castps_pd(_mm256_shuffle_ps(m0, m1, _MM_SHUFFLE(2, 0, 2, 0))),
-        _MM_SHUFFLE(3, 1, 2, 0)));
+    // k < ceil(v * 2^24) - floor(v) * 2^24: round_stochastic's comparison, in float (see
+    // packing_isa_avx512.cpp)
+    const __m256 two24 = _mm256_set1_ps(16777216.f);
+    const __m256 t = _mm256_sub_ps(
+        _mm256_round_ps(_mm256_mul_ps(v, two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
+        _mm256_mul_ps(f, two24));
+    const __m256 k = _mm256_cvtepi32_ps(counter_bits24_8(low, add, mid));
+    const __m256 m = _mm256_cmp_ps(k, t, _CMP_LT_OQ);
     r = _mm256_blendv_ps(f, _mm256_add_ps(f, _mm256_set1_ps(1.f)), m);
   } else {
     r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -25,9 +25,14 @@ namespace {
 //  - v = x / s + z with a real division (vdivps is correctly rounded like the scalar `/`);
 //  - half-even rounding: vrndscaleps to nearest (= rintf); clamp with max/min ordered so that a
 //    NaN passes through, then NaN -> code 0 (code_to_int);
-//  - stochastic rounding: floor(v) + 1 where u < v - floor(v), the difference and the comparison
-//    in double lanes exactly like round_stochastic; u from counter_bits24 in 32-bit lanes (the
-//    counter key once per block of 2^32 indices), compared as k * 2^-24 (exact in double).
+//  - stochastic rounding: floor(v) + 1 where u < v - floor(v) (round_stochastic, which takes
+//    the difference in double), u = k * 2^-24 with k = counter_bits24 of the element (32-bit
+//    lanes, the counter key once per block of 2^32 indices). For integer k that is
+//    k < ceil((v - f) * 2^24) = ceil(v * 2^24) - f * 2^24 (f = floor(v)), which float lanes
+//    give exactly: scaling by 2^24 is exact; for |v| < 1 both terms are integers of magnitude
+//    <= 2^24; for |v| >= 1, v * 2^24 is an integer and the difference, frac(v) * 2^24 with
+//    frac(v) a multiple of ulp(v) >= 2^-23, fits 24 bits. v = +-inf, NaN, or |v| >= 2^104
+//    (v * 2^24 overflows; v is an integer) give NaN or 0: no rounding up, as in double.
 //
 // Elements are processed in flattened order, 16 at a time; each vector gets its 16 step sizes
 // from a channel walk (one broadcast when the 16 share a channel, a load when inner == 1, else
@@ -134,17 +139,12 @@ inline __m512i codes16(__m512 x, __m512 vs, __m512 vz, __m512 lo, __m512 hi, __m
   __m512 r;
   if (kStochastic) {
     const __m512 f = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512d frac0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                                        _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
-    const __m512d frac1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)),
-                                        _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
-    const __m512i k = counter_bits24_16(low, add, mid);
-    const __m512d scale = _mm512_set1_pd(5.9604644775390625e-8);  // 2^-24
-    const __m512d u0 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(k)), scale);
-    const __m512d u1 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(k, 1)), scale);
-    const __mmask8 m0 = _mm512_cmp_pd_mask(u0, frac0, _CMP_LT_OQ);
-    const __mmask8 m1 = _mm512_cmp_pd_mask(u1, frac1, _CMP_LT_OQ);
-    const __mmask16 up = static_cast<__mmask16>(m0 | (static_cast<unsigned>(m1) << 8));
+    const __m512 two24 = _mm512_set1_ps(16777216.f);
+    const __m512 t = _mm512_sub_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(v, two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
+        _mm512_mul_ps(f, two24));
+    const __m512 k = _mm512_cvtepi32_ps(counter_bits24_16(low, add, mid));
+    const __mmask16 up = _mm512_cmp_ps_mask(k, t, _CMP_LT_OQ);
     r = _mm512_mask_add_ps(f, up, f, _mm512_set1_ps(1.f));
   } else {
     r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
