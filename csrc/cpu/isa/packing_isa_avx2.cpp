@@ -17,6 +17,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#include "isa/counter_hash_simd.h"
+
 namespace oqfl {
 namespace cpu {
 namespace avx2 {
@@ -24,21 +26,14 @@ namespace {
 // The kernels, 8 float lanes: the same arithmetic as packing_isa_avx512.cpp (see there), with
 // masks as vectors. Tails go through zero-padded stack buffers and the same vector code.
 
-inline __m256i xorshift32(__m256i h, int n) { return _mm256_xor_si256(h, _mm256_srli_epi32(h, n)); }
-inline __m256i mul32(__m256i h, uint32_t m) {
-  return _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(m)));
-}
-
-// counter_bits24 of 8 indices: `low` holds their low 32 bits.
-inline __m256i counter_bits24_8(__m256i low, __m256i add, __m256i mid) {
-  __m256i h = _mm256_add_epi32(low, add);
-  h = mul32(xorshift32(h, 16), kFmix32Mul1);
-  h = mul32(xorshift32(h, 13), kFmix32Mul2);
-  h = _mm256_add_epi32(xorshift32(h, 16), mid);
-  h = mul32(xorshift32(h, 16), kLowbias32Mul1);
-  h = mul32(xorshift32(h, 15), kLowbias32Mul2);
-  return _mm256_srli_epi32(xorshift32(h, 16), 8);
-}
+// The lane operations of counter_bits24_lanes (isa/counter_hash_simd.h).
+struct CounterOps {
+  using V = __m256i;
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V xorshift(V h, int n) { return _mm256_xor_si256(h, _mm256_srli_epi32(h, n)); }
+  static V mul(V h, uint32_t m) { return _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(m))); }
+  static V srl(V h, int n) { return _mm256_srli_epi32(h, n); }
+};
 
 inline __m256 load_x(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_x(const BF16* p) {
@@ -111,7 +106,7 @@ inline __m256i codes8(__m256 x, __m256 vs, __m256 vz, __m256 lo, __m256 hi, __m2
     const __m256 t = _mm256_sub_ps(
         _mm256_round_ps(_mm256_mul_ps(v, two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
         _mm256_mul_ps(f, two24));
-    const __m256 k = _mm256_cvtepi32_ps(counter_bits24_8(low, add, mid));
+    const __m256 k = _mm256_cvtepi32_ps(counter_bits24_lanes<CounterOps>(low, add, mid));
     const __m256 m = _mm256_cmp_ps(k, t, _CMP_LT_OQ);
     r = _mm256_blendv_ps(f, _mm256_add_ps(f, _mm256_set1_ps(1.f)), m);
   } else {

@@ -16,6 +16,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #endif
 
+#include "isa/counter_hash_simd.h"
+
 namespace oqfl {
 namespace cpu {
 namespace avx512 {
@@ -40,21 +42,14 @@ namespace {
 // Tails go through masked loads/stores with padding lanes x = 0, s = 1, z = 0 (code 0, which is
 // also the high nibble of an odd int4 tail).
 
-inline __m512i xorshift32(__m512i h, int n) { return _mm512_xor_si512(h, _mm512_srli_epi32(h, n)); }
-inline __m512i mul32(__m512i h, uint32_t m) {
-  return _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(m)));
-}
-
-// counter_bits24 of 16 indices: `low` holds their low 32 bits.
-inline __m512i counter_bits24_16(__m512i low, __m512i add, __m512i mid) {
-  __m512i h = _mm512_add_epi32(low, add);
-  h = mul32(xorshift32(h, 16), kFmix32Mul1);
-  h = mul32(xorshift32(h, 13), kFmix32Mul2);
-  h = _mm512_add_epi32(xorshift32(h, 16), mid);
-  h = mul32(xorshift32(h, 16), kLowbias32Mul1);
-  h = mul32(xorshift32(h, 15), kLowbias32Mul2);
-  return _mm512_srli_epi32(xorshift32(h, 16), 8);
-}
+// The lane operations of counter_bits24_lanes (isa/counter_hash_simd.h).
+struct CounterOps {
+  using V = __m512i;
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static V xorshift(V h, int n) { return _mm512_xor_si512(h, _mm512_srli_epi32(h, n)); }
+  static V mul(V h, uint32_t m) { return _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(m))); }
+  static V srl(V h, int n) { return _mm512_srli_epi32(h, n); }
+};
 
 inline __m512 load_x(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_x(const BF16* p, __mmask16 m) {
@@ -143,7 +138,7 @@ inline __m512i codes16(__m512 x, __m512 vs, __m512 vz, __m512 lo, __m512 hi, __m
     const __m512 t = _mm512_sub_ps(
         _mm512_roundscale_ps(_mm512_mul_ps(v, two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
         _mm512_mul_ps(f, two24));
-    const __m512 k = _mm512_cvtepi32_ps(counter_bits24_16(low, add, mid));
+    const __m512 k = _mm512_cvtepi32_ps(counter_bits24_lanes<CounterOps>(low, add, mid));
     const __mmask16 up = _mm512_cmp_ps_mask(k, t, _CMP_LT_OQ);
     r = _mm512_mask_add_ps(f, up, f, _mm512_set1_ps(1.f));
   } else {
