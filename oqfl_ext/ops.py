@@ -174,9 +174,13 @@ def quantize_pack(
     Stochastic rounding draws one int64 seed from ``generator`` (a CPU generator or one on
     ``x``'s device; None: the default generator of ``x``'s device), exactly as
     ``torch.randint(2**63 - 1, (1,), generator=generator)`` does, which advances the generator;
-    element ``i`` (row-major) then gets ``u = splitmix64(splitmix64(seed) + (i + 1) *
-    0x9E3779B97F4A7C15) >> 40`` times ``2**-24``. The codes are therefore a pure function of
-    the seed: the same on CPU and CUDA for the same seed and independent of the thread count.
+    element ``i`` (row-major) then gets a 24-bit uniform ``u`` hashed from ``(seed, i)``:
+    with ``key = splitmix64(seed)``, ``add = key mod 2**32`` and ``mid = (key >> 32) ^ ((i >>
+    32) * 0x9E3779B9 mod 2**32)``, ``u = (lowbias32(fmix32((i + add) mod 2**32) + mid) >> 8) *
+    2**-24`` (arithmetic mod ``2**32``; fmix32 is MurmurHash3's finalizer, lowbias32 the
+    multipliers 0x7FEB352D, 0x846CA68B; docs/DESIGN.md writes both out). The codes are
+    therefore a pure function of the seed: the same on CPU and CUDA for the same seed and
+    independent of the thread count.
 
     Args:
         x: float32, float16 or bfloat16 tensor of any shape and strides; packed in row-major

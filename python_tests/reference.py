@@ -195,13 +195,33 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def counter_uniform_ref(seed: int, n: int) -> Tensor:
-    """The uniforms of quantize_pack's stochastic rounding for elements 0..n-1 (float64), written
-    out from its docstring with Python ints."""
+_MASK32 = (1 << 32) - 1
+
+
+def _mul32(h: Tensor, m: int) -> Tensor:
+    """h * m mod 2^32 for int64 tensors of uint32 values, in 16-bit halves of m (a 32x32-bit
+    product would overflow int64)."""
+    return (h * (m & 0xFFFF) + (((h * (m >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(h: Tensor, shifts_muls) -> Tensor:
+    """xorshift-multiply rounds, then a final xorshift by 16, on uint32 values."""
+    for shift, mul in shifts_muls:
+        h = _mul32(h ^ (h >> shift), mul)
+    return h ^ (h >> 16)
+
+
+def counter_uniform_ref(seed: int, n: int, start: int = 0) -> Tensor:
+    """The uniforms of quantize_pack's stochastic rounding for elements start..start+n-1
+    (float64), written out from its docstring: int64 tensors holding uint32 values."""
     key = _splitmix64(seed & _MASK64)
-    out = [(_splitmix64((key + (i + 1) * 0x9E3779B97F4A7C15) & _MASK64) >> 40) * 2.0 ** -24
-           for i in range(n)]
-    return torch.tensor(out, dtype=torch.float64)
+    i = torch.arange(start, start + n, dtype=torch.int64)
+    high = i >> 32
+    add = key & _MASK32
+    mid = (key >> 32) ^ _mul32(high & _MASK32, 0x9E3779B9)
+    h = _mix32(((i & _MASK32) + add) & _MASK32, [(16, 0x85EBCA6B), (13, 0xC2B2AE35)])
+    h = _mix32((h + mid) & _MASK32, [(16, 0x7FEB352D), (15, 0x846CA68B)])
+    return (h >> 8).to(torch.float64) * 2.0 ** -24
 
 
 # ------------------------------------------------------------------ integer inference

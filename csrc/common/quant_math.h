@@ -39,21 +39,65 @@ OQFL_HD float round_stochastic(float v, float u) {
 // integer value and becomes 0; anything else is an integer inside the clamp bounds already.
 OQFL_HD int32_t code_to_int(float q) { return q == q ? static_cast<int32_t>(q) : 0; }
 
-// Counter-based uniform numbers for stochastic rounding: element `index` of a call seeded with
-// `seed` gets u = top 24 bits of splitmix64(mix(seed) + (index + 1) * golden) / 2^24, a pure
-// function of (seed, index). CPU and CUDA, and any thread count or chunking, therefore give
-// the same bits. splitmix64 is the output function of Steele et al.'s SplittableRandom
-// (passes BigCrush); keying it through one more mix decorrelates neighbouring seeds.
+// Counter-based uniform numbers for stochastic rounding, a pure function of (seed, index): CPU
+// (every instruction set) and CUDA, and any thread count or chunking, give the same bits.
+//
+//   key      = splitmix64(seed)                                  (64 bits, once per call)
+//   add, mid = low 32 bits of key, (high 32 bits of key) ^ (index >> 32) * 0x9E3779B9
+//   h        = fmix32(uint32(index) + add) + mid                 (all mod 2^32)
+//   u        = (lowbias32(h) >> 8) * 2^-24                       (24 bits, in [0, 1))
+//
+// fmix32 is MurmurHash3's 32-bit finalizer, lowbias32 the two-multiply finalizer found by
+// C. Wellons' hash-prospector: two keyed rounds of 32-bit multiply-xorshift, so AVX2/AVX-512
+// use native 32-bit multiplies (vpmulld) instead of emulating 64-bit ones. splitmix64 (the
+// output function of SplittableRandom) turns neighbouring seeds into unrelated keys; the key
+// enters before and between the rounds, so two seeds' streams are not shifts of one sequence
+// (added, not xored, between them: fmix32 ends and lowbias32 starts with the same xorshift,
+// which would cancel around an xor).
+// The index's high half goes into mid (times an odd constant: distinct halves, distinct keys),
+// so tensors of more than 2^32 elements do not repeat; within a block of 2^32 indices the
+// 32-bit hash is a bijection of the index.
 OQFL_HD uint64_t splitmix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
 }
 
+// The multipliers of the two rounds, and of the index's high half (shared with the vector
+// kernels, which repeat counter_bits24's operations lane by lane).
+constexpr uint32_t kFmix32Mul1 = 0x85ebca6bu, kFmix32Mul2 = 0xc2b2ae35u;
+constexpr uint32_t kLowbias32Mul1 = 0x7feb352du, kLowbias32Mul2 = 0x846ca68bu;
+constexpr uint32_t kCounterHighMul = 0x9e3779b9u;
+
+// The per-call key of `seed` for the indices whose high 32 bits are `high`.
+struct CounterKey {
+  uint32_t add, mid;
+};
+
+OQFL_HD CounterKey counter_key_of(uint64_t key, uint32_t high) {
+  return {static_cast<uint32_t>(key),
+          static_cast<uint32_t>(key >> 32) ^ (high * kCounterHighMul)};
+}
+
+OQFL_HD CounterKey counter_key(uint64_t seed, uint32_t high) {
+  return counter_key_of(splitmix64(seed), high);
+}
+
+// The 24 bits of u for the index whose low 32 bits are `low`.
+OQFL_HD uint32_t counter_bits24(CounterKey k, uint32_t low) {
+  uint32_t h = low + k.add;
+  h = (h ^ (h >> 16)) * kFmix32Mul1;
+  h = (h ^ (h >> 13)) * kFmix32Mul2;
+  h = (h ^ (h >> 16)) + k.mid;
+  h = (h ^ (h >> 16)) * kLowbias32Mul1;
+  h = (h ^ (h >> 15)) * kLowbias32Mul2;
+  return (h ^ (h >> 16)) >> 8;
+}
+
 OQFL_HD float counter_uniform(uint64_t seed, uint64_t index) {
-  const uint64_t key = splitmix64(seed);
-  const uint64_t bits = splitmix64(key + (index + 1) * 0x9e3779b97f4a7c15ull);
-  return static_cast<float>(bits >> 40) * 5.9604644775390625e-8f;  // * 2^-24, exact
+  const uint32_t bits = counter_bits24(counter_key(seed, static_cast<uint32_t>(index >> 32)),
+                                       static_cast<uint32_t>(index));
+  return static_cast<float>(bits) * 5.9604644775390625e-8f;  // * 2^-24, exact
 }
 
 // The stored code of x (quantize_pack): clamp(round(x / s + z), qmin, qmax) as an integer, the

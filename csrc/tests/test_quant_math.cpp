@@ -121,6 +121,16 @@ void test_stochastic_rounding() {
   }
   EXPECT(std::fabs(sum / 4096 - 0.5) < 0.03);  // sd of the mean: 1 / sqrt(12 * 4096) = 0.0045
   EXPECT(oqfl::counter_uniform(42, 0) != oqfl::counter_uniform(43, 0));
+  // known answers, also pinned by python_tests/ops/test_packing.py (its Python reference)
+  EXPECT(std::ldexp(oqfl::counter_uniform(42, 0), 24) == 7713660.f);
+  EXPECT(std::ldexp(oqfl::counter_uniform(42, 3), 24) == 7925663.f);
+  EXPECT(std::ldexp(oqfl::counter_uniform(42, (1ull << 32) - 2), 24) == 5170073.f);
+  EXPECT(std::ldexp(oqfl::counter_uniform(42, (1ull << 32) + 2), 24) == 16032029.f);
+  // the index's high half counts: blocks of 2^32 indices differ (equal u by chance: 2^-24 each)
+  int same_block = 0;
+  for (uint64_t i = 0; i < 4096; ++i)
+    same_block += oqfl::counter_uniform(42, i) == oqfl::counter_uniform(42, i + (1ull << 32));
+  EXPECT(same_block <= 1);
   // quantize_code: the q of fq_forward as an integer, NaN as 0
   EXPECT(oqfl::quantize_code(1.25f, 0.5f, 0.f, -8, 7, false, 0, 0) == 2);   // tie to even
   EXPECT(oqfl::quantize_code(-9.f, 1.f, 0.f, -8, 7, false, 0, 0) == -8);

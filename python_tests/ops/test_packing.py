@@ -174,7 +174,7 @@ def _stochastic(x, s, z=None, *, bits=8, axis=None, seed=0, gen_device="cpu"):
 @pytest.mark.parametrize("axis", [None, 1])
 def test_stochastic_matches_counter_reference(bits, axis):
     # the documented scheme, written out in Python: seed drawn like torch.randint, then a
-    # splitmix64 hash of (seed, element index)
+    # counter hash of (seed, element index)
     shape = (7, 9)
     s, z = _params(shape, axis, True, bits, "cpu", pow2=False)
     x = torch.randn(shape) * 0.5
@@ -254,6 +254,105 @@ def test_stochastic_independent_of_threads(restore_threads, axis):
         torch.set_num_threads(threads)
         out.append(_stochastic(x, s, bits=4, axis=axis, seed=3))
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+
+def test_counter_uniform_reference_known_answers():
+    # the values csrc/tests/test_quant_math.cpp pins for the C++ counter_uniform (seed 42), so
+    # the Python reference the kernels are tested against is the header's formula; across the
+    # 2^32 boundary the index's high half changes the key
+    u = ref.counter_uniform_ref(42, 4) * 2 ** 24
+    assert u[0] == 7713660 and u[3] == 7925663
+    u = ref.counter_uniform_ref(42, 5, start=2 ** 32 - 2) * 2 ** 24
+    assert u[0] == 5170073 and u[4] == 16032029
+
+
+def test_stochastic_matches_counter_reference_many_chunks(restore_threads):
+    # a tensor of many kernel chunks on 2 threads: every element's uniform is the reference's
+    torch.set_num_threads(2)
+    x = torch.randn(3, 100_003) * 0.3
+    s = torch.tensor(0.01)
+    packed = _stochastic(x, s, bits=8, seed=77)
+    seed = int(torch.randint(2 ** 63 - 1, (1,), generator=torch.Generator().manual_seed(77)))
+    u = ref.counter_uniform_ref(seed, x.numel()).view(x.shape)
+    codes = ref.quantize_codes_ref(x / s, torch.tensor(1.0), None, bits=8, u=u)
+    assert torch.equal(packed, ref.pack_ref(codes, 8))
+
+
+def _chi2_z(stat: float, dof: int) -> float:
+    """A chi-square statistic as a standard normal deviate (Wilson-Hilferty)."""
+    c = 2.0 / (9 * dof)
+    return ((stat / dof) ** (1 / 3) - (1 - c)) / math.sqrt(c)
+
+
+def _histogram_chi2_z(u, bins):
+    counts = torch.bincount((u * bins).long(), minlength=bins).double()
+    expected = u.numel() / bins
+    return _chi2_z(float(((counts - expected) ** 2 / expected).sum()), bins - 1)
+
+
+def _pairs_chi2_z(a, b, bins=16):
+    """Independence of two uniform streams: chi-square of their joint bins x bins histogram
+    against the uniform one (catches dependence a correlation misses)."""
+    return _histogram_chi2_z(((a * bins).floor() * bins + (b * bins).floor()) / bins ** 2,
+                             bins * bins)
+
+
+def _corr(a, b):
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2 ** 62 + 12345])
+def test_counter_uniforms_statistics(seed):
+    # Against independent expectations, n = 2^20 uniforms of the reference (the kernels give
+    # its bits: the tests above): each bound is 5 standard deviations (a correlation of
+    # independent streams has sd 1 / sqrt(n); chi-square statistics as normal deviates), so a
+    # sound generator fails with probability ~1e-7 per check, while a plain counter (a Weyl
+    # sequence: histogram z = -32, pairs z = 1200) or a 32-bit LCG (pairs z = 1200) fail by far,
+    # and a stream repeated across seeds or blocks fails the equality check.
+    n = 2 ** 20
+    bound = 5 / math.sqrt(n)
+    u = ref.counter_uniform_ref(seed, n + 64)
+    a = u[:n]
+    assert ((u >= 0) & (u < 1)).all()
+    assert abs(float(a.mean()) - 0.5) < 5 / math.sqrt(12 * n)
+    assert abs(_histogram_chi2_z(a, 256)) < 5  # too even is no more random than too uneven
+    for lag in (1, 2, 3, 8, 64):  # neighbouring indices
+        b = u[lag:lag + n]
+        assert abs(_corr(a, b)) < bound, lag
+        assert _pairs_chi2_z(a, b) < 5, lag
+    # neighbouring seeds, and the next block of 2^32 indices of the same seed
+    for other in (ref.counter_uniform_ref(seed + 1, n), ref.counter_uniform_ref(seed, n, start=2 ** 32)):
+        assert abs(_corr(a, other)) < bound
+        assert _pairs_chi2_z(a, other) < 5
+        assert (a == other).double().mean() < 1e-4  # equal by chance: 2^-24 each
+
+
+def test_stochastic_rounding_distribution():
+    # The kernel's rounding against float64 expectations: 63 fractions j / 64 interleaved along
+    # the tensor (neighbouring elements, different fractions), 2^14 elements each. Element i
+    # rounds up with probability frac_i (u < frac), so the up counts per fraction are binomial:
+    # their chi-square (63 dof) and the mean code against the float64 mean of v within 5 sigma.
+    k, per = 63, 2 ** 14
+    frac = torch.arange(1, k + 1, dtype=torch.float64) / 64
+    base = torch.randint(-100, 100, (per, k)).double()
+    v = (base + frac).reshape(-1)
+    s = torch.tensor(0.25)
+    x = (v * 0.25).float()  # exact: v has 6 fraction bits, |v| < 2^7
+    codes = (oq.unpack_dequantize(_stochastic(x, s, bits=8, seed=123), s, bits=8, shape=x.shape)
+             / s).double()
+    up = (codes - v.floor()).view(per, k)
+    assert ((up == 0) | (up == 1)).all()
+    p = frac
+    chi2 = float(((up.sum(0) - per * p) ** 2 / (per * p * (1 - p))).sum())
+    assert _chi2_z(chi2, k) < 5
+    sd_mean = math.sqrt(float((p * (1 - p)).sum()) * per) / v.numel()
+    assert abs(float(codes.mean() - v.mean())) < 5 * sd_mean
+    # rounding directions of neighbouring elements at fraction 1/2 are uncorrelated
+    half = _stochastic(torch.full((2 ** 18,), 0.125), s, bits=8, seed=5)  # v = 0.5
+    b = half.view(torch.int8).double()
+    assert ((b == 0) | (b == 1)).all()
+    assert abs(_corr(b[:-1], b[1:])) < 5 / math.sqrt(b.numel())
 
 
 # ------------------------------------------------------------------ errors

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/quant_math.h"
 #include "isa/packing_table.h"
 
 #if defined(__clang__)
@@ -16,48 +17,23 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#include "isa/counter_hash_simd.h"
+
 namespace oqfl {
 namespace cpu {
 namespace avx2 {
 namespace {
 // The kernels, 8 float lanes: the same arithmetic as packing_isa_avx512.cpp (see there), with
-// what AVX2 lacks emulated exactly: 64-bit multiplies from three 32x32->64 products, the 24-bit integers of u
-// converted to double through the 2^52 exponent trick, masks as vectors. Tails go through
-// zero-padded stack buffers and the same vector code.
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
-constexpr uint64_t kMix1 = 0xbf58476d1ce4e5b9ull;
-constexpr uint64_t kMix2 = 0x94d049bb133111ebull;
+// masks as vectors. Tails go through zero-padded stack buffers and the same vector code.
 
-inline uint64_t splitmix64_scalar(uint64_t z) {
-  z = (z ^ (z >> 30)) * kMix1;
-  z = (z ^ (z >> 27)) * kMix2;
-  return z ^ (z >> 31);
-}
-
-// a * b mod 2^64 per 64-bit lane, b a constant.
-inline __m256i mullo64(__m256i a, uint64_t b) {
-  const __m256i blo = _mm256_set1_epi64x(static_cast<long long>(b & 0xFFFFFFFFull));
-  const __m256i bhi = _mm256_set1_epi64x(static_cast<long long>(b >> 32));
-  const __m256i lo = _mm256_mul_epu32(a, blo);
-  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), blo),
-                                         _mm256_mul_epu32(a, bhi));
-  return _mm256_add_epi64(lo, _mm256_slli_epi64(cross, 32));
-}
-
-inline __m256i splitmix64_vec(__m256i z) {
-  z = mullo64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), kMix1);
-  z = mullo64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), kMix2);
-  return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
-}
-
-// u = top 24 bits * 2^-24 in double (exact).
-inline __m256d uniform_pd(__m256i h) {
-  const __m256i k = _mm256_srli_epi64(h, 40);
-  const __m256d d = _mm256_sub_pd(
-      _mm256_castsi256_pd(_mm256_or_si256(k, _mm256_set1_epi64x(0x4330000000000000ll))),
-      _mm256_set1_pd(4503599627370496.0));  // 2^52
-  return _mm256_mul_pd(d, _mm256_set1_pd(5.9604644775390625e-8));
-}
+// The lane operations of counter_bits24_lanes (isa/counter_hash_simd.h).
+struct CounterOps {
+  using V = __m256i;
+  static V add(V a, V b) { return _mm256_add_epi32(a, b); }
+  static V xorshift(V h, int n) { return _mm256_xor_si256(h, _mm256_srli_epi32(h, n)); }
+  static V mul(V h, uint32_t m) { return _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(m))); }
+  static V srl(V h, int n) { return _mm256_srli_epi32(h, n); }
+};
 
 inline __m256 load_x(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_x(const BF16* p) {
@@ -114,28 +90,24 @@ struct StepWalk {
   }
 };
 
-// 8 codes (int32 lanes) of x; kStochastic: ctr + lanes (l + 1) * golden is element l's counter.
+// 8 codes (int32 lanes) of x; kStochastic: `low` holds the elements' index low halves, add/mid
+// the counter key of their block.
 template <bool kStochastic, bool kOffset>
-inline __m256i codes8(__m256 x, __m256 vs, __m256 vz, __m256 lo, __m256 hi, uint64_t ctr,
-                      __m256i lanes0, __m256i lanes1) {
+inline __m256i codes8(__m256 x, __m256 vs, __m256 vz, __m256 lo, __m256 hi, __m256i low,
+                      __m256i add, __m256i mid) {
   __m256 v = _mm256_div_ps(x, vs);
   if (kOffset) v = _mm256_add_ps(v, vz);
   __m256 r;
   if (kStochastic) {
     const __m256 f = _mm256_round_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m256d frac0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                        _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-    const __m256d frac1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
-                                        _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-    const __m256i base = _mm256_set1_epi64x(static_cast<long long>(ctr));
-    const __m256d u0 = uniform_pd(splitmix64_vec(_mm256_add_epi64(base, lanes0)));
-    const __m256d u1 = uniform_pd(splitmix64_vec(_mm256_add_epi64(base, lanes1)));
-    const __m256 m0 = _mm256_castpd_ps(_mm256_cmp_pd(u0, frac0, _CMP_LT_OQ));
-    const __m256 m1 = _mm256_castpd_ps(_mm256_cmp_pd(u1, frac1, _CMP_LT_OQ));
-    // 64-bit masks of elements 0-3 and 4-7 -> one 32-bit mask per element, in order.
-    const __m256 m = _mm256_castpd_ps(_mm256_permute4x64_pd(
-        _mm256_castps_pd(_mm256_shuffle_ps(m0, m1, _MM_SHUFFLE(2, 0, 2, 0))),
-        _MM_SHUFFLE(3, 1, 2, 0)));
+    // k < ceil(v * 2^24) - floor(v) * 2^24: round_stochastic's comparison, in float (see
+    // packing_isa_avx512.cpp)
+    const __m256 two24 = _mm256_set1_ps(16777216.f);
+    const __m256 t = _mm256_sub_ps(
+        _mm256_round_ps(_mm256_mul_ps(v, two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
+        _mm256_mul_ps(f, two24));
+    const __m256 k = _mm256_cvtepi32_ps(counter_bits24_lanes<CounterOps>(low, add, mid));
+    const __m256 m = _mm256_cmp_ps(k, t, _CMP_LT_OQ);
     r = _mm256_blendv_ps(f, _mm256_add_ps(f, _mm256_set1_ps(1.f)), m);
   } else {
     r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -164,22 +136,24 @@ inline __m128i pack_int4_8(__m256i c) {
   return _mm_unpacklo_epi16(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1));
 }
 
+// Elements [i0, i1) of one block of 2^32 indices (see for_each_counter_block), `key` its
+// counter key.
 template <int kBits, bool kStochastic, bool kOffset, typename T>
 void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
-                       float qmin, float qmax, uint64_t key) {
+                       float qmin, float qmax, CounterKey key) {
   const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
-  const __m256i lanes0 = _mm256_set_epi64x(
-      static_cast<long long>(4 * kGolden), static_cast<long long>(3 * kGolden),
-      static_cast<long long>(2 * kGolden), static_cast<long long>(1 * kGolden));
-  const __m256i lanes1 = _mm256_add_epi64(lanes0, _mm256_set1_epi64x(static_cast<long long>(4 * kGolden)));
+  const __m256i add = _mm256_set1_epi32(static_cast<int>(key.add));
+  const __m256i mid = _mm256_set1_epi32(static_cast<int>(key.mid));
+  const __m256i eight = _mm256_set1_epi32(8);
+  __m256i low = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i0))),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   StepWalk w(st, i0);
-  uint64_t ctr = key + static_cast<uint64_t>(i0) * kGolden;
   __m256 vs, vz;
   int64_t i = i0;
   uint8_t* o = out;
-  for (; i + 8 <= i1; i += 8, ctr += 8 * kGolden) {
+  for (; i + 8 <= i1; i += 8, low = _mm256_add_epi32(low, eight)) {
     w.next(8, vs, vz);
-    const __m256i c = codes8<kStochastic, kOffset>(load_x(x + i), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    const __m256i c = codes8<kStochastic, kOffset>(load_x(x + i), vs, vz, lo, hi, low, add, mid);
     if (kBits == 8) {
       _mm_storel_epi64(reinterpret_cast<__m128i*>(o), pack_int8_8(c));
       o += 8;
@@ -194,7 +168,7 @@ void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const P
     T xb[8] = {};
     std::memcpy(xb, x + i, n * sizeof(T));
     w.next(n, vs, vz);
-    const __m256i c = codes8<kStochastic, kOffset>(load_x(xb), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    const __m256i c = codes8<kStochastic, kOffset>(load_x(xb), vs, vz, lo, hi, low, add, mid);
     alignas(16) uint8_t ob[16];
     _mm_storeu_si128(reinterpret_cast<__m128i*>(ob), kBits == 8 ? pack_int8_8(c) : pack_int4_8(c));
     std::memcpy(o, ob, kBits == 8 ? n : (n + 1) / 2);
@@ -203,23 +177,27 @@ void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const P
 
 template <int kBits, typename T>
 void quantize_pack_bits(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
-                        float qmin, float qmax, bool stochastic, uint64_t key) {
-  if (stochastic) {
-    if (st.z) quantize_pack_run<kBits, true, true>(x, out, i0, i1, st, qmin, qmax, key);
-    else quantize_pack_run<kBits, true, false>(x, out, i0, i1, st, qmin, qmax, key);
-  } else {
-    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, key);
-    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, key);
+                        float qmin, float qmax, bool stochastic, uint64_t seed) {
+  if (!stochastic) {
+    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, {});
+    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, {});
+    return;
   }
+  const uint64_t key = splitmix64(seed);
+  for_each_counter_block(i0, i1, [&](int64_t a, int64_t b, uint32_t high) {
+    uint8_t* o = out + (kBits == 8 ? a - i0 : (a - i0) / 2);
+    const CounterKey k = counter_key_of(key, high);
+    if (st.z) quantize_pack_run<kBits, true, true>(x, o, a, b, st, qmin, qmax, k);
+    else quantize_pack_run<kBits, true, false>(x, o, a, b, st, qmin, qmax, k);
+  });
 }
 
 template <typename T>
 void quantize_pack(const T* x, uint8_t* out, int64_t i0, int64_t i1, int bits,
                    const PackingSteps& st, float qmin, float qmax, bool stochastic,
                    uint64_t seed) {
-  const uint64_t key = splitmix64_scalar(seed);
-  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
-  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
+  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, seed);
+  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, seed);
 }
 
 // 8 signed codes from the bytes at p (8 bytes for int8, 4 for int4) as int32 lanes.

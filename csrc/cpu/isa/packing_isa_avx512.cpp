@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "common/quant_math.h"
 #include "isa/packing_table.h"
 
 #if defined(__clang__)
@@ -14,6 +15,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #endif
+
+#include "isa/counter_hash_simd.h"
 
 namespace oqfl {
 namespace cpu {
@@ -24,32 +27,29 @@ namespace {
 //  - v = x / s + z with a real division (vdivps is correctly rounded like the scalar `/`);
 //  - half-even rounding: vrndscaleps to nearest (= rintf); clamp with max/min ordered so that a
 //    NaN passes through, then NaN -> code 0 (code_to_int);
-//  - stochastic rounding: floor(v) + 1 where u < v - floor(v), the difference and the comparison
-//    in double lanes exactly like round_stochastic; u from one splitmix64 per element in 64-bit
-//    lanes (key = splitmix64(seed) once per call), compared as k * 2^-24 (exact in double).
+//  - stochastic rounding: floor(v) + 1 where u < v - floor(v) (round_stochastic, which takes
+//    the difference in double), u = k * 2^-24 with k = counter_bits24 of the element (32-bit
+//    lanes, the counter key once per block of 2^32 indices). For integer k that is
+//    k < ceil((v - f) * 2^24) = ceil(v * 2^24) - f * 2^24 (f = floor(v)), which float lanes
+//    give exactly: scaling by 2^24 is exact; for |v| < 1 both terms are integers of magnitude
+//    <= 2^24; for |v| >= 1, v * 2^24 is an integer and the difference, frac(v) * 2^24 with
+//    frac(v) a multiple of ulp(v) >= 2^-23, fits 24 bits. v = +-inf, NaN, or |v| >= 2^104
+//    (v * 2^24 overflows; v is an integer) give NaN or 0: no rounding up, as in double.
 //
 // Elements are processed in flattened order, 16 at a time; each vector gets its 16 step sizes
 // from a channel walk (one broadcast when the 16 share a channel, a load when inner == 1, else
 // lane by lane), so rows of any length and int4 bytes straddling rows need no special case.
 // Tails go through masked loads/stores with padding lanes x = 0, s = 1, z = 0 (code 0, which is
 // also the high nibble of an odd int4 tail).
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
-constexpr uint64_t kMix1 = 0xbf58476d1ce4e5b9ull;
-constexpr uint64_t kMix2 = 0x94d049bb133111ebull;
 
-inline uint64_t splitmix64_scalar(uint64_t z) {
-  z = (z ^ (z >> 30)) * kMix1;
-  z = (z ^ (z >> 27)) * kMix2;
-  return z ^ (z >> 31);
-}
-
-inline __m512i splitmix64_vec(__m512i z) {
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
-                         _mm512_set1_epi64(static_cast<long long>(kMix1)));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
-                         _mm512_set1_epi64(static_cast<long long>(kMix2)));
-  return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-}
+// The lane operations of counter_bits24_lanes (isa/counter_hash_simd.h).
+struct CounterOps {
+  using V = __m512i;
+  static V add(V a, V b) { return _mm512_add_epi32(a, b); }
+  static V xorshift(V h, int n) { return _mm512_xor_si512(h, _mm512_srli_epi32(h, n)); }
+  static V mul(V h, uint32_t m) { return _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(m))); }
+  static V srl(V h, int n) { return _mm512_srli_epi32(h, n); }
+};
 
 inline __m512 load_x(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_x(const BF16* p, __mmask16 m) {
@@ -124,29 +124,22 @@ struct StepWalk {
   }
 };
 
-// 16 codes (int32 lanes) of x. kStochastic: `ctr` holds key + (i + 1) * golden of the first
-// element; lanes add l * golden.
+// 16 codes (int32 lanes) of x. kStochastic: `low` holds the elements' index low halves, add/mid
+// the counter key of their block.
 template <bool kStochastic, bool kOffset>
-inline __m512i codes16(__m512 x, __m512 vs, __m512 vz, __m512 lo, __m512 hi, uint64_t ctr,
-                       __m512i lanes0, __m512i lanes1) {
+inline __m512i codes16(__m512 x, __m512 vs, __m512 vz, __m512 lo, __m512 hi, __m512i low,
+                       __m512i add, __m512i mid) {
   __m512 v = _mm512_div_ps(x, vs);
   if (kOffset) v = _mm512_add_ps(v, vz);
   __m512 r;
   if (kStochastic) {
     const __m512 f = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512d frac0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                                        _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
-    const __m512d frac1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)),
-                                        _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
-    const __m512i base = _mm512_set1_epi64(static_cast<long long>(ctr));
-    const __m512i h0 = splitmix64_vec(_mm512_add_epi64(base, lanes0));
-    const __m512i h1 = splitmix64_vec(_mm512_add_epi64(base, lanes1));
-    const __m512d scale = _mm512_set1_pd(5.9604644775390625e-8);  // 2^-24
-    const __m512d u0 = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_srli_epi64(h0, 40)), scale);
-    const __m512d u1 = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_srli_epi64(h1, 40)), scale);
-    const __mmask8 m0 = _mm512_cmp_pd_mask(u0, frac0, _CMP_LT_OQ);
-    const __mmask8 m1 = _mm512_cmp_pd_mask(u1, frac1, _CMP_LT_OQ);
-    const __mmask16 up = static_cast<__mmask16>(m0 | (static_cast<unsigned>(m1) << 8));
+    const __m512 two24 = _mm512_set1_ps(16777216.f);
+    const __m512 t = _mm512_sub_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(v, two24), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC),
+        _mm512_mul_ps(f, two24));
+    const __m512 k = _mm512_cvtepi32_ps(counter_bits24_lanes<CounterOps>(low, add, mid));
+    const __mmask16 up = _mm512_cmp_ps_mask(k, t, _CMP_LT_OQ);
     r = _mm512_mask_add_ps(f, up, f, _mm512_set1_ps(1.f));
   } else {
     r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -162,25 +155,25 @@ inline __m128i pack_int4_16(__m512i codes) {
   return _mm512_cvtepi64_epi8(_mm512_or_si512(t, _mm512_srli_epi64(t, 28)));
 }
 
+// Elements [i0, i1) of one block of 2^32 indices (see for_each_counter_block), `key` its
+// counter key.
 template <int kBits, bool kStochastic, bool kOffset, typename T>
 void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
-                       float qmin, float qmax, uint64_t key) {
+                       float qmin, float qmax, CounterKey key) {
   const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
-  const __m512i lanes0 = _mm512_set_epi64(
-      static_cast<long long>(8 * kGolden), static_cast<long long>(7 * kGolden),
-      static_cast<long long>(6 * kGolden), static_cast<long long>(5 * kGolden),
-      static_cast<long long>(4 * kGolden), static_cast<long long>(3 * kGolden),
-      static_cast<long long>(2 * kGolden), static_cast<long long>(1 * kGolden));
-  const __m512i lanes1 = _mm512_add_epi64(lanes0, _mm512_set1_epi64(static_cast<long long>(8 * kGolden)));
+  const __m512i add = _mm512_set1_epi32(static_cast<int>(key.add));
+  const __m512i mid = _mm512_set1_epi32(static_cast<int>(key.mid));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __m512i low = _mm512_add_epi32(
+      _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i0))),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   StepWalk w(st, i0);
-  // ctr = key + (i + 1) * golden - golden (lanes add (l + 1) * golden).
-  uint64_t ctr = key + static_cast<uint64_t>(i0) * kGolden;
   __m512 vs, vz;
   int64_t i = i0;
   uint8_t* o = out;
-  for (; i + 16 <= i1; i += 16, ctr += 16 * kGolden) {
+  for (; i + 16 <= i1; i += 16, low = _mm512_add_epi32(low, sixteen)) {
     w.next(16, vs, vz);
-    const __m512i c = codes16<kStochastic, kOffset>(load_x(x + i), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    const __m512i c = codes16<kStochastic, kOffset>(load_x(x + i), vs, vz, lo, hi, low, add, mid);
     if (kBits == 8) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm512_cvtepi32_epi8(c));
       o += 16;
@@ -193,7 +186,7 @@ void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const P
     const int64_t n = i1 - i;
     const __mmask16 m = lanes_mask(n);
     w.next(n, vs, vz);
-    const __m512i c = codes16<kStochastic, kOffset>(load_x(x + i, m), vs, vz, lo, hi, ctr, lanes0, lanes1);
+    const __m512i c = codes16<kStochastic, kOffset>(load_x(x + i, m), vs, vz, lo, hi, low, add, mid);
     if (kBits == 8) {
       _mm_mask_storeu_epi8(o, m, _mm512_cvtepi32_epi8(c));
     } else {
@@ -204,23 +197,27 @@ void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const P
 
 template <int kBits, typename T>
 void quantize_pack_bits(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
-                        float qmin, float qmax, bool stochastic, uint64_t key) {
-  if (stochastic) {
-    if (st.z) quantize_pack_run<kBits, true, true>(x, out, i0, i1, st, qmin, qmax, key);
-    else quantize_pack_run<kBits, true, false>(x, out, i0, i1, st, qmin, qmax, key);
-  } else {
-    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, key);
-    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, key);
+                        float qmin, float qmax, bool stochastic, uint64_t seed) {
+  if (!stochastic) {
+    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, {});
+    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, {});
+    return;
   }
+  const uint64_t key = splitmix64(seed);
+  for_each_counter_block(i0, i1, [&](int64_t a, int64_t b, uint32_t high) {
+    uint8_t* o = out + (kBits == 8 ? a - i0 : (a - i0) / 2);
+    const CounterKey k = counter_key_of(key, high);
+    if (st.z) quantize_pack_run<kBits, true, true>(x, o, a, b, st, qmin, qmax, k);
+    else quantize_pack_run<kBits, true, false>(x, o, a, b, st, qmin, qmax, k);
+  });
 }
 
 template <typename T>
 void quantize_pack(const T* x, uint8_t* out, int64_t i0, int64_t i1, int bits,
                    const PackingSteps& st, float qmin, float qmax, bool stochastic,
                    uint64_t seed) {
-  const uint64_t key = splitmix64_scalar(seed);
-  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
-  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, key);
+  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, seed);
+  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, seed);
 }
 
 // 16 signed codes of elements i.. (i even for int4) as int32 lanes; m: the lanes to read.

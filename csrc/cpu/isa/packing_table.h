@@ -9,6 +9,7 @@
 // channels = 1, inner = numel.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "isa/simd_types.h"
@@ -30,6 +31,19 @@ struct QuantizePackKernel {
   void (*run)(const T* x, uint8_t* out, int64_t i0, int64_t i1, int bits,
               const PackingSteps& st, float qmin, float qmax, bool stochastic, uint64_t seed);
 };
+
+// Calls f(a, b, high) for the pieces [a, b) of [i0, i1) within one block of 2^32 indices (high:
+// their common index >> 32), so the vector kernels keep one counter key per piece (see
+// counter_key in common/quant_math.h) and count the index's low half in 32-bit lanes. The
+// pieces start at multiples of 2^32 after the first: int4 output bytes stay whole.
+template <typename F>
+inline void for_each_counter_block(int64_t i0, int64_t i1, F&& f) {
+  for (int64_t a = i0; a < i1;) {
+    const int64_t b = std::min(i1, ((a >> 32) + 1) << 32);
+    f(a, b, static_cast<uint32_t>(a >> 32));
+    a = b;
+  }
+}
 
 struct PackingKernelTable {
   const char* name;
