@@ -269,27 +269,19 @@ class _QIntBase(nn.Module):
                              f"{'a tensor' if self.residual else 'None'} (the layer was built "
                              f"with residual={self.residual}), got "
                              f"{'None' if residual is None else 'a tensor'}")
-        b = self._buffers
+        kwargs = self._op_kwargs
         if residual is not None:
             if not isinstance(residual, Tensor) or not residual.is_floating_point():
                 raise TypeError(f"{type(self).__name__}: residual expected a floating-point "
                                 "tensor")
-            if residual.dtype is not torch.float32:
-                residual = residual.float()
-            if self.out_quant_min is None:
-                y = self._op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"],
-                             b["bias"], residual=residual, **self._op_kwargs)
-                return y if dtype is None else y.to(dtype)
-            return self._op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"],
-                            b["bias"], residual=residual, out_scale=b["out_scale"],
-                            out_zero_point=b["out_zero_point"], **self._op_kwargs)
-        if self.out_quant_min is None:
-            y = self._op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"],
-                         b["bias"], **self._op_kwargs)
-            return y if dtype is None else y.to(dtype)
-        return self._op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"],
-                        b["bias"], out_scale=b["out_scale"], out_zero_point=b["out_zero_point"],
-                        **self._op_kwargs)
+            kwargs = dict(kwargs, residual=residual.float())
+        b = self._buffers
+        if self.out_quant_min is not None:
+            kwargs = dict(kwargs, out_scale=b["out_scale"], out_zero_point=b["out_zero_point"])
+            dtype = None   # the output is codes
+        y = self._op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
+                     **kwargs)
+        return y if dtype is None else y.to(dtype)
 
     @classmethod
     def from_quant(cls, module):
