@@ -143,7 +143,8 @@ def render(data: dict) -> str:
     if smoke:
         out.append("- **Smoke run:** some cases ran at a reduced batch/image size: "
                    + ", ".join(f"{n} b{b} {s}px" for n, b, s in smoke))
-    out += ["", "Float32 input to float32 logits, 2 threads, medians. `float eager` = the faster "
+    out += ["", f"Float32 input to float32 logits, {'/'.join(map(str, threads)) or '?'} "
+            "threads, medians. `float eager` = the faster "
             "of NCHW and channels_last (both shown, ms); every other cell: speedup = float eager "
             "median / its median (>1: faster than float), with its median in ms. Random weights "
             "(fixed seed), BatchNorm statistics settled. torchvision networks: 1000 classes; zoo: "

@@ -247,13 +247,16 @@ def max_pool2d_codes(x: torch.Tensor, kernel_size, stride=None, padding=0, dilat
     oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
     need_h, need_w = (oh - 1) * sh + dh * (kh - 1) + 1, (ow - 1) * sw + dw * (kw - 1) + 1
     low = torch.iinfo(x.dtype).min
-    xp = F.pad(x, (pw, max(0, need_w - w - pw), ph, max(0, need_h - h - ph)), value=low)
+    pads = (pw, max(0, need_w - w - pw), ph, max(0, need_h - h - ph))
+    # no padding (the usual 2x2 / 2 pooling): the views read x itself (F.pad would copy it;
+    # the first view is cloned, so the result never aliases x)
+    xp = F.pad(x, pads, value=low) if any(pads) else x
     out = None
     for i in range(kh):
         for j in range(kw):
             v = xp[:, :, i * dh:i * dh + (oh - 1) * sh + 1:sh,
                    j * dw:j * dw + (ow - 1) * sw + 1:sw]
-            out = v.contiguous(memory_format=torch.channels_last) if out is None \
+            out = v.clone(memory_format=torch.channels_last) if out is None \
                 else torch.maximum(out, v, out=out)
     return out
 

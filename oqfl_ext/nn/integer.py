@@ -229,45 +229,59 @@ class _QIntBase(nn.Module):
                 s += f", {key}={v}"
         return s
 
+    def _prepare_call(self, op, **geometry) -> None:
+        """Fix what every forward passes to ``op`` (the registered ``torch.ops.oqfl.qconv2d`` /
+        ``qlinear``): its keyword arguments that differ from the op schema's defaults
+        (``geometry``: the subclass' shape arguments, in the op's types), built once here
+        because the layer's configuration does not change after construction.
+
+        Per-call Python cost matters (at batch 1 a small layer's kernel takes tens of
+        microseconds, and the dispatcher's parsing grows with every keyword passed): forward
+        reads the buffers from ``_buffers`` rather than through ``nn.Module.__getattr__``,
+        passes only these keywords, and skips the argument-normalizing wrappers of
+        :mod:`oqfl_ext.ops` (the op checks every argument itself)."""
+        defaults = {a.name: a.default_value for a in op.default._schema.arguments
+                    if a.has_default_value()}
+        kwargs = dict(geometry, w_bits=self.w_bits, x_quant_min=self.x_quant_min,
+                      x_quant_max=self.x_quant_max, relu=self.relu, clamp_max=self.clamp_max,
+                      out_quant_min=self.out_quant_min, out_quant_max=self.out_quant_max)
+        if self.out_quant_min is None:
+            del kwargs["out_quant_min"], kwargs["out_quant_max"]
+        self._op = op.default
+        self._op_kwargs = {k: v for k, v in kwargs.items()
+                           if k not in defaults or v != defaults[k]}
+        self._codes_dtype = torch.int8 if self.act_signed else torch.uint8
+
     def _input(self, x: Tensor) -> Tuple[Tensor, Optional[torch.dtype]]:
         """x for the op, and the float dtype to cast the output back to (None: keep)."""
         if not self.input_codes:
             return self._as_float32(x)
-        want = torch.int8 if self.act_signed else torch.uint8
-        if not isinstance(x, Tensor) or x.dtype != want:
-            raise TypeError(f"{type(self).__name__}: input expected {want} codes (the layer "
-                            "takes the codes its producer writes), got "
+        if not isinstance(x, Tensor) or x.dtype is not self._codes_dtype:
+            raise TypeError(f"{type(self).__name__}: input expected {self._codes_dtype} codes "
+                            "(the layer takes the codes its producer writes), got "
                             f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         return x, None
 
-    def _run(self, op, x: Tensor, residual: Optional[Tensor], dtype, **kwargs) -> Tensor:
-        """``op(x, ...)`` (the registered ``torch.ops.oqfl.qconv2d`` / ``qlinear``: the op
-        checks every argument itself) with the epilogue; ``kwargs``: the op's other keyword
-        arguments, already in the op's types (int lists, not pairs).
-
-        Per-call Python cost matters here (at batch 1 a small layer's kernel takes tens of
-        microseconds): the buffers are read from ``_buffers`` rather than through
-        ``nn.Module.__getattr__``, and the op is called without the argument-normalizing
-        wrappers of :mod:`oqfl_ext.ops`."""
+    def _run(self, x: Tensor, residual: Optional[Tensor], dtype) -> Tensor:
+        """The op (:meth:`_prepare_call`) on ``x`` with the epilogue."""
         if self.residual != (residual is not None):
             raise ValueError(f"{type(self).__name__}: residual expected "
                              f"{'a tensor' if self.residual else 'None'} (the layer was built "
                              f"with residual={self.residual}), got "
                              f"{'None' if residual is None else 'a tensor'}")
+        kwargs = self._op_kwargs
         if residual is not None:
             if not isinstance(residual, Tensor) or not residual.is_floating_point():
                 raise TypeError(f"{type(self).__name__}: residual expected a floating-point "
                                 "tensor")
-            residual = residual.float()
+            kwargs = dict(kwargs, residual=residual.float())
         b = self._buffers
-        if self.out_quant_min is None:
-            y = op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
-                   relu=self.relu, residual=residual, clamp_max=self.clamp_max, **kwargs)
-            return y if dtype is None else y.to(dtype)
-        return op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
-                  relu=self.relu, residual=residual, clamp_max=self.clamp_max,
-                  out_scale=b["out_scale"], out_zero_point=b["out_zero_point"],
-                  out_quant_min=self.out_quant_min, out_quant_max=self.out_quant_max, **kwargs)
+        if self.out_quant_min is not None:
+            kwargs = dict(kwargs, out_scale=b["out_scale"], out_zero_point=b["out_zero_point"])
+            dtype = None   # the output is codes
+        y = self._op(x, b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
+                     **kwargs)
+        return y if dtype is None else y.to(dtype)
 
     @classmethod
     def from_quant(cls, module):
@@ -363,6 +377,9 @@ class QConv2dInt(_QIntBase):
             raise ValueError("input_codes expected False for a layer that pads its float input "
                              f"itself (padding={self.padding!r}, padding_mode="
                              f"{self.padding_mode!r})")
+        self._prepare_call(torch.ops.oqfl.qconv2d, stride=self._op_stride,
+                           padding=self._op_padding, dilation=self._op_dilation,
+                           groups=self.groups)
 
     @classmethod
     def from_float_layout(cls, module: nn.Conv2d, *, weight_bits: int, act_bits: int,
@@ -403,10 +420,7 @@ class QConv2dInt(_QIntBase):
             # channels_last once (the network's first layer), so every float tensor after it
             # is too (max pooling and the fused residual reads are several times faster so)
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._run(torch.ops.oqfl.qconv2d, x, residual, dtype, w_bits=self.w_bits,
-                         stride=self._op_stride, padding=self._op_padding,
-                         dilation=self._op_dilation, groups=self.groups,
-                         x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
+        return self._run(x, residual, dtype)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -442,6 +456,7 @@ class QLinearInt(_QIntBase):
                                                _storage_bits(code_bits))
         self._init_quant(out_features, shape, weight_bits, act_bits, act_signed, bias, device,
                          code_bits, epilogue)
+        self._prepare_call(torch.ops.oqfl.qlinear)
 
     @classmethod
     def from_float_layout(cls, module: nn.Linear, *, weight_bits: int, act_bits: int,
@@ -469,8 +484,7 @@ class QLinearInt(_QIntBase):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         x, dtype = self._input(x)
-        return self._run(torch.ops.oqfl.qlinear, x, residual, dtype, w_bits=self.w_bits,
-                         x_quant_min=self.x_quant_min, x_quant_max=self.x_quant_max)
+        return self._run(x, residual, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -199,6 +199,7 @@ def test_max_pool2d_codes_equals_float_max_pooling(dtype):
     g = torch.Generator().manual_seed(0)
     info = torch.iinfo(dtype)
     x = torch.randint(info.min, info.max + 1, (2, 3, 19, 23), generator=g).to(dtype)
+    x_before = x.clone()
     cases = 0
     for k, s, p, d, ceil in itertools.product((1, 2, 3), (None, 1, 2, 3), (0, 1), (1, 2),
                                               (False, True)):
@@ -209,8 +210,11 @@ def test_max_pool2d_codes_equals_float_max_pooling(dtype):
             got = max_pool2d_codes(xx, k, s, p, d, ceil)
             assert got.dtype == dtype and got.shape == want.shape
             assert torch.equal(got.double(), want), (k, s, p, d, ceil)
+            # without padding the views read x itself: the result must still be its own tensor
+            assert got.untyped_storage().data_ptr() != xx.untyped_storage().data_ptr()
             cases += 1
     assert cases > 50
+    assert torch.equal(x, x_before)   # the input is never written
     # planes beyond 255 elements (where PyTorch's own uint8 pooling fails) and the smallest
     # code everywhere (padding holds it too, and must not change the result)
     big = torch.full((1, 2, 40, 40), info.min, dtype=dtype)
