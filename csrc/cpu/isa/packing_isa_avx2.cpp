@@ -175,29 +175,15 @@ void quantize_pack_run(const T* x, uint8_t* out, int64_t i0, int64_t i1, const P
   }
 }
 
-template <int kBits, typename T>
-void quantize_pack_bits(const T* x, uint8_t* out, int64_t i0, int64_t i1, const PackingSteps& st,
-                        float qmin, float qmax, bool stochastic, uint64_t seed) {
-  if (!stochastic) {
-    if (st.z) quantize_pack_run<kBits, false, true>(x, out, i0, i1, st, qmin, qmax, {});
-    else quantize_pack_run<kBits, false, false>(x, out, i0, i1, st, qmin, qmax, {});
-    return;
-  }
-  const uint64_t key = splitmix64(seed);
-  for_each_counter_block(i0, i1, [&](int64_t a, int64_t b, uint32_t high) {
-    uint8_t* o = out + (kBits == 8 ? a - i0 : (a - i0) / 2);
-    const CounterKey k = counter_key_of(key, high);
-    if (st.z) quantize_pack_run<kBits, true, true>(x, o, a, b, st, qmin, qmax, k);
-    else quantize_pack_run<kBits, true, false>(x, o, a, b, st, qmin, qmax, k);
-  });
-}
-
 template <typename T>
 void quantize_pack(const T* x, uint8_t* out, int64_t i0, int64_t i1, int bits,
                    const PackingSteps& st, float qmin, float qmax, bool stochastic,
                    uint64_t seed) {
-  if (bits == 4) quantize_pack_bits<4>(x, out, i0, i1, st, qmin, qmax, stochastic, seed);
-  else quantize_pack_bits<8>(x, out, i0, i1, st, qmin, qmax, stochastic, seed);
+  quantize_pack_variants(out, i0, i1, bits, st.z != nullptr, stochastic, seed,
+                         [&](auto variant, uint8_t* o, int64_t a, int64_t b, CounterKey key) {
+    using V = decltype(variant);
+    quantize_pack_run<V::bits, V::stochastic, V::offset>(x, o, a, b, st, qmin, qmax, key);
+  });
 }
 
 // 8 signed codes from the bytes at p (8 bytes for int8, 4 for int4) as int32 lanes.
