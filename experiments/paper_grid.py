@@ -38,7 +38,13 @@ NETS: Dict[str, List[str]] = {
     "vgg": ["--model", "vgg", "--width", "16"],
     "resnet20": ["--model", "resnet20"],
     "mobilenet_v2": ["--model", "mobilenet_v2"],
+    # the full-scale runs (issue 17): 28x28 images and all 60000 training images
+    "small_cnn_full": ["--model", "small_cnn", "--width", "32"],
+    "resnet20_full": ["--model", "resnet20"],
 }
+# options that replace COMMON's for a network (they come after it on the command line)
+NET_OVERRIDES: Dict[str, List[str]] = {
+    net: ["--image-size", "28", "--train-subset", "all"] for net in NETS if net.endswith("_full")}
 SPLITS: Dict[str, List[str]] = {
     "iid": ["--partition", "iid"],
     "dirichlet": ["--partition", "dirichlet", "--alpha", "0.5"],
@@ -86,7 +92,7 @@ COMMON = ["--dataset", "fashion-mnist", "--image-size", "14", "--train-subset", 
           "--quiet"]
 DEFAULT_ROUNDS = 20
 # the slowest network first, so the last runs to finish are short ones
-_COST_ORDER = ("mobilenet_v2", "resnet20", "small_cnn", "vgg")
+_COST_ORDER = ("resnet20_full", "small_cnn_full", "mobilenet_v2", "resnet20", "small_cnn", "vgg")
 
 
 def _cost_rank(net: str) -> int:
@@ -122,7 +128,8 @@ def run_dir(out: Path, net: str, split: str, arm: str, seed: int = 0) -> Path:
 
 def command(out: Path, net: str, split: str, arm: str, rounds: int, seed: int = 0) -> List[str]:
     """The oqfl-fl command line of one run (always --resume: it also starts a new run)."""
-    return (["oqfl-fl"] + NETS[net] + SPLITS[split] + COMMON + ALL_ARMS[arm][1]
+    return (["oqfl-fl"] + NETS[net] + SPLITS[split] + COMMON + NET_OVERRIDES.get(net, [])
+            + ALL_ARMS[arm][1]
             + ["--seed", str(seed), "--rounds", str(rounds),
                "--out", str(run_dir(out, net, split, arm, seed)), "--resume"])
 
@@ -456,10 +463,43 @@ def claim_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
     return head + "\n" + "\n".join(rows), folders
 
 
+def _claim_rows(table: str) -> Dict[tuple, str]:
+    """The rows of a claim table keyed by (network, split); header and separator skipped."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and cells[0] in NETS and cells[1] in SPLITS:
+            rows[(cells[0], cells[1])] = line
+    return rows
+
+
+def merge_claim_tables(old: str, new: str) -> str:
+    """``new`` plus the rows of ``old`` for every network and split ``new`` has no row for, in
+    the grid's order: the grid's run folders live on one machine, so a pair run in another
+    session (its folders gone) keeps the row computed there instead of vanishing."""
+    new_rows = _claim_rows(new)
+    if not new_rows:
+        return old if _claim_rows(old) else new
+    rows = {**_claim_rows(old), **new_rows}
+    head = "\n".join(new.splitlines()[:2])
+    order = {key: i for i, key in enumerate((n, s) for n in NETS for s in SPLITS)}
+    return head + "\n" + "\n".join(rows[k] for k in sorted(rows, key=order.__getitem__))
+
+
+def _marker_text(path: Path, marker: str) -> str:
+    doc = path.read_text()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in doc or end not in doc:
+        return ""
+    return doc.split(begin, 1)[1].split(end, 1)[0]
+
+
 def cmd_claim(args) -> int:
-    """The claim table into RESULTS.md (marker ``claim``) and the per-round metrics of the runs
-    it read into ``docs/results/metrics/<--metrics-dir>/``."""
+    """The claim table into RESULTS.md (marker ``claim``; rows of pairs not found under --out
+    are kept) and the per-round metrics of the runs it read into
+    ``docs/results/metrics/<--metrics-dir>/``."""
     table, folders = claim_table(args.out, args.nets, args.splits, args.rounds)
+    table = merge_claim_tables(_marker_text(args.docs / "RESULTS.md", "claim"), table)
     dst_dir = args.docs / "results" / "metrics" / args.metrics_dir
     for folder in folders:
         dst = dst_dir / f"{folder.parent.name}-{folder.name}.json"

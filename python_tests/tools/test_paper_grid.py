@@ -187,3 +187,31 @@ def test_claim_table_gaps_against_the_same_seed(grid, tmp_path, monkeypatch):
     assert row[8] == "—" and row[9] == f"{w3_gap:+.2f}" and row[10] == "—"
     assert row[11].rstrip(" |") == f"{4000 / 500:.2f}x / {8000 / 4500:.2f}x"
     assert len(folders) == 7                             # 3 x (W4A4, FP32) + W3A3
+
+
+def test_claim_keeps_rows_of_pairs_run_elsewhere(grid):
+    """A claim run on a machine holding only some of the grid's folders updates those rows and
+    keeps the others (computed in an earlier session), in the grid's order, under the new header."""
+    head = "| network | split | x |\n|---|---|---|"
+    old = "\n".join([head, "| vgg | iid | old |", "| small_cnn | dirichlet | old |",
+                     "| resnet20 | iid | old |"])
+    new = "\n".join([head.replace(" x ", " y "), "| resnet20 | dirichlet | new |",
+                     "| vgg | iid | new |"])
+    merged = grid.merge_claim_tables(old, new).splitlines()
+    assert merged[0] == "| network | split | y |"
+    assert merged[2:] == ["| small_cnn | dirichlet | old |", "| vgg | iid | new |",
+                          "| resnet20 | iid | old |", "| resnet20 | dirichlet | new |"]
+    placeholder = "(no network and split has finished FP32 and W4A4 runs yet)"
+    assert grid.merge_claim_tables(old, placeholder) == old
+    assert grid.merge_claim_tables("", placeholder) == placeholder
+
+
+@pytest.mark.parametrize("net", ["small_cnn_full", "resnet20_full"])
+def test_full_scale_runs_change_only_the_images(grid, net):
+    """The full-scale networks: 28x28 images and all 60000 training images; everything else as
+    the grid's run of the same network."""
+    small = net.removesuffix("_full")
+    full, grid_cfg = _config(grid, net, "iid", "w4a4"), _config(grid, small, "iid", "w4a4")
+    assert (full["image_size"], full["train_subset"]) == (28, None)
+    assert (grid_cfg["image_size"], grid_cfg["train_subset"]) == (14, 20000)
+    assert {k for k, v in full.items() if grid_cfg[k] != v} == {"image_size", "train_subset"}
