@@ -347,13 +347,21 @@ QConvGeometry check_qlinear_args(const char* op, const at::Tensor& x, const at::
   return g;
 }
 
+// The value of a one-element CPU tensor whose dtype check_common / check_qconv_epilogue checked
+// (float32; int32 or int64), read in place: .item() goes through the dispatcher (aten::item,
+// _local_scalar_dense), a few microseconds per call, and a batch-1 layer makes up to four.
+static float one_float(const at::Tensor& t) { return *t.const_data_ptr<float>(); }
+static int64_t one_int(const at::Tensor& t) {
+  return t.scalar_type() == at::kInt ? *t.const_data_ptr<int32_t>() : *t.const_data_ptr<int64_t>();
+}
+
 QConvScalars check_qconv_scalars_cpu(const char* op, const QConvGeometry& g,
                                      const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                                      const at::Tensor& w_scale, const QConvEpilogueArgs& epilogue) {
   QConvScalars s;
-  s.x_scale = x_scale.item<float>();
+  s.x_scale = one_float(x_scale);
   OQFL_CHECK_ARG(step_is_valid(s.x_scale), op, "x_scale", "a positive finite value", s.x_scale);
-  const int64_t zp = x_zero_point.item<int64_t>();
+  const int64_t zp = one_int(x_zero_point);
   const int64_t lo = g.signed_domain ? -128 : 0, hi = g.signed_domain ? 127 : 255;
   OQFL_CHECK_ARG(zp >= lo && zp <= hi, op, "x_zero_point",
                  "a code inside " + std::to_string(lo) + ".." + std::to_string(hi) +
@@ -366,10 +374,10 @@ QConvScalars check_qconv_scalars_cpu(const char* op, const QConvGeometry& g,
     OQFL_CHECK_ARG(step_is_valid(w[i]), op, "w_scale", "positive finite step sizes", w[i],
                    " at index ", i);
   if (!g.code_output) return s;
-  s.out_scale = epilogue.out_scale->item<float>();
+  s.out_scale = one_float(*epilogue.out_scale);
   OQFL_CHECK_ARG(step_is_valid(s.out_scale), op, "out_scale", "a positive finite value",
                  s.out_scale);
-  const int64_t ozp = epilogue.out_zero_point->item<int64_t>();
+  const int64_t ozp = one_int(*epilogue.out_zero_point);
   const int64_t olo = g.out_signed ? -128 : 0, ohi = g.out_signed ? 127 : 255;
   OQFL_CHECK_ARG(ozp >= olo && ozp <= ohi, op, "out_zero_point",
                  "a code inside " + std::to_string(olo) + ".." + std::to_string(ohi) +
