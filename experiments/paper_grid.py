@@ -425,7 +425,7 @@ def claim_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
             seeds = _seeds_run(out, net, split, "w4a4", rounds)
             if not seeds:
                 continue
-            fp32_tail, w4_tail, gaps, ptq_over, up, total = [], [], [], [], [], []
+            fp32_tail, w4_tail, gaps, ptq_over, up, down, total = [], [], [], [], [], [], []
             for s in seeds:
                 base, quant = (run_dir(out, net, split, arm, s) for arm in ("fp32", "w4a4"))
                 (_, b), (cfg, a) = load_run(base), load_run(quant)
@@ -435,6 +435,7 @@ def claim_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
                 ptq_over.append(100 * (float(a[-1]["accuracy"]) - _ptq_accuracy(base, cfg)))
                 sa, sb = summarize(a), summarize(b)
                 up.append(sb["uplink_mb"] / sa["uplink_mb"])
+                down.append(sb["downlink_mb"] / sa["downlink_mb"])
                 total.append(sb["total_mb"] / sa["total_mb"])
                 folders += [quant, base]
             lower = []
@@ -452,13 +453,14 @@ def claim_table(out: Path, nets: Sequence[str], splits: Sequence[str], rounds: i
                 f"| {net} | {split} | {len(seeds)} | {statistics.mean(fp32_tail):.2f} "
                 f"| {statistics.mean(w4_tail):.2f} | {_spread(gaps)} | {met} "
                 f"| {_spread(ptq_over)} | {lower[0]} | {lower[1]} | {lower[2]} "
-                f"| {statistics.mean(up):.2f}x / {statistics.mean(total):.2f}x |")
+                f"| {statistics.mean(up):.2f}x / {statistics.mean(down):.2f}x "
+                f"/ {statistics.mean(total):.2f}x |")
     if not rows:
         return "(no network and split has finished FP32 and W4A4 runs yet)", folders
     head = (f"| network | split | seeds | FP32, last {TAIL} rounds % | W4A4, last {TAIL} rounds % "
             f"| W4A4 - FP32, pts: mean (range) | within {CLAIM_GAP_PTS} pts "
             f"| W4A4 - PTQ W4A4 (final), pts | W8A8 - FP32 | W3A3 - FP32 | W2A2 - FP32 "
-            f"| W4A4 uplink / total traffic vs FP32 |\n|---|---|---:|---:|---:|---:|---|---:|---:"
+            f"| W4A4 traffic vs FP32: uplink / downlink / total |\n|---|---|---:|---:|---:|---:|---|---:|---:"
             f"|---:|---:|---:|")
     return head + "\n" + "\n".join(rows), folders
 

@@ -185,7 +185,7 @@ def test_claim_table_gaps_against_the_same_seed(grid, tmp_path, monkeypatch):
     assert row[7] == f"{sum(over_ptq) / 3:+.2f} ({min(over_ptq):+.2f} .. {max(over_ptq):+.2f})"
     w3_gap = 100 * (0.70 - sum(fp32[0][-3:]) / 3)
     assert row[8] == "—" and row[9] == f"{w3_gap:+.2f}" and row[10] == "—"
-    assert row[11].rstrip(" |") == f"{4000 / 500:.2f}x / {8000 / 4500:.2f}x"
+    assert row[11].rstrip(" |") == f"{4000 / 500:.2f}x / {4000 / 4000:.2f}x / {8000 / 4500:.2f}x"
     assert len(folders) == 7                             # 3 x (W4A4, FP32) + W3A3
 
 
