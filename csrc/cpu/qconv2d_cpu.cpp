@@ -15,8 +15,9 @@
 // Two schedules (run_qconv): with many images each thread quantizes and convolves whole images
 // (the padded image stays in its L2); with few images one parallel pass quantizes the batch and
 // the threads split the output channels (then the rows), so batch 1 also uses every core.
-// Depthwise layers go to the table's dw_row where it has one (AVX2): all channels of a pixel per
-// run, weights gathered to int32 per channel once per call (docs/DESIGN.md section 7.1).
+// Depthwise layers go to the table's dw_row where it has one (AVX2's, which the AVX-512 table
+// shares): all channels of a pixel per run, weights gathered to int32 per channel once per call
+// (docs/DESIGN.md section 7.1).
 // int4 weights are unpacked to int8 once per slab (shared copy, or a thread-local one reused
 // for all the pixels of the slab) and then run the int8 kernel.
 // qlinear is the same 1x1 convolution over one row of M = prod(leading dims) pixels.

@@ -317,8 +317,11 @@ void conv_row(const QConvRowArgs& a) {
 }  // namespace avx512_vnni
 
 const QConvKernelTable& qconv_kernels_avx512_vnni() {
+  // Depthwise: the AVX2 kernel (every AVX-512 CPU runs AVX2 code; same padded-pixel layout and
+  // epilogue). Without it depthwise layers would run conv_row per channel, 1 of 16 lanes useful.
   static const QConvKernelTable table{"avx512_vnni", &avx512_vnni::quantize,
-                                      &avx512_vnni::prepare_slab, &avx512_vnni::conv_row, nullptr};
+                                      &avx512_vnni::prepare_slab, &avx512_vnni::conv_row,
+                                      qconv_kernels_avx2().dw_row};
   return table;
 }
 
