@@ -224,7 +224,11 @@ def unpack_dequantize(
 
 
 def cpu_capability() -> str:
-    """The CPU code path the kernels use: ``"avx512"``, ``"avx2"`` or ``"default"``.
+    """The CPU code path the kernels use: ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"default"``.
+
+    ``"amx"`` (AMX-INT8 CPUs whose OS grants the tile state) runs the integer convolution on
+    AMX tiles and everything else as ``"avx512"``; its results are bit-identical to the other
+    paths'.
 
     Chosen at load time from the CPU; ``OQFL_CPU_CAPABILITY`` (or PyTorch's
     ``ATEN_CPU_CAPABILITY``) set to one of these names lowers it, never raises it above what

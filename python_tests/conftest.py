@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
-CAPABILITIES = ("avx512", "avx2", "default")
+CAPABILITIES = ("amx", "avx512", "avx2", "default")
 
 # every numeric kernel test runs once per CPU code path and once on CUDA
 BACKENDS = [pytest.param(("cpu", c), id=f"cpu-{c}") for c in CAPABILITIES] + [

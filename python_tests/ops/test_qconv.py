@@ -275,6 +275,28 @@ def test_qconv2d_all_capabilities_agree(use_capability):
         assert torch.equal(o, outs[0])
 
 
+# Channel counts with 16-step chunks of the AMX tiles plus leftover k-steps, widths with full
+# 16-pixel tiles plus VNNI pixel tails: merged kw * icb runs (groups 1, dilation 1: 3 * 19 = 57
+# steps = 3 chunks + 9), per-kw runs (dilation 2: 19 = 16 + 3), an exact 16-step run (IC 64,
+# 1x1), two slabs and a half one (OC 40), 4-bit weights, signed codes and a fused epilogue.
+AMX_CASES = [
+    ConvCase(2, 76, (5, 37), 40, (3, 3), padding=(1, 1), bias=True, relu=True,
+             channels_last=True),
+    ConvCase(1, 76, (6, 41), 17, (3, 3), padding=(2, 2), dilation=(2, 2), w_bits=4,
+             x_kind="int8", qrange=(-128, 127), bias=True),
+    ConvCase(2, 64, (3, 50), 32, (1, 1), x_kind="uint8", channels_last=True),
+    ConvCase(1, 128, (4, 33), 24, (3, 3), stride=(1, 2), padding=(1, 1), groups=2,
+             qrange=(-8, 7)),
+]
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=str)
+def test_qconv2d_amx_chunks_match_reference(device, case):
+    inp = _conv_inputs(case)
+    want = ref.qconv2d_ref(*inp.args, **inp.kwargs)
+    _assert_equal(oq.qconv2d(*inp.to(device), **inp.kwargs), want, str(case))
+
+
 def test_qconv2d_extreme_codes(device):
     # the largest accumulator magnitudes: 255 * -128 * IC * KH * KW (about -4e8 < 2**31),
     # beyond 2**24, so the int -> float32 conversion rounds; zero points at both ends

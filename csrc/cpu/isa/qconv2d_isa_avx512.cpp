@@ -23,10 +23,10 @@
 #include "isa/qconv2d_table.h"
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,amx-tile,amx-int8"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,amx-tile,amx-int8")
 #endif
 
 namespace oqfl {
@@ -210,6 +210,9 @@ inline void store16(StoreMode mode, float* out, __m512 v, int64_t valid, int64_t
 }
 
 template <int M, bool TWO>
+inline void epilogue(const QConvRowArgs& a, int64_t p0, const __m512i* c0, const __m512i* c1);
+
+template <int M, bool TWO>
 void tile(const QConvRowArgs& a, int64_t p0) {
   __m512i c0[M], c1[M];
 #pragma GCC unroll 16
@@ -245,6 +248,13 @@ void tile(const QConvRowArgs& a, int64_t p0) {
       }
     }
   }
+  epilogue<M, TWO>(a, p0, c0, c1);
+}
+
+// The epilogue of M pixels x 16 or 32 channels from the int32 accumulators (shared by the VNNI
+// tiles and the AMX tiles, so both give the same bits).
+template <int M, bool TWO>
+inline void epilogue(const QConvRowArgs& a, int64_t p0, const __m512i* c0, const __m512i* c1) {
   const __m512i z0 = _mm512_loadu_si512(a.zws), z1 = _mm512_loadu_si512(a.zws + 16);
   const __m512 s0 = _mm512_loadu_ps(a.scale), s1 = _mm512_loadu_ps(a.scale + 16);
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
@@ -291,9 +301,100 @@ void tile_any(const QConvRowArgs& a, int64_t p0) {
   }
 }
 
-void conv_row(const QConvRowArgs& a) {
-  int64_t p = 0;
-  for (; p + kTile <= a.npix; p += kTile) tile_any<kTile>(a, p);
+
+// AMX-INT8: tiles of 16 output pixels x 16 or 32 channels. A tile row m is pixel m's 64 input
+// bytes (16 k-steps of 4 channels, contiguous within one (kh, kw) run or the merged kw * icb
+// run), B is 16 consecutive 64-byte slab rows (the slab layout is the VNNI B layout), and
+// tdpbusd adds u8 x s8 dot products of 4 bytes into int32 like vpdpbusd. The k-steps left over
+// in each run (steps % 16) are added afterwards with vpdpbusd: int32 addition wraps and is
+// associative, so the sum is bit-identical to the VNNI tiles'. Then the shared epilogue.
+namespace amx {
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline void configure() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 5; ++t) {  // 0, 1: C0, C1; 2: A; 3, 4: B0, B1
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+template <bool TWO>
+void tile16(const QConvRowArgs& a, int64_t p0) {
+  const int64_t ps = a.pix_step, icb = a.icb;
+  const uint8_t* in = a.in + p0 * ps;
+  const bool merged = a.tap_w == 4 * icb;
+  const int64_t nkw = merged ? 1 : a.kw, steps = merged ? a.kw * icb : icb;
+  const int64_t full = steps / 16 * 16;
+  _tile_zero(0);
+  if (TWO) _tile_zero(1);
+  if (full > 0) {
+    for (int64_t kh = 0; kh < a.kh; ++kh) {
+      for (int64_t kw = 0; kw < nkw; ++kw) {
+        const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
+        const int64_t woff = (kh * a.kw + kw) * icb * 64;
+        const int8_t* pa = a.w0 + woff;
+        const int8_t* pb = TWO ? a.w1 + woff : nullptr;
+        for (int64_t cb = 0; cb < full; cb += 16) {
+          _tile_loadd(2, t + cb * 4, ps);
+          _tile_loadd(3, pa + cb * 64, 64);
+          _tile_dpbusd(0, 2, 3);
+          if (TWO) {
+            _tile_loadd(4, pb + cb * 64, 64);
+            _tile_dpbusd(1, 2, 4);
+          }
+        }
+      }
+    }
+  }
+  alignas(64) int32_t buf0[16][16], buf1[16][16];
+  _tile_stored(0, buf0, 64);
+  if (TWO) _tile_stored(1, buf1, 64);
+  __m512i c0[16], c1[16];
+  for (int m = 0; m < 16; ++m) {
+    c0[m] = _mm512_load_si512(buf0[m]);
+    if (TWO) c1[m] = _mm512_load_si512(buf1[m]);
+  }
+  if (full < steps) {
+    for (int64_t kh = 0; kh < a.kh; ++kh) {
+      for (int64_t kw = 0; kw < nkw; ++kw) {
+        const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w + full * 4;
+        const int64_t woff = (kh * a.kw + kw) * icb * 64 + full * 64;
+        const int8_t* pa = a.w0 + woff;
+        const int8_t* pb = TWO ? a.w1 + woff : nullptr;
+        for (int64_t cb = full; cb < steps; ++cb, t += 4, pa += 64) {
+          const __m512i b0 = _mm512_loadu_si512(pa);
+          __m512i b1 = _mm512_setzero_si512();
+          if (TWO) {
+            b1 = _mm512_loadu_si512(pb);
+            pb += 64;
+          }
+          for (int m = 0; m < 16; ++m) {
+            const __m512i av = _mm512_set1_epi32(load_u32(t + m * ps));
+            c0[m] = _mm512_dpbusd_epi32(c0[m], av, b0);
+            if (TWO) c1[m] = _mm512_dpbusd_epi32(c1[m], av, b1);
+          }
+        }
+      }
+    }
+  }
+  epilogue<16, TWO>(a, p0, c0, c1);
+}
+
+}  // namespace amx
+
+// The pixel tail (< kTile) of a run with the VNNI tiles.
+void conv_tail(const QConvRowArgs& a, int64_t p) {
   switch (a.npix - p) {
     case 1: tile_any<1>(a, p); break;
     case 2: tile_any<2>(a, p); break;
@@ -310,7 +411,33 @@ void conv_row(const QConvRowArgs& a) {
     case 13: tile_any<13>(a, p); break;
     default: break;
   }
+}
+
+void conv_row(const QConvRowArgs& a) {
+  int64_t p = 0;
+  for (; p + kTile <= a.npix; p += kTile) tile_any<kTile>(a, p);
+  conv_tail(a, p);
   if (a.stream) _mm_sfence();  // order the non-temporal stores before the caller goes on
+}
+
+// AMX conv_row: groups of 16 pixels on the tiles, then up to 15 pixels on the VNNI tiles (one
+// of 14, then the rest). The tile configuration is loaded on every call: calls may run on any
+// thread, and the configuration is per thread.
+void conv_row_amx(const QConvRowArgs& a) {
+  int64_t p = 0;
+  if (a.npix >= 16) {
+    amx::configure();
+    for (; p + 16 <= a.npix; p += 16) {
+      if (a.w1 != nullptr) {
+        amx::tile16<true>(a, p);
+      } else {
+        amx::tile16<false>(a, p);
+      }
+    }
+  }
+  for (; p + kTile <= a.npix; p += kTile) tile_any<kTile>(a, p);
+  conv_tail(a, p);
+  if (a.stream) _mm_sfence();
 }
 
 }  // namespace
@@ -322,6 +449,12 @@ const QConvKernelTable& qconv_kernels_avx512_vnni() {
   static const QConvKernelTable table{"avx512_vnni", &avx512_vnni::quantize,
                                       &avx512_vnni::prepare_slab, &avx512_vnni::conv_row,
                                       qconv_kernels_avx2().dw_row};
+  return table;
+}
+
+const QConvKernelTable& qconv_kernels_amx() {
+  static const QConvKernelTable table{"amx", &avx512_vnni::quantize, &avx512_vnni::prepare_slab,
+                                      &avx512_vnni::conv_row_amx, qconv_kernels_avx2().dw_row};
   return table;
 }
 

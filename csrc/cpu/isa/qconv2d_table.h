@@ -80,6 +80,8 @@ struct QConvKernelTable {
 const QConvKernelTable& qconv_kernels_default();
 #if defined(__x86_64__) || defined(_M_X64)
 const QConvKernelTable& qconv_kernels_avx512_vnni();
+// AMX-INT8 conv_row (16-pixel tiles), the rest as qconv_kernels_avx512_vnni().
+const QConvKernelTable& qconv_kernels_amx();
 const QConvKernelTable& qconv_kernels_avx2();
 #endif
 
