@@ -14,7 +14,8 @@ namespace cpu {
 const FakeQuantKernelTable& active_fake_quant_kernels();
 
 // The qconv2d kernel table of the active instruction set: under "avx512" the AVX-512 VNNI
-// kernels when the CPU has AVX-512 VNNI, else (and under "avx2") the AVX2 ones; under
+// kernels when the CPU has AVX-512 VNNI (under "amx" the AMX conv_row, the rest VNNI), else
+// (and under "avx2") the AVX2 ones; under
 // "default" the portable ones.
 const QConvKernelTable& active_qconv_kernels();
 
@@ -22,7 +23,7 @@ const QConvKernelTable& active_qconv_kernels();
 // AVX-512 under "avx512", AVX2 under "avx2", else the portable scalar ones.
 const PackingKernelTable& active_packing_kernels();
 
-// "avx512", "avx2" or "default".
+// "amx", "avx512", "avx2" or "default".
 std::string cpu_capability();
 
 // Switches the active instruction set (for tests and benchmarks); returns the previous one.
