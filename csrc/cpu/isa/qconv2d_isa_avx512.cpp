@@ -212,6 +212,52 @@ inline void store16(StoreMode mode, float* out, __m512 v, int64_t valid, int64_t
 template <int M, bool TWO>
 inline void epilogue(const QConvRowArgs& a, int64_t p0, const __m512i* c0, const __m512i* c1);
 
+// Calls run(t, w0, w1, steps) once per contiguous run of the kernel window: t is the input of
+// pixel p0 at the run's first tap, w0 / w1 the slab rows of that tap, steps the run's k-steps of
+// 4 input channels. When the kw taps of a kernel row are adjacent in memory (dilation 1, one
+// group), a whole kernel row is one run over contiguous input bytes and weight rows.
+template <bool TWO, class Run>
+inline void for_each_run(const QConvRowArgs& a, int64_t p0, Run&& run) {
+  const int64_t icb = a.icb;
+  const uint8_t* in = a.in + p0 * a.pix_step;
+  const bool merged = a.tap_w == 4 * icb;
+  const int64_t nkw = merged ? 1 : a.kw, steps = merged ? a.kw * icb : icb;
+  for (int64_t kh = 0; kh < a.kh; ++kh) {
+    for (int64_t kw = 0; kw < nkw; ++kw) {
+      const int64_t woff = (kh * a.kw + kw) * icb * 64;
+      run(in + kh * a.tap_h + kw * a.tap_w, a.w0 + woff, TWO ? a.w1 + woff : nullptr, steps);
+    }
+  }
+}
+
+// Adds the k-steps [first, steps) of every run to the accumulators of M pixels with vpdpbusd
+// (the whole sum for the VNNI tiles, the leftover steps for the AMX tiles).
+template <int M, bool TWO>
+inline void accumulate_vnni(const QConvRowArgs& a, int64_t p0, int64_t first, __m512i* c0,
+                            __m512i* c1) {
+  const int64_t ps = a.pix_step;
+  for_each_run<TWO>(a, p0, [&](const uint8_t* t, const int8_t* pa, const int8_t* pb,
+                               int64_t steps) {
+    t += first * 4;
+    pa += first * 64;
+    if (TWO) pb += first * 64;
+    for (int64_t cb = first; cb < steps; ++cb, t += 4, pa += 64) {
+      const __m512i b0 = _mm512_loadu_si512(pa);
+      __m512i b1 = _mm512_setzero_si512();
+      if (TWO) {
+        b1 = _mm512_loadu_si512(pb);
+        pb += 64;
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const __m512i av = _mm512_set1_epi32(load_u32(t + m * ps));
+        c0[m] = _mm512_dpbusd_epi32(c0[m], av, b0);
+        if (TWO) c1[m] = _mm512_dpbusd_epi32(c1[m], av, b1);
+      }
+    }
+  });
+}
+
 template <int M, bool TWO>
 void tile(const QConvRowArgs& a, int64_t p0) {
   __m512i c0[M], c1[M];
@@ -220,34 +266,7 @@ void tile(const QConvRowArgs& a, int64_t p0) {
     c0[m] = _mm512_setzero_si512();
     if (TWO) c1[m] = _mm512_setzero_si512();
   }
-  const int64_t ps = a.pix_step, icb = a.icb;
-  const uint8_t* in = a.in + p0 * ps;
-  // When the kw taps of a kernel row are adjacent in memory (dilation 1, one group), the kw
-  // and input-channel-block loops are one loop over contiguous input bytes and weight rows.
-  const bool merged = a.tap_w == 4 * icb;
-  const int64_t nkw = merged ? 1 : a.kw, steps = merged ? a.kw * icb : icb;
-  for (int64_t kh = 0; kh < a.kh; ++kh) {
-    for (int64_t kw = 0; kw < nkw; ++kw) {
-      const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
-      const int64_t woff = (kh * a.kw + kw) * icb * 64;
-      const int8_t* pa = a.w0 + woff;
-      const int8_t* pb = TWO ? a.w1 + woff : nullptr;
-      for (int64_t cb = 0; cb < steps; ++cb, t += 4, pa += 64) {
-        const __m512i b0 = _mm512_loadu_si512(pa);
-        __m512i b1;
-        if (TWO) {
-          b1 = _mm512_loadu_si512(pb);
-          pb += 64;
-        }
-#pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) {
-          const __m512i av = _mm512_set1_epi32(load_u32(t + m * ps));
-          c0[m] = _mm512_dpbusd_epi32(c0[m], av, b0);
-          if (TWO) c1[m] = _mm512_dpbusd_epi32(c1[m], av, b1);
-        }
-      }
-    }
-  }
+  accumulate_vnni<M, TWO>(a, p0, 0, c0, c1);
   epilogue<M, TWO>(a, p0, c0, c1);
 }
 
@@ -331,31 +350,23 @@ inline void configure() {
 
 template <bool TWO>
 void tile16(const QConvRowArgs& a, int64_t p0) {
-  const int64_t ps = a.pix_step, icb = a.icb;
-  const uint8_t* in = a.in + p0 * ps;
-  const bool merged = a.tap_w == 4 * icb;
-  const int64_t nkw = merged ? 1 : a.kw, steps = merged ? a.kw * icb : icb;
-  const int64_t full = steps / 16 * 16;
+  const int64_t ps = a.pix_step;
+  const bool merged = a.tap_w == 4 * a.icb;
+  const int64_t steps = merged ? a.kw * a.icb : a.icb, full = steps / 16 * 16;
   _tile_zero(0);
   if (TWO) _tile_zero(1);
   if (full > 0) {
-    for (int64_t kh = 0; kh < a.kh; ++kh) {
-      for (int64_t kw = 0; kw < nkw; ++kw) {
-        const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
-        const int64_t woff = (kh * a.kw + kw) * icb * 64;
-        const int8_t* pa = a.w0 + woff;
-        const int8_t* pb = TWO ? a.w1 + woff : nullptr;
-        for (int64_t cb = 0; cb < full; cb += 16) {
-          _tile_loadd(2, t + cb * 4, ps);
-          _tile_loadd(3, pa + cb * 64, 64);
-          _tile_dpbusd(0, 2, 3);
-          if (TWO) {
-            _tile_loadd(4, pb + cb * 64, 64);
-            _tile_dpbusd(1, 2, 4);
-          }
+    for_each_run<TWO>(a, p0, [&](const uint8_t* t, const int8_t* pa, const int8_t* pb, int64_t) {
+      for (int64_t cb = 0; cb < full; cb += 16) {
+        _tile_loadd(2, t + cb * 4, ps);
+        _tile_loadd(3, pa + cb * 64, 64);
+        _tile_dpbusd(0, 2, 3);
+        if (TWO) {
+          _tile_loadd(4, pb + cb * 64, 64);
+          _tile_dpbusd(1, 2, 4);
         }
       }
-    }
+    });
   }
   alignas(64) int32_t buf0[16][16], buf1[16][16];
   _tile_stored(0, buf0, 64);
@@ -365,29 +376,7 @@ void tile16(const QConvRowArgs& a, int64_t p0) {
     c0[m] = _mm512_load_si512(buf0[m]);
     if (TWO) c1[m] = _mm512_load_si512(buf1[m]);
   }
-  if (full < steps) {
-    for (int64_t kh = 0; kh < a.kh; ++kh) {
-      for (int64_t kw = 0; kw < nkw; ++kw) {
-        const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w + full * 4;
-        const int64_t woff = (kh * a.kw + kw) * icb * 64 + full * 64;
-        const int8_t* pa = a.w0 + woff;
-        const int8_t* pb = TWO ? a.w1 + woff : nullptr;
-        for (int64_t cb = full; cb < steps; ++cb, t += 4, pa += 64) {
-          const __m512i b0 = _mm512_loadu_si512(pa);
-          __m512i b1 = _mm512_setzero_si512();
-          if (TWO) {
-            b1 = _mm512_loadu_si512(pb);
-            pb += 64;
-          }
-          for (int m = 0; m < 16; ++m) {
-            const __m512i av = _mm512_set1_epi32(load_u32(t + m * ps));
-            c0[m] = _mm512_dpbusd_epi32(c0[m], av, b0);
-            if (TWO) c1[m] = _mm512_dpbusd_epi32(c1[m], av, b1);
-          }
-        }
-      }
-    }
-  }
+  if (full < steps) accumulate_vnni<16, TWO>(a, p0, full, c0, c1);
   epilogue<16, TWO>(a, p0, c0, c1);
 }
 
