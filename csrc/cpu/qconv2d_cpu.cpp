@@ -226,6 +226,28 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   a.out_pix_stride = c.o.nhwc ? OC : 1;
   a.out_oc_stride = c.o.nhwc ? 1 : OH * OW;
   const int64_t oc0 = grp * OCg + ob * 16;
+  // Stride 1 and whole rows: the table's conv_rows may take the rows as one block.
+  const bool block = c.k->conv_rows != nullptr && c.dw_w == nullptr && c.pieces == 1 &&
+                     g.stride_h == 1 && g.stride_w == 1 && OW > 1 && r1 - r0 > 1;
+  if (block) {
+    const int64_t oh = r0;
+    a.in = img + oh * p.wp * p.ctot + grp * p.cg;
+    a.npix = OW;
+    const int64_t nhwc_at = ((n * OH + oh) * OW) * OC + oc0;
+    const int64_t nchw_at = ((n * OC + oc0) * OH + oh) * OW;
+    const int64_t out_at = c.o.nhwc ? nhwc_at : nchw_at;
+    a.out = c.o.out != nullptr ? c.o.out + out_at : nullptr;
+    a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
+    a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
+                                         : nullptr;
+    cpu::QConvRows rows;
+    rows.rows = r1 - r0;
+    rows.row_pixels = p.wp;
+    rows.out_row_stride = OW * a.out_pix_stride;
+    rows.res_row_stride = OW * a.res_pix_stride;
+    c.k->conv_rows(a, rows);
+    return;
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t piece = r % c.pieces, oh = r / c.pieces;
     const int64_t ow0 = piece * c.piece_w, ow1 = std::min(OW, ow0 + c.piece_w);

@@ -287,6 +287,13 @@ AMX_CASES = [
     ConvCase(2, 64, (3, 50), 32, (1, 1), x_kind="uint8", channels_last=True),
     ConvCase(1, 128, (4, 33), 24, (3, 3), stride=(1, 2), padding=(1, 1), groups=2,
              qrange=(-8, 7)),
+    # stride 1, rows of fewer than 16 pixels: the AMX path takes several rows as one block of
+    # virtual pixels (the padding columns between rows computed and dropped)
+    ConvCase(2, 64, (7, 7), 40, (3, 3), padding=(1, 1), bias=True, relu=True,
+             channels_last=True),
+    ConvCase(1, 96, (4, 4), 16, (3, 3), padding=(1, 1), w_bits=4, x_kind="int8",
+             qrange=(-128, 127)),
+    ConvCase(3, 64, (14, 14), 32, (1, 1), x_kind="uint8", channels_last=True),
 ]
 
 
@@ -526,7 +533,7 @@ EPI_MODES = [
 # groups 1/2/depthwise, strides, dilation, int4 and int8 weights, float / uint8 / int8 input,
 # NCHW and channels_last input
 EPI_CASES = [HAND_CASES[1], HAND_CASES[2], HAND_CASES[3], HAND_CASES[5], HAND_CASES[9],
-             HAND_CASES[13]]
+             HAND_CASES[13], AMX_CASES[4]]
 
 
 def _residual(shape, layout, magnitude):

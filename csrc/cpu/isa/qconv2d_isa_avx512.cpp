@@ -348,8 +348,9 @@ inline void configure() {
   _tile_loadconfig(&cfg);
 }
 
+// The int32 sums of pixels p0..p0+15 x 16 or 32 channels into c0 / c1.
 template <bool TWO>
-void tile16(const QConvRowArgs& a, int64_t p0) {
+void accumulate16(const QConvRowArgs& a, int64_t p0, __m512i* c0, __m512i* c1) {
   const int64_t ps = a.pix_step;
   const bool merged = a.tap_w == 4 * a.icb;
   const int64_t steps = merged ? a.kw * a.icb : a.icb, full = steps / 16 * 16;
@@ -371,12 +372,17 @@ void tile16(const QConvRowArgs& a, int64_t p0) {
   alignas(64) int32_t buf0[16][16], buf1[16][16];
   _tile_stored(0, buf0, 64);
   if (TWO) _tile_stored(1, buf1, 64);
-  __m512i c0[16], c1[16];
   for (int m = 0; m < 16; ++m) {
     c0[m] = _mm512_load_si512(buf0[m]);
     if (TWO) c1[m] = _mm512_load_si512(buf1[m]);
   }
   if (full < steps) accumulate_vnni<16, TWO>(a, p0, full, c0, c1);
+}
+
+template <bool TWO>
+void tile16(const QConvRowArgs& a, int64_t p0) {
+  __m512i c0[16], c1[16];
+  accumulate16<TWO>(a, p0, c0, c1);
   epilogue<16, TWO>(a, p0, c0, c1);
 }
 
@@ -429,6 +435,58 @@ void conv_row_amx(const QConvRowArgs& a) {
   if (a.stream) _mm_sfence();
 }
 
+// The run a starting at pixel `col` of output row `row` of a block.
+QConvRowArgs at_pixel(const QConvRowArgs& a, const QConvRows& r, int64_t row, int64_t col) {
+  QConvRowArgs b = a;
+  b.in += (row * r.row_pixels + col) * a.pix_step;
+  b.npix = a.npix - col;
+  const int64_t out_at = row * r.out_row_stride + col * a.out_pix_stride;
+  if (b.out != nullptr) b.out += out_at;
+  if (b.out_codes != nullptr) b.out_codes += out_at;
+  if (b.residual != nullptr) b.residual += row * r.res_row_stride + col * a.res_pix_stride;
+  return b;
+}
+
+// AMX over r.rows output rows at once. With stride 1 the padded input of output pixel
+// (row, col) starts (row * row_pixels + col) * pix_step bytes after pixel (0, 0), so the block
+// is one run of "virtual" pixels whose columns past npix land in the padding between rows: their
+// taps stay inside the buffer (they end before the last real pixel's) and their sums are
+// computed and dropped. Narrow layers (7x7, 14x14 outputs; rows of < 16 pixels) then fill the
+// 16-row tiles too. The virtual pixels after the last whole tile go to the VNNI tiles row by row.
+template <bool TWO>
+void rows16(const QConvRowArgs& a, const QConvRows& r) {
+  const int64_t span = (r.rows - 1) * r.row_pixels + a.npix;  // up to the last real pixel
+  int64_t q = 0;
+  if (span >= 16) {
+    amx::configure();
+    __m512i c0[16], c1[16];
+    for (; q + 16 <= span; q += 16) {
+      amx::accumulate16<TWO>(a, q, c0, c1);
+      for (int m = 0; m < 16; ++m) {
+        const int64_t row = (q + m) / r.row_pixels, col = (q + m) % r.row_pixels;
+        if (col < a.npix) epilogue<1, TWO>(at_pixel(a, r, row, col), 0, c0 + m, c1 + m);
+      }
+    }
+  }
+  for (int64_t row = q / r.row_pixels; row < r.rows; ++row) {
+    const int64_t col = row == q / r.row_pixels ? q % r.row_pixels : 0;
+    if (col >= a.npix) continue;
+    const QConvRowArgs b = at_pixel(a, r, row, col);
+    int64_t p = 0;
+    for (; p + kTile <= b.npix; p += kTile) tile_any<kTile>(b, p);
+    conv_tail(b, p);
+  }
+  if (a.stream) _mm_sfence();
+}
+
+void conv_rows_amx(const QConvRowArgs& a, const QConvRows& r) {
+  if (a.w1 != nullptr) {
+    rows16<true>(a, r);
+  } else {
+    rows16<false>(a, r);
+  }
+}
+
 }  // namespace
 }  // namespace avx512_vnni
 
@@ -443,7 +501,8 @@ const QConvKernelTable& qconv_kernels_avx512_vnni() {
 
 const QConvKernelTable& qconv_kernels_amx() {
   static const QConvKernelTable table{"amx", &avx512_vnni::quantize, &avx512_vnni::prepare_slab,
-                                      &avx512_vnni::conv_row_amx, qconv_kernels_avx2().dw_row};
+                                      &avx512_vnni::conv_row_amx, qconv_kernels_avx2().dw_row,
+                                      &avx512_vnni::conv_rows_amx};
   return table;
 }
 

@@ -58,6 +58,15 @@ struct QConvRowArgs {
   int64_t out_oc_stride;   // elements between consecutive output channels
 };
 
+// A block of consecutive whole output rows for conv_rows (stride 1, one run per row): the
+// QConvRowArgs describe the block's first row (npix = the output width).
+struct QConvRows {
+  int64_t rows;            // output rows in the block
+  int64_t row_pixels;      // padded input width: pix_steps between the inputs of two rows
+  int64_t out_row_stride;  // elements between the outputs of consecutive rows
+  int64_t res_row_stride;  // floats between the residuals of consecutive rows
+};
+
 struct QConvKernelTable {
   const char* name;
   // out[i] = clamp(rint(x[i] / s + z), qmin, qmax) + offset (quantize_code of quant_math.h; a
@@ -74,6 +83,9 @@ struct QConvKernelTable {
   // channels, channel c reading the byte at c * 4 of each padded pixel (ICB = 1). Null where the
   // instruction set has none (then conv_row runs each channel's slab).
   void (*dw_row)(const QConvRowArgs& a);
+  // Several whole output rows at once (see QConvRows), or null where the instruction set has
+  // nothing better than conv_row per row.
+  void (*conv_rows)(const QConvRowArgs& a, const QConvRows& r) = nullptr;
 };
 
 // Defined by the instruction-set translation units (qconv2d_isa_*.cpp).
