@@ -17,6 +17,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -415,12 +416,44 @@ void conv_row(const QConvRowArgs& a) {
   if (a.stream) _mm_sfence();  // order the non-temporal stores before the caller goes on
 }
 
+// The AMX tiles only pay where a run has at least one whole chunk of 16 k-steps (64 input
+// bytes); below that (e.g. 16 input channels, 3x3: 12 steps) everything would be leftover steps
+// on the VNNI units plus the tile round trip, so the VNNI tiles run instead.
+inline bool amx_pays(const QConvRowArgs& a) {
+  return (a.tap_w == 4 * a.icb ? a.kw * a.icb : a.icb) >= 16;
+}
+
+// The epilogue of n (1..16) consecutive pixels.
+template <bool TWO>
+void epilogue_n(const QConvRowArgs& a, int64_t p0, const __m512i* c0, const __m512i* c1,
+                int64_t n) {
+  switch (n) {
+    case 1: epilogue<1, TWO>(a, p0, c0, c1); break;
+    case 2: epilogue<2, TWO>(a, p0, c0, c1); break;
+    case 3: epilogue<3, TWO>(a, p0, c0, c1); break;
+    case 4: epilogue<4, TWO>(a, p0, c0, c1); break;
+    case 5: epilogue<5, TWO>(a, p0, c0, c1); break;
+    case 6: epilogue<6, TWO>(a, p0, c0, c1); break;
+    case 7: epilogue<7, TWO>(a, p0, c0, c1); break;
+    case 8: epilogue<8, TWO>(a, p0, c0, c1); break;
+    case 9: epilogue<9, TWO>(a, p0, c0, c1); break;
+    case 10: epilogue<10, TWO>(a, p0, c0, c1); break;
+    case 11: epilogue<11, TWO>(a, p0, c0, c1); break;
+    case 12: epilogue<12, TWO>(a, p0, c0, c1); break;
+    case 13: epilogue<13, TWO>(a, p0, c0, c1); break;
+    case 14: epilogue<14, TWO>(a, p0, c0, c1); break;
+    case 15: epilogue<15, TWO>(a, p0, c0, c1); break;
+    case 16: epilogue<16, TWO>(a, p0, c0, c1); break;
+    default: break;
+  }
+}
+
 // AMX conv_row: groups of 16 pixels on the tiles, then up to 15 pixels on the VNNI tiles (one
 // of 14, then the rest). The tile configuration is loaded on every call: calls may run on any
 // thread, and the configuration is per thread.
 void conv_row_amx(const QConvRowArgs& a) {
   int64_t p = 0;
-  if (a.npix >= 16) {
+  if (a.npix >= 16 && amx_pays(a)) {
     amx::configure();
     for (; p + 16 <= a.npix; p += 16) {
       if (a.w1 != nullptr) {
@@ -457,14 +490,17 @@ template <bool TWO>
 void rows16(const QConvRowArgs& a, const QConvRows& r) {
   const int64_t span = (r.rows - 1) * r.row_pixels + a.npix;  // up to the last real pixel
   int64_t q = 0;
-  if (span >= 16) {
+  if (span >= 16 && amx_pays(a)) {
     amx::configure();
     __m512i c0[16], c1[16];
     for (; q + 16 <= span; q += 16) {
       amx::accumulate16<TWO>(a, q, c0, c1);
-      for (int m = 0; m < 16; ++m) {
+      // the tile's real pixels, one stretch of consecutive columns per row it touches
+      for (int64_t m = 0; m < 16;) {
         const int64_t row = (q + m) / r.row_pixels, col = (q + m) % r.row_pixels;
-        if (col < a.npix) epilogue<1, TWO>(at_pixel(a, r, row, col), 0, c0 + m, c1 + m);
+        const int64_t real = std::min<int64_t>(a.npix - col, 16 - m);
+        if (real > 0) epilogue_n<TWO>(at_pixel(a, r, row, col), 0, c0 + m, c1 + m, real);
+        m += std::min<int64_t>(r.row_pixels - col, 16 - m);
       }
     }
   }
