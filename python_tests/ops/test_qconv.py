@@ -294,6 +294,8 @@ AMX_CASES = [
     ConvCase(1, 96, (4, 4), 16, (3, 3), padding=(1, 1), w_bits=4, x_kind="int8",
              qrange=(-128, 127)),
     ConvCase(3, 64, (14, 14), 32, (1, 1), x_kind="uint8", channels_last=True),
+    # stride 2, one row at a time: 32 + 3 pixels (a pair of pixel tiles sharing B, then VNNI)
+    ConvCase(1, 64, (9, 70), 24, (3, 3), stride=(2, 2), padding=(1, 1), bias=True),
 ]
 
 

@@ -322,9 +322,9 @@ void tile_any(const QConvRowArgs& a, int64_t p0) {
 }
 
 
-// AMX-INT8: tiles of 16 output pixels x 16 or 32 channels. A tile row m is pixel m's 64 input
-// bytes (16 k-steps of 4 channels, contiguous within one (kh, kw) run or the merged kw * icb
-// run), B is 16 consecutive 64-byte slab rows (the slab layout is the VNNI B layout), and
+// AMX-INT8: tiles of 16 (or twice 16) output pixels x 16 or 32 channels. A tile row m is pixel
+// m's 64 input bytes (16 k-steps of 4 channels, contiguous within one (kh, kw) run or the merged
+// kw * icb run), B is 16 consecutive 64-byte slab rows (the slab layout is the VNNI B layout), and
 // tdpbusd adds u8 x s8 dot products of 4 bytes into int32 like vpdpbusd. The k-steps left over
 // in each run (steps % 16) are added afterwards with vpdpbusd: int32 addition wraps and is
 // associative, so the sum is bit-identical to the VNNI tiles'. Then the shared epilogue.
@@ -342,49 +342,64 @@ inline void configure() {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
-  for (int t = 0; t < 5; ++t) {  // 0, 1: C0, C1; 2: A; 3, 4: B0, B1
+  // 0..3: C (pixel tile 0 / 1 x channels 0..15 / 16..31: C00, C01, C10, C11); 4, 5: A of
+  // pixel tiles 0, 1; 6, 7: B of channels 0..15, 16..31
+  for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
 }
 
-// The int32 sums of pixels p0..p0+15 x 16 or 32 channels into c0 / c1.
-template <bool TWO>
-void accumulate16(const QConvRowArgs& a, int64_t p0, __m512i* c0, __m512i* c1) {
+// The int32 sums of pixels p0..p0+16*P-1 x 16 or 32 channels into c0 / c1 [16 * P]. With
+// P = 2 each B tile (16 weight rows, 1 kB) loaded serves 32 pixels: layers whose slabs outgrow
+// L1 (256 channels: 72 kB per slab pair) are bound by the B loads from L2 otherwise.
+template <int P, bool TWO>
+void accumulate(const QConvRowArgs& a, int64_t p0, __m512i* c0, __m512i* c1) {
   const int64_t ps = a.pix_step;
   const bool merged = a.tap_w == 4 * a.icb;
   const int64_t steps = merged ? a.kw * a.icb : a.icb, full = steps / 16 * 16;
   _tile_zero(0);
   if (TWO) _tile_zero(1);
+  if (P == 2) {
+    _tile_zero(2);
+    if (TWO) _tile_zero(3);
+  }
   if (full > 0) {
     for_each_run<TWO>(a, p0, [&](const uint8_t* t, const int8_t* pa, const int8_t* pb, int64_t) {
       for (int64_t cb = 0; cb < full; cb += 16) {
-        _tile_loadd(2, t + cb * 4, ps);
-        _tile_loadd(3, pa + cb * 64, 64);
-        _tile_dpbusd(0, 2, 3);
-        if (TWO) {
-          _tile_loadd(4, pb + cb * 64, 64);
-          _tile_dpbusd(1, 2, 4);
+        _tile_loadd(6, pa + cb * 64, 64);
+        if (TWO) _tile_loadd(7, pb + cb * 64, 64);
+        _tile_loadd(4, t + cb * 4, ps);
+        _tile_dpbusd(0, 4, 6);
+        if (TWO) _tile_dpbusd(1, 4, 7);
+        if (P == 2) {
+          _tile_loadd(5, t + 16 * ps + cb * 4, ps);
+          _tile_dpbusd(2, 5, 6);
+          if (TWO) _tile_dpbusd(3, 5, 7);
         }
       }
     });
   }
-  alignas(64) int32_t buf0[16][16], buf1[16][16];
-  _tile_stored(0, buf0, 64);
-  if (TWO) _tile_stored(1, buf1, 64);
-  for (int m = 0; m < 16; ++m) {
-    c0[m] = _mm512_load_si512(buf0[m]);
-    if (TWO) c1[m] = _mm512_load_si512(buf1[m]);
+  // a C tile's 16 rows of 16 int32 are 16 zmm accumulators, stored straight into c0 / c1
+  _tile_stored(0, c0, 64);
+  if (TWO) _tile_stored(1, c1, 64);
+  if (P == 2) {
+    _tile_stored(2, c0 + 16, 64);
+    if (TWO) _tile_stored(3, c1 + 16, 64);
   }
-  if (full < steps) accumulate_vnni<16, TWO>(a, p0, full, c0, c1);
+  if (full < steps) {
+    accumulate_vnni<16, TWO>(a, p0, full, c0, c1);
+    if (P == 2) accumulate_vnni<16, TWO>(a, p0 + 16, full, c0 + 16, c1 + 16);
+  }
 }
 
-template <bool TWO>
-void tile16(const QConvRowArgs& a, int64_t p0) {
-  __m512i c0[16], c1[16];
-  accumulate16<TWO>(a, p0, c0, c1);
+template <int P, bool TWO>
+void tile(const QConvRowArgs& a, int64_t p0) {
+  __m512i c0[16 * P], c1[16 * P];
+  accumulate<P, TWO>(a, p0, c0, c1);
   epilogue<16, TWO>(a, p0, c0, c1);
+  if (P == 2) epilogue<16, TWO>(a, p0 + 16, c0 + 16, c1 + 16);
 }
 
 }  // namespace amx
@@ -448,23 +463,31 @@ void epilogue_n(const QConvRowArgs& a, int64_t p0, const __m512i* c0, const __m5
   }
 }
 
-// AMX conv_row: groups of 16 pixels on the tiles, then up to 15 pixels on the VNNI tiles (one
-// of 14, then the rest). The tile configuration is loaded on every call: calls may run on any
-// thread, and the configuration is per thread.
-void conv_row_amx(const QConvRowArgs& a) {
+// AMX conv_row: groups of 32, then 16 pixels on the tiles, then up to 15 pixels on the VNNI
+// tiles (one of 14, then the rest). The tile configuration is loaded on every call: calls may run
+// on any thread, and the configuration is per thread.
+template <bool TWO>
+void row_amx(const QConvRowArgs& a) {
   int64_t p = 0;
-  if (a.npix >= 16 && amx_pays(a)) {
-    amx::configure();
-    for (; p + 16 <= a.npix; p += 16) {
-      if (a.w1 != nullptr) {
-        amx::tile16<true>(a, p);
-      } else {
-        amx::tile16<false>(a, p);
-      }
-    }
-  }
+  for (; p + 32 <= a.npix; p += 32) amx::tile<2, TWO>(a, p);
+  for (; p + 16 <= a.npix; p += 16) amx::tile<1, TWO>(a, p);
   for (; p + kTile <= a.npix; p += kTile) tile_any<kTile>(a, p);
   conv_tail(a, p);
+}
+
+void conv_row_amx(const QConvRowArgs& a) {
+  if (a.npix >= 16 && amx_pays(a)) {
+    amx::configure();
+    if (a.w1 != nullptr) {
+      row_amx<true>(a);
+    } else {
+      row_amx<false>(a);
+    }
+  } else {
+    int64_t p = 0;
+    for (; p + kTile <= a.npix; p += kTile) tile_any<kTile>(a, p);
+    conv_tail(a, p);
+  }
   if (a.stream) _mm_sfence();
 }
 
@@ -492,16 +515,26 @@ void rows16(const QConvRowArgs& a, const QConvRows& r) {
   int64_t q = 0;
   if (span >= 16 && amx_pays(a)) {
     amx::configure();
-    __m512i c0[16], c1[16];
-    for (; q + 16 <= span; q += 16) {
-      amx::accumulate16<TWO>(a, q, c0, c1);
-      // the tile's real pixels, one stretch of consecutive columns per row it touches
-      for (int64_t m = 0; m < 16;) {
-        const int64_t row = (q + m) / r.row_pixels, col = (q + m) % r.row_pixels;
-        const int64_t real = std::min<int64_t>(a.npix - col, 16 - m);
-        if (real > 0) epilogue_n<TWO>(at_pixel(a, r, row, col), 0, c0 + m, c1 + m, real);
-        m += std::min<int64_t>(r.row_pixels - col, 16 - m);
+    __m512i c0[32], c1[32];
+    while (q + 16 <= span) {
+      const int64_t n = q + 32 <= span ? 32 : 16;
+      if (n == 32) {
+        amx::accumulate<2, TWO>(a, q, c0, c1);
+      } else {
+        amx::accumulate<1, TWO>(a, q, c0, c1);
       }
+      // the real pixels, in stretches of consecutive columns of one row (16 at most)
+      for (int64_t m = 0; m < n;) {
+        const int64_t row = (q + m) / r.row_pixels, col = (q + m) % r.row_pixels;
+        if (col < a.npix) {
+          const int64_t k = std::min<int64_t>(std::min<int64_t>(a.npix - col, n - m), 16);
+          epilogue_n<TWO>(at_pixel(a, r, row, col), 0, c0 + m, c1 + m, k);
+          m += k;
+        } else {
+          m += std::min<int64_t>(r.row_pixels - col, n - m);
+        }
+      }
+      q += n;
     }
   }
   for (int64_t row = q / r.row_pixels; row < r.rows; ++row) {
