@@ -13,7 +13,7 @@
 //    memory format (non-temporal stores when the output is larger than the caches), or the
 //    output codes stored NHWC.
 // Two schedules (run_qconv): with many images each thread quantizes and convolves whole images
-// (the padded image stays in its L2); with few images one parallel pass quantizes the batch and
+// (the padded image stays in its L2); with few images (or weights past 1 MB) one parallel pass quantizes the batch and
 // the threads split the output channels (then the rows), so batch 1 also uses every core.
 // Depthwise layers go to the table's dw_row where it has one (AVX2's, which the AVX-512 table
 // shares): all channels of a pixel per run, weights gathered to int32 per channel once per call
@@ -48,6 +48,9 @@ constexpr int64_t kRunPixels = 112;
 
 // Outputs of at least this many bytes are written with non-temporal stores where aligned.
 constexpr int64_t kStreamBytes = int64_t{2} << 20;
+
+// The image-major schedule's limit on the weight bytes (int8 codes of every slab).
+constexpr int64_t kImageMajorWeightBytes = int64_t{1} << 20;
 
 struct Problem {
   QConvGeometry g;
@@ -279,10 +282,11 @@ void make_zws(int32_t zp_u, const int32_t* wsum, int32_t* zws, int n) {
 // as `o` says.
 //
 // Two schedules:
-//  - many images (N >= 4 threads): each thread takes whole images; per image it quantizes into
-//    a thread-local padded buffer (which stays in its L2) and runs every slab pair over it.
-//    The slabs are prepared once up front (int4: unpacked to one shared int8 copy).
-//  - few images: one parallel pass quantizes the whole batch, then tasks (slab pair, range of
+//  - many images (N >= 4 threads) and weights within kImageMajorWeightBytes: each thread takes
+//    whole images; per image it quantizes into a thread-local padded buffer (which stays in its
+//    L2) and runs every slab pair over it. The slabs are prepared once up front (int4: unpacked
+//    to one shared int8 copy).
+//  - few images, or larger weights: one parallel pass quantizes the whole batch, then tasks (slab pair, range of
 //    output rows) are split slab-major, so each thread prepares (int4: unpacks into a
 //    thread-local buffer) each of its slab pairs once and both cores share one image.
 void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor& x,
@@ -394,7 +398,10 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
     return;
   }
 
-  if (g.batch >= 4 * threads) {
+  // Whole images per thread while the weights stay in its L2; beyond that (e.g. 512 x 512 x 3
+  // x 3 = 2.4 MB), slab-major so each slab pair is read once for the batch.
+  const int64_t weight_bytes = G * OCB * slab_len;
+  if (g.batch >= 4 * threads && weight_bytes <= kImageMajorWeightBytes) {
     // Slabs once: wsum (and int4: the unpacked codes) of every slab.
     std::vector<int32_t> wsum(npad);
     std::vector<int8_t> wun(unpack ? G * OCB * slab_len : 0);

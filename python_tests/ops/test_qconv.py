@@ -296,6 +296,13 @@ AMX_CASES = [
     ConvCase(3, 64, (14, 14), 32, (1, 1), x_kind="uint8", channels_last=True),
     # stride 2, one row at a time: 32 + 3 pixels (a pair of pixel tiles sharing B, then VNNI)
     ConvCase(1, 64, (9, 70), 24, (3, 3), stride=(2, 2), padding=(1, 1), bias=True),
+    # runs shorter than a tile's 16 k-steps (the VNNI tiles take them): a 7x7 stride-2 stem on 3
+    # channels, 16 channels 3x3 at batch 1, a dilated kernel with 4-bit weights
+    ConvCase(2, 3, (23, 21), 20, (7, 7), stride=(2, 2), padding=(3, 3), bias=True, relu=True,
+             channels_last=True),
+    ConvCase(1, 16, (9, 12), 16, (3, 3), padding=(1, 1), x_kind="uint8"),
+    ConvCase(1, 8, (11, 13), 40, (3, 3), padding=(2, 2), dilation=(2, 2), w_bits=4,
+             x_kind="int8", qrange=(-128, 127)),
 ]
 
 
@@ -535,7 +542,7 @@ EPI_MODES = [
 # groups 1/2/depthwise, strides, dilation, int4 and int8 weights, float / uint8 / int8 input,
 # NCHW and channels_last input
 EPI_CASES = [HAND_CASES[1], HAND_CASES[2], HAND_CASES[3], HAND_CASES[5], HAND_CASES[9],
-             HAND_CASES[13], AMX_CASES[4]]
+             HAND_CASES[13], AMX_CASES[4], AMX_CASES[9]]
 
 
 def _residual(shape, layout, magnitude):
