@@ -25,6 +25,8 @@ TORCH_LIBRARY(oqfl, m) {
   // quantize_pack is nondeterministic_seeded: with stochastic=True it draws its seed from a
   // generator, which tells torch.compile to keep the RNG draw in order (as for bernoulli).
   m.def("pack(Tensor q, int bits) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // max |x| per slice along axis 0 of a float32 CPU tensor (the update codec's step sizes)
+  m.def("_row_absmax(Tensor x) -> Tensor");
   m.def("unpack(Tensor packed, int bits, int numel, bool signed=True) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def(

@@ -136,6 +136,14 @@ def _check_packed(op: str, packed: Tensor, bits: int, numel) -> None:
                          f"got shape {list(packed.shape)}")
 
 
+@torch.library.register_fake("oqfl::_row_absmax")
+def _row_absmax_fake(x):
+    if x.dtype != torch.float32 or x.dim() == 0:
+        raise ValueError(f"_row_absmax: x expected a float32 tensor with at least one "
+                         f"dimension, got {x.dtype} with {x.dim()}")
+    return x.new_empty((x.shape[0],))
+
+
 @torch.library.register_fake("oqfl::pack")
 def _pack_fake(q, bits):
     if q.dtype not in (torch.int8, torch.uint8):

@@ -182,7 +182,55 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& sca
   return y;
 }
 
+// The largest of v[0..n) with bit 31 cleared. Compiled for AVX-512, AVX2 and the baseline,
+// picked at load time (GCC/Clang function multiversioning): the unsigned max needs SSE4.1 at
+// least, which the baseline x86-64 target lacks.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+uint32_t abs_pattern_max(const uint32_t* v, int64_t n) {
+  uint32_t lane[16] = {0};  // 16 independent maxima: one vector register
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t a = v[i + j] & 0x7fffffffu;
+      lane[j] = a > lane[j] ? a : lane[j];
+    }
+  uint32_t m = 0;
+  for (; i < n; ++i) {
+    const uint32_t a = v[i] & 0x7fffffffu;
+    m = a > m ? a : m;
+  }
+  for (int j = 0; j < 16; ++j) m = lane[j] > m ? lane[j] : m;
+  return m;
+}
+
+// max |x| over each slice along axis 0 of a float32 tensor (the codec's per-channel steps), in
+// one pass: the largest bit pattern with the sign bit cleared. Non-negative floats order like
+// their patterns, so that is max |x| exactly for finite slices, and a slice holding a NaN or an
+// infinity comes out NaN or infinite (the codec refuses it). An unsigned max the compiler
+// vectorizes, where amax and amin took two passes.
+at::Tensor row_absmax_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "_row_absmax: x expected dtype float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "_row_absmax: x expected at least one dimension, got a scalar");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), len = rows > 0 ? xc.numel() / rows : 0;
+  at::Tensor out = at::empty({rows}, xc.options());
+  if (rows == 0) return out;
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(xc.const_data_ptr<float>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<float>());
+  const int64_t grain = std::max<int64_t>(1, kChunkBytes / 4 / std::max<int64_t>(len, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      dst[r] = abs_pattern_max(src + r * len, len);
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(oqfl, CPU, m) {
+  m.impl("_row_absmax", &row_absmax_cpu);
   m.impl("pack", &pack_cpu);
   m.impl("unpack", &unpack_cpu);
   m.impl("quantize_pack", &quantize_pack_cpu);

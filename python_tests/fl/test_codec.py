@@ -755,3 +755,50 @@ def test_wrap_update_with_layout_is_the_encoders_frame(shape):
         assert wrap_update(plain, mode, layout) == wrap_update(plain, mode)
     with pytest.raises(ValueError, match="layout"):
         wrap_update(plain + b"\0" * 8, "zstd", layout)
+
+
+# ------------------------------------------------------------------ per-channel step sizes
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 3, 3, 3), (7, 4099), (5000, 2), (4, 0)])
+def test_row_absmax_matches_float64(shape):
+    # the one-pass CPU op behind the steps against |x| in float64, with a -0.0, subnormals and
+    # the largest finite value placed in some rows
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) * torch.logspace(-40, 38, shape[0]).reshape(
+        (-1,) + (1,) * (len(shape) - 1)).float()
+    flat = x.reshape(shape[0], -1)
+    if flat.shape[1]:
+        flat[0, 0] = -0.0
+        flat[-1, -1] = -torch.finfo(torch.float32).max
+        flat[shape[0] // 2, 0] = 1e-45
+    want = flat.double().abs().amax(dim=1).float() if flat.shape[1] else torch.zeros(shape[0])
+    got = torch.ops.oqfl._row_absmax(x)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    assert torch.equal(got, want)
+    # a strided view gives the same as its contiguous copy
+    if x.numel() > 1:
+        wide = torch.stack([x, torch.full_like(x, float("nan"))], dim=-1)[..., 0]
+        assert not wide.is_contiguous()
+        assert torch.equal(torch.ops.oqfl._row_absmax(wide), want)
+
+
+def test_row_absmax_non_finite_rows_and_errors():
+    x = torch.ones(4, 6)
+    x[1, 2], x[2, 5], x[3, 0] = float("nan"), float("-inf"), float("inf")
+    got = torch.ops.oqfl._row_absmax(x)
+    assert got[0] == 1.0 and torch.isnan(got[1]) and torch.isinf(got[2]) and torch.isinf(got[3])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.oqfl._row_absmax(torch.ones(3, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="dimension"):
+        torch.ops.oqfl._row_absmax(torch.tensor(1.0))
+    torch.library.opcheck(torch.ops.oqfl._row_absmax.default, (torch.randn(5, 3, 2),))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_at_the_sender(bits, bad):
+    u = small_update()
+    name = next(k for k, v in u.items() if v.dim() >= 2)
+    u[name].view(-1)[3] = bad
+    with pytest.raises(ValueError, match=f"{name}.*non-finite"):
+        encode_update(u, bits=bits)
