@@ -185,8 +185,10 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& sca
 // The largest of v[0..n) with bit 31 cleared. Compiled for AVX-512, AVX2 and the baseline,
 // picked at load time (GCC/Clang function multiversioning): the unsigned max needs SSE4.1 at
 // least, which the baseline x86-64 target lacks.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
 __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #endif
 uint32_t abs_pattern_max(const uint32_t* v, int64_t n) {
   uint32_t lane[16] = {0};  // 16 independent maxima: one vector register

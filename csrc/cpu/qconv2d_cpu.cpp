@@ -307,7 +307,8 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   // Per padded output channel (G * OCB * 16): the scale product and the bias.
   const int64_t G = g.groups, OCB = g.oc_blocks, OCg = g.out_per_group;
   const int64_t npad = G * OCB * 16;
-  std::vector<float> scale(npad, 0.f), bias_pad;
+  // (16 entries of slack: the AVX-512 epilogue loads 32 channels even for a lone last slab)
+  std::vector<float> scale(npad + 16, 0.f), bias_pad;
   const at::Tensor ws = w_scale.contiguous();
   const float* wsp = ws.const_data_ptr<float>();
   at::Tensor bc;
@@ -315,7 +316,7 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   if (bias.has_value()) {
     bc = bias->contiguous();
     bp = bc.const_data_ptr<float>();
-    bias_pad.assign(npad, 0.f);
+    bias_pad.assign(npad + 16, 0.f);
   }
   for (int64_t grp = 0; grp < G; ++grp)
     for (int64_t o = 0; o < OCg; ++o) {
@@ -410,7 +411,7 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
         k.prepare_slab(wbytes + s * slab_bytes, static_cast<int>(g.w_bits), slab_rows,
                        unpack ? wun.data() + s * slab_len : nullptr, wsum.data() + s * 16);
     });
-    std::vector<int32_t> zws(npad);
+    std::vector<int32_t> zws(npad + 16, 0);  // slack as for scale
     make_zws(p.zp_u, wsum.data(), zws.data(), static_cast<int>(npad));
     const int8_t* wbase = unpack ? wun.data() : reinterpret_cast<const int8_t*>(wbytes);
     const int64_t slab_stride = unpack ? slab_len : slab_bytes;

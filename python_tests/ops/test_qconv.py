@@ -303,14 +303,23 @@ AMX_CASES = [
     ConvCase(1, 16, (9, 12), 16, (3, 3), padding=(1, 1), x_kind="uint8"),
     ConvCase(1, 8, (11, 13), 40, (3, 3), padding=(2, 2), dilation=(2, 2), w_bits=4,
              x_kind="int8", qrange=(-128, 127)),
+    # the block path with NCHW input and output (whole images per thread at 4 images), two
+    # groups of 64 channels with 4-bit weights, and a dilated 5x5 window (wide gaps between rows)
+    ConvCase(4, 96, (7, 7), 40, (3, 3), padding=(1, 1), bias=True),
+    ConvCase(4, 128, (6, 9), 48, (3, 3), padding=(1, 1), groups=2, w_bits=4),
+    ConvCase(2, 64, (5, 6), 24, (5, 5), padding=(8, 8), dilation=(4, 4), channels_last=True),
 ]
 
 
 @pytest.mark.parametrize("case", AMX_CASES, ids=str)
-def test_qconv2d_amx_chunks_match_reference(device, case):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_qconv2d_amx_chunks_match_reference(device, case, threads, restore_threads):
+    # 1 thread: every task holds several output rows (the block path of stride-1 layers);
+    # 2 threads: the split schedules
+    torch.set_num_threads(threads)
     inp = _conv_inputs(case)
     want = ref.qconv2d_ref(*inp.args, **inp.kwargs)
-    _assert_equal(oq.qconv2d(*inp.to(device), **inp.kwargs), want, str(case))
+    _assert_equal(oq.qconv2d(*inp.to(device), **inp.kwargs), want, f"{case} {threads} threads")
 
 
 def test_qconv2d_extreme_codes(device):
@@ -542,7 +551,7 @@ EPI_MODES = [
 # groups 1/2/depthwise, strides, dilation, int4 and int8 weights, float / uint8 / int8 input,
 # NCHW and channels_last input
 EPI_CASES = [HAND_CASES[1], HAND_CASES[2], HAND_CASES[3], HAND_CASES[5], HAND_CASES[9],
-             HAND_CASES[13], AMX_CASES[4], AMX_CASES[9]]
+             HAND_CASES[13], AMX_CASES[4], AMX_CASES[9], AMX_CASES[11]]
 
 
 def _residual(shape, layout, magnitude):
@@ -853,12 +862,13 @@ def test_qconv2d_tails_every_path(capability, restore_threads, n, epi):
                                  Epi(None, relu=True, codes=(0, 255))], ids=str)
 @pytest.mark.parametrize("n", [1, 9], ids=["b1", "b9"])   # both schedules
 def test_qconv2d_depthwise_every_path(capability, restore_threads, n, epi):
-    # groups == channels (the AVX2 depthwise kernel: 32- and 8-channel blocks, masked tails):
-    # channel counts around the blocks, 3x3 and 5x5, stride 1 and 2, dilation, int8 and int4,
-    # float and code input, both memory formats
+    # groups == channels (the depthwise kernels: AVX2 32- and 8-channel blocks, AVX-512 64- and
+    # 16-channel blocks, masked tails): channel counts around the blocks, 3x3 and 5x5, stride 1
+    # and 2, dilation, int8 and int4, float and code input, both memory formats
     torch.set_num_threads(2)
     for i, (c, k, stride, dil) in enumerate([(8, 3, 1, 1), (19, 3, 2, 1), (32, 5, 1, 1),
-                                             (45, 3, 1, 2), (96, 5, 2, 1), (33, 3, 2, 1)]):
+                                             (45, 3, 1, 2), (96, 5, 2, 1), (33, 3, 2, 1),
+                                             (130, 3, 1, 1)]):
         hw = (7 + i, 6 + 2 * i)
         pad = (k // 2) * dil
         case = ConvCase(n, c, hw, c, (k, k), stride=(stride, stride), padding=(pad, pad),

@@ -210,6 +210,59 @@ inline void store16(StoreMode mode, float* out, __m512 v, int64_t valid, int64_t
   }
 }
 
+// Depthwise (dw_row): 16 channels per vector from the 32-bit words of the padded pixel (a
+// channel's code in the low byte, zero-point fill above it), int32 weights, vpmaddwd: the code
+// times the weight's low int16 plus 0 times its sign extension, exact. 64 channels (4
+// accumulators) per step; masked loads at the channel tail never read past the last channel
+// (the input, weights, zws, scale and bias all end there or at the 8-channel padding).
+inline __mmask16 tail_mask(int64_t n) { return n <= 0 ? 0 : lane_mask(n); }
+
+template <int B>
+void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p, int64_t ch0) {
+  __m512i acc[B];
+  __mmask16 mask[B];
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) {
+    acc[b] = _mm512_setzero_si512();
+    mask[b] = tail_mask(a.noc - ch0 - 16 * b);
+  }
+  const __m512i low = _mm512_set1_epi32(0xFF);
+  const uint8_t* in = a.in + p * a.pix_step + ch0 * 4;
+  const int32_t* w = a.dw_w + ch0;
+  for (int64_t kh = 0; kh < a.kh; ++kh) {
+    for (int64_t kw = 0; kw < a.kw; ++kw, w += a.dw_stride) {
+      const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) {
+        const __m512i u = _mm512_maskz_loadu_epi32(mask[b], t + 64 * b);
+        const __m512i wv = _mm512_maskz_loadu_epi32(mask[b], w + 16 * b);
+        acc[b] = _mm512_add_epi32(acc[b], _mm512_madd_epi16(_mm512_and_si512(u, low), wv));
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) {
+    const int64_t ch = ch0 + 16 * b;
+    if (mask[b] == 0) continue;
+    const __m512i zws = _mm512_maskz_loadu_epi32(mask[b], a.zws + ch);
+    const __m512 scale = _mm512_maskz_loadu_ps(mask[b], a.scale + ch);
+    __m512 bias;
+    if (a.bias != nullptr) bias = _mm512_maskz_loadu_ps(mask[b], a.bias + ch);
+    finish16(a, e, p, ch, a.noc - ch,
+             scaled(acc[b], zws, scale, a.bias != nullptr ? &bias : nullptr));
+  }
+}
+
+void dw_row(const QConvRowArgs& a) {
+  const FinishVecs e(a);
+  for (int64_t p = 0; p < a.npix; ++p) {
+    int64_t ch = 0;
+    for (; ch + 64 <= a.noc; ch += 64) dw_blocks<4>(a, e, p, ch);
+    for (; ch < a.noc; ch += 16) dw_blocks<1>(a, e, p, ch);
+  }
+  if (a.stream) _mm_sfence();
+}
+
 template <int M, bool TWO>
 inline void epilogue(const QConvRowArgs& a, int64_t p0, const __m512i* c0, const __m512i* c1);
 
@@ -560,17 +613,15 @@ void conv_rows_amx(const QConvRowArgs& a, const QConvRows& r) {
 }  // namespace avx512_vnni
 
 const QConvKernelTable& qconv_kernels_avx512_vnni() {
-  // Depthwise: the AVX2 kernel (every AVX-512 CPU runs AVX2 code; same padded-pixel layout and
-  // epilogue). Without it depthwise layers would run conv_row per channel, 1 of 16 lanes useful.
   static const QConvKernelTable table{"avx512_vnni", &avx512_vnni::quantize,
                                       &avx512_vnni::prepare_slab, &avx512_vnni::conv_row,
-                                      qconv_kernels_avx2().dw_row};
+                                      &avx512_vnni::dw_row};
   return table;
 }
 
 const QConvKernelTable& qconv_kernels_amx() {
   static const QConvKernelTable table{"amx", &avx512_vnni::quantize, &avx512_vnni::prepare_slab,
-                                      &avx512_vnni::conv_row_amx, qconv_kernels_avx2().dw_row,
+                                      &avx512_vnni::conv_row_amx, &avx512_vnni::dw_row,
                                       &avx512_vnni::conv_rows_amx};
   return table;
 }
