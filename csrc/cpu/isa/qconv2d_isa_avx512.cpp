@@ -213,30 +213,38 @@ inline void store16(StoreMode mode, float* out, __m512 v, int64_t valid, int64_t
 // Depthwise (dw_row): 16 channels per vector from the 32-bit words of the padded pixel (a
 // channel's code in the low byte, zero-point fill above it), int32 weights, vpmaddwd: the code
 // times the weight's low int16 plus 0 times its sign extension, exact. 64 channels (4
-// accumulators) per step; masked loads at the channel tail never read past the last channel
-// (the input, weights, zws, scale and bias all end there or at the 8-channel padding).
+// accumulators) per step, 4 pixels at a time; masked loads at the channel tail never read past
+// the last channel (the input, weights, zws, scale and bias all end there or at the 8-channel
+// padding).
 inline __mmask16 tail_mask(int64_t n) { return n <= 0 ? 0 : lane_mask(n); }
 
-template <int B>
-void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p, int64_t ch0) {
-  __m512i acc[B];
+// P consecutive pixels x B blocks of 16 channels: each weight vector loaded once per tap
+// serves the P pixels.
+template <int B, int P>
+void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, int64_t ch0) {
+  __m512i acc[P][B];
   __mmask16 mask[B];
 #pragma GCC unroll 4
   for (int b = 0; b < B; ++b) {
-    acc[b] = _mm512_setzero_si512();
     mask[b] = tail_mask(a.noc - ch0 - 16 * b);
+#pragma GCC unroll 4
+    for (int q = 0; q < P; ++q) acc[q][b] = _mm512_setzero_si512();
   }
   const __m512i low = _mm512_set1_epi32(0xFF);
-  const uint8_t* in = a.in + p * a.pix_step + ch0 * 4;
+  const uint8_t* in = a.in + p0 * a.pix_step + ch0 * 4;
   const int32_t* w = a.dw_w + ch0;
   for (int64_t kh = 0; kh < a.kh; ++kh) {
     for (int64_t kw = 0; kw < a.kw; ++kw, w += a.dw_stride) {
       const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
 #pragma GCC unroll 4
       for (int b = 0; b < B; ++b) {
-        const __m512i u = _mm512_maskz_loadu_epi32(mask[b], t + 64 * b);
         const __m512i wv = _mm512_maskz_loadu_epi32(mask[b], w + 16 * b);
-        acc[b] = _mm512_add_epi32(acc[b], _mm512_madd_epi16(_mm512_and_si512(u, low), wv));
+#pragma GCC unroll 4
+        for (int q = 0; q < P; ++q) {
+          const __m512i u = _mm512_maskz_loadu_epi32(mask[b], t + q * a.pix_step + 64 * b);
+          acc[q][b] = _mm512_add_epi32(acc[q][b],
+                                       _mm512_madd_epi16(_mm512_and_si512(u, low), wv));
+        }
       }
     }
   }
@@ -246,20 +254,27 @@ void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p, int64_t ch
     if (mask[b] == 0) continue;
     const __m512i zws = _mm512_maskz_loadu_epi32(mask[b], a.zws + ch);
     const __m512 scale = _mm512_maskz_loadu_ps(mask[b], a.scale + ch);
-    __m512 bias;
+    __m512 bias = _mm512_setzero_ps();
     if (a.bias != nullptr) bias = _mm512_maskz_loadu_ps(mask[b], a.bias + ch);
-    finish16(a, e, p, ch, a.noc - ch,
-             scaled(acc[b], zws, scale, a.bias != nullptr ? &bias : nullptr));
+#pragma GCC unroll 4
+    for (int q = 0; q < P; ++q)
+      finish16(a, e, p0 + q, ch, a.noc - ch,
+               scaled(acc[q][b], zws, scale, a.bias != nullptr ? &bias : nullptr));
   }
+}
+
+template <int P>
+void dw_pixels(const QConvRowArgs& a, const FinishVecs& e, int64_t p) {
+  int64_t ch = 0;
+  for (; ch + 64 <= a.noc; ch += 64) dw_blocks<4, P>(a, e, p, ch);
+  for (; ch < a.noc; ch += 16) dw_blocks<1, P>(a, e, p, ch);
 }
 
 void dw_row(const QConvRowArgs& a) {
   const FinishVecs e(a);
-  for (int64_t p = 0; p < a.npix; ++p) {
-    int64_t ch = 0;
-    for (; ch + 64 <= a.noc; ch += 64) dw_blocks<4>(a, e, p, ch);
-    for (; ch < a.noc; ch += 16) dw_blocks<1>(a, e, p, ch);
-  }
+  int64_t p = 0;
+  for (; p + 4 <= a.npix; p += 4) dw_pixels<4>(a, e, p);
+  for (; p < a.npix; ++p) dw_pixels<1>(a, e, p);
   if (a.stream) _mm_sfence();
 }
 
