@@ -99,8 +99,11 @@ def main(argv=None) -> int:
         load = " / ".join(f"{v:.2f}" for v in __import__("os").getloadavg())
     except OSError:
         load = "n/a"
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                            text=True, cwd=RESULTS.parent.parent).stdout.strip()
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=RESULTS.parent.parent).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (dirty)"
     lines = [
         "## Depthwise 3x3 layers of mobilenet_v2 (112x112 input): float32 F.conv2d vs oqfl",
         "",
