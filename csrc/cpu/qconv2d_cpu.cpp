@@ -13,10 +13,11 @@
 //    memory format (non-temporal stores when the output is larger than the caches), or the
 //    output codes stored NHWC.
 // Two schedules (run_qconv): with many images each thread quantizes and convolves whole images
-// (the padded image stays in its L2); with few images (or weights past 1 MB) one parallel pass quantizes the batch and
-// the threads split the output channels (then the rows), so batch 1 also uses every core.
-// Depthwise layers go to the table's dw_row where it has one (AVX2's, which the AVX-512 table
-// shares): all channels of a pixel per run, weights gathered to int32 per channel once per call
+// (the padded image stays in its L2); with few images (or weights past 1 MB) one parallel pass
+// quantizes the batch and the threads split the output channels (then the rows), so batch 1
+// also uses every core. Depthwise layers go to the table's dw_row where it has one (AVX2, and
+// AVX-512 for the VNNI and AMX tables): all channels of a pixel per run, weights gathered to
+// int32 per channel once per call
 // (docs/DESIGN.md section 7.1).
 // int4 weights are unpacked to int8 once per slab (shared copy, or a thread-local one reused
 // for all the pixels of the slab) and then run the int8 kernel.
@@ -286,9 +287,10 @@ void make_zws(int32_t zp_u, const int32_t* wsum, int32_t* zws, int n) {
 //    whole images; per image it quantizes into a thread-local padded buffer (which stays in its
 //    L2) and runs every slab pair over it. The slabs are prepared once up front (int4: unpacked
 //    to one shared int8 copy).
-//  - few images, or larger weights: one parallel pass quantizes the whole batch, then tasks (slab pair, range of
-//    output rows) are split slab-major, so each thread prepares (int4: unpacks into a
-//    thread-local buffer) each of its slab pairs once and both cores share one image.
+//  - few images, or larger weights: one parallel pass quantizes the whole batch, then tasks
+//    (slab pair, range of output rows) are split slab-major, so each thread prepares (int4:
+//    unpacks into a thread-local buffer) each of its slab pairs once and both cores share one
+//    image.
 void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor& x,
                const at::Tensor& w_packed, const at::Tensor& w_scale,
                const std::optional<at::Tensor>& bias, const QConvOutput& o) {
