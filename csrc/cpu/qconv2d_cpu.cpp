@@ -230,6 +230,17 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
   a.out_pix_stride = c.o.nhwc ? OC : 1;
   a.out_oc_stride = c.o.nhwc ? 1 : OH * OW;
   const int64_t oc0 = grp * OCg + ob * 16;
+  // Points the output, codes and residual at (n, oc0, oh, ow0) of their dense NHWC / NCHW
+  // tensors: the block path and the per-row loop share it.
+  auto point_at = [&](int64_t oh, int64_t ow0) {
+    const int64_t nhwc_at = ((n * OH + oh) * OW + ow0) * OC + oc0;
+    const int64_t nchw_at = ((n * OC + oc0) * OH + oh) * OW + ow0;
+    const int64_t out_at = c.o.nhwc ? nhwc_at : nchw_at;
+    a.out = c.o.out != nullptr ? c.o.out + out_at : nullptr;
+    a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
+    a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
+                                         : nullptr;
+  };
   // Stride 1 and whole rows: the table's conv_rows may take the rows as one block.
   const bool block = c.k->conv_rows != nullptr && c.dw_w == nullptr && c.pieces == 1 &&
                      g.stride_h == 1 && g.stride_w == 1 && OW > 1 && r1 - r0 > 1;
@@ -237,13 +248,7 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
     const int64_t oh = r0;
     a.in = img + oh * p.wp * p.ctot + grp * p.cg;
     a.npix = OW;
-    const int64_t nhwc_at = ((n * OH + oh) * OW) * OC + oc0;
-    const int64_t nchw_at = ((n * OC + oc0) * OH + oh) * OW;
-    const int64_t out_at = c.o.nhwc ? nhwc_at : nchw_at;
-    a.out = c.o.out != nullptr ? c.o.out + out_at : nullptr;
-    a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
-    a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
-                                         : nullptr;
+    point_at(oh, 0);
     cpu::QConvRows rows;
     rows.rows = r1 - r0;
     rows.row_pixels = p.wp;
@@ -258,14 +263,7 @@ void conv_runs(const ConvPlan& c, const uint8_t* img, int64_t n, int64_t grp, in
     if (ow0 >= ow1) continue;
     a.in = img + (oh * g.stride_h * p.wp + ow0 * g.stride_w) * p.ctot + grp * p.cg;
     a.npix = ow1 - ow0;
-    // Element offset of (n, oc0, oh, ow0) in a dense NHWC / NCHW tensor.
-    const int64_t nhwc_at = ((n * OH + oh) * OW + ow0) * OC + oc0;
-    const int64_t nchw_at = ((n * OC + oc0) * OH + oh) * OW + ow0;
-    const int64_t out_at = c.o.nhwc ? nhwc_at : nchw_at;
-    a.out = c.o.out != nullptr ? c.o.out + out_at : nullptr;
-    a.out_codes = c.o.codes != nullptr ? c.o.codes + out_at : nullptr;
-    a.residual = c.o.residual != nullptr ? c.o.residual + (c.o.res_nhwc ? nhwc_at : nchw_at)
-                                         : nullptr;
+    point_at(oh, ow0);
     if (c.dw_w != nullptr) {
       c.k->dw_row(a);
     } else {
