@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_capability.h"
+#include "integer_plan.h"
 
 TORCH_LIBRARY(oqfl, m) {
   // Tells torch where the fake kernels live when an op is first used under FakeTensorMode.
@@ -54,6 +55,18 @@ TORCH_LIBRARY(oqfl, m) {
       "Tensor? out_scale=None, Tensor? out_zero_point=None, int out_quant_min=0, "
       "int out_quant_max=255) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+
+  // A converted network's forward run in C++ (integer_plan.h; built by oqfl_ext/nn/plan.py).
+  m.class_<oqfl::IntegerPlan>("IntegerPlan")
+      .def(torch::init<>())
+      .def("add_qconv", &oqfl::IntegerPlan::add_qconv)
+      .def("add_qlinear", &oqfl::IntegerPlan::add_qlinear)
+      .def("add_max_pool", &oqfl::IntegerPlan::add_max_pool)
+      .def("add_adaptive_avg_pool", &oqfl::IntegerPlan::add_adaptive_avg_pool)
+      .def("add_flatten", &oqfl::IntegerPlan::add_flatten)
+      .def("finish", &oqfl::IntegerPlan::finish)
+      .def("run", &oqfl::IntegerPlan::run)
+      .def("num_steps", &oqfl::IntegerPlan::num_steps);
 
   // Which CPU instruction set the kernels use (see cpu/cpu_capability.h).
   m.def("_cpu_capability() -> str", &oqfl::cpu::cpu_capability);

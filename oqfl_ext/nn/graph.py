@@ -104,12 +104,48 @@ class IntegerGraph(fx.GraphModule):
         super().__init__(root, graph, "IntegerGraph")
         self.source = source
         self.fusions = dict(fusions or {})
+        # run the forward as one C++ plan where the graph allows (False: the Python graph)
+        self.run_plan = True
+
+    def recompile(self):
+        # the generated forward becomes _graph_forward; forward runs the graph's C++ plan when
+        # it has one (oqfl_ext/nn/plan.py), else _graph_forward
+        code = super().recompile()
+        cls = type(self)
+        if cls is not IntegerGraph:   # fx gives each GraphModule its own class
+            cls._graph_forward = cls.forward
+            cls.forward = IntegerGraph._forward
+        from . import plan
+        plan.forget(self)
+        return code
+
+    def _forward(self, *args, **kwargs):
+        if self.run_plan and len(args) == 1 and not kwargs and type(args[0]) is torch.Tensor \
+                and args[0].dtype is torch.float32 and args[0].device.type == "cpu" \
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            from . import plan
+            p = plan.current(self)
+            if isinstance(p, plan.Plan):
+                return p(args[0])
+        return self._graph_forward(*args, **kwargs)
+
+    def plan_status(self) -> str:
+        """Which forward runs on a float32 CPU input: ``"C++ plan of N steps"`` or ``"Python
+        graph: <why>"`` (oqfl_ext/nn/plan.py)."""
+        from . import plan
+        if not self.run_plan:
+            return "Python graph: run_plan is False"
+        p = plan.current(self)
+        if isinstance(p, plan.Plan):
+            return f"C++ plan of {p.steps.num_steps()} steps"
+        return f"Python graph: {p}"
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
         type(res).__name__ = "IntegerGraph"   # GraphModule's copy names its class GraphModule
         res.source = copy.deepcopy(self.source, memo)
         res.fusions = copy.deepcopy(self.fusions, memo)
+        res.run_plan = self.run_plan
         return res
 
 

@@ -115,6 +115,20 @@ def _code_domain(signed: bool) -> Tuple[int, int]:
     return (-128, 127) if signed else (0, 255)
 
 
+# Counts changes to integer layers (a new attribute or buffer, a move with .to()): a C++ plan
+# built before a change holds the old tensors and is rebuilt (oqfl_ext/nn/plan.py).
+_layer_changes = 0
+
+
+def layer_changes() -> int:
+    return _layer_changes
+
+
+def _changed() -> None:
+    global _layer_changes
+    _layer_changes += 1
+
+
 class _QIntBase(nn.Module):
     """Buffers and the quantization configuration shared by the integer layers.
 
@@ -137,6 +151,19 @@ class _QIntBase(nn.Module):
     """
 
     _quant_type: type  # the fake-quant layer a subclass converts
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        _changed()
+
+    def register_buffer(self, name, tensor, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        _changed()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        _changed()
+        return out
 
     def _pack_weight(self, codes: Tensor) -> Tensor:
         """The weight codes in the subclass' blocked layout."""

@@ -247,6 +247,7 @@ def test_zoo_models_become_integer_graphs(name, kwargs, shape):
     assert sum(f.bn is not None for f in gm.fusions.values()) == n_bn
     # every layer but the classifier has its activation (or residual) fused
     assert all(f.relu or f.residual or f.bn for f in gm.fusions.values() if f.out_codes)
+    assert gm.plan_status().startswith("C++ plan")   # gm(x) runs the C++ plan
     with torch.no_grad():
         got = gm(x)
     assert torch.equal(got, _reference(gm, x))
@@ -272,6 +273,7 @@ def test_torchvision_models_become_integer_graphs(ctor):
                    for n in gm.graph.nodes)
     # codes flow between most layers (not out of a block whose output feeds two layers)
     assert sum(f.out_codes is not None for f in gm.fusions.values()) >= len(gm.fusions) // 3
+    assert gm.plan_status().startswith("C++ plan")   # gm(x) runs the C++ plan
     with torch.no_grad():
         got = gm(x)
     assert torch.equal(got, _reference(gm, x))
@@ -331,6 +333,7 @@ def test_block_patterns(act):
     assert max_pool2d_codes in ops and operator.iadd not in ops
     assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), (
         nn.ReLU6, nn.MaxPool2d)) for n in gm.graph.nodes)
+    assert gm.plan_status().startswith("C++ plan")   # gm(x) runs the C++ plan
     with torch.no_grad():
         got = gm(x)
     assert got.dtype == torch.float32
@@ -395,6 +398,7 @@ def test_negative_batchnorm_factors_are_folded_exactly():
     assert torch.equal(first.weight_codes()[[0, 3, 5, 7]], plain.weight_codes()[[0, 3, 5, 7]])
     assert torch.equal(first.weight_codes()[[1, 4, 6]], -plain.weight_codes()[[1, 4, 6]])
     assert not first.weight_codes()[2].any()
+    assert gm.plan_status().startswith("C++ plan")   # gm(x) runs the C++ plan
     with torch.no_grad():
         got = gm(x)
     assert torch.equal(got, _reference(gm, x))

@@ -1,0 +1,228 @@
+"""The forward of an :class:`~oqfl_ext.nn.graph.IntegerGraph` run in C++ (``IntegerPlan``).
+
+At batch 1 the Python between the integer layers (the graph's generated code, each module's
+``__call__`` and the op's argument parsing) took 40 to 86 % of a converted network's time
+(bench/results/network-cpu-amx-2026-12-04.md). :func:`build` lowers the graph to a list of
+steps of the C++ class ``torch.classes.oqfl.IntegerPlan`` (csrc/integer_plan.h): each integer
+layer calls the same registered op (``oqfl::qconv2d`` / ``oqfl::qlinear``) with the same
+arguments as the layer's own forward, pooling and flatten call the same ATen functions (max
+pooling on codes is a C++ loop equal to :func:`oqfl_ext.nn.graph.max_pool2d_codes`), so a
+forward through the plan returns what the graph's Python forward returns, bit for bit, in one
+call.
+
+The plan covers the graphs :func:`oqfl_ext.nn.convert` builds for the zoo and for torchvision's
+ResNets and MobileNetV2: integer layers, max pooling (float or codes), adaptive average
+pooling, flatten, and the zoo's input-shape check (run in Python before the plan). A graph with
+anything else (a float layer, an activation or add left unfused, several inputs or outputs)
+keeps its Python forward; :meth:`IntegerGraph.plan_status` says which ran and why.
+
+The plan holds the layers' tensors themselves, so it sees in-place changes (``load_state_dict``
+copies into them); it is rebuilt when an integer layer gets a new attribute or buffer, or is
+moved (``.to()``), or when a module of the graph is replaced (:func:`current`). Forward hooks
+on the graph's modules (or global ones) run only in the Python forward, which then runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from . import integer
+from .graph import _pair, _pool_arguments, max_pool2d_codes
+
+__all__ = ["PlanUnsupported", "Plan", "build", "current"]
+
+
+class PlanUnsupported(Exception):
+    """The graph has a node the C++ plan does not run (the message names it)."""
+
+
+class Plan:
+    """A built plan: the C++ steps, the Python prologue (input checks) and what it was built
+    from (to tell when it is stale)."""
+
+    def __init__(self, steps, prologue: List[Tuple[Callable, tuple]],
+                 modules: List[Tuple[nn.Module, str, nn.Module]], generation: int):
+        self.steps = steps
+        self.prologue = prologue
+        self.modules = modules          # (parent, name, module) of every call_module node
+        self.generation = generation    # integer.layer_changes() when it was built
+
+    def fresh(self) -> bool:
+        """Whether the graph still holds the modules it was built from, unchanged."""
+        if self.generation != integer.layer_changes():
+            return False
+        return all(parent._modules.get(name) is m for parent, name, m in self.modules)
+
+    def hooked(self) -> bool:
+        """Whether a forward hook would have to run (the plan cannot run it)."""
+        from torch.nn.modules import module as nn_module
+        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or \
+            any(m._forward_hooks or m._forward_pre_hooks for _, _, m in self.modules)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for fn, args in self.prologue:
+            fn(x, *args)
+        return self.steps.run(x)
+
+
+# the zoo's input check (oqfl_ext.models._check_image): returns its input or raises, so it
+# runs in Python before the plan
+def _validators():
+    from .. import models
+    return {models._check_image}
+
+
+def _conv_ints(m: "integer.QConv2dInt") -> List[int]:
+    lo, hi = m.out_quant or (0, 255)
+    return [m.w_bits, *m._op_stride, *m._op_padding, *m._op_dilation, m.groups, int(m.relu),
+            m.x_quant_min, m.x_quant_max, lo, hi, int(m.input_codes)]
+
+
+def _linear_ints(m: "integer.QLinearInt") -> List[int]:
+    lo, hi = m.out_quant or (0, 255)
+    return [m.w_bits, int(m.relu), m.x_quant_min, m.x_quant_max, lo, hi, int(m.input_codes)]
+
+
+def _pool_ints(kwargs: dict, codes: bool) -> List[int]:
+    kernel = _pair(kwargs["kernel_size"])
+    stride = kwargs.get("stride")
+    stride = _pair(stride if stride not in (None, [], ()) else kernel)
+    padding, dilation = _pair(kwargs.get("padding", 0)), _pair(kwargs.get("dilation", 1))
+    return [*kernel, *stride, *padding, *dilation, int(bool(kwargs.get("ceil_mode", False))),
+            int(codes)]
+
+
+def _size2(size) -> List[int]:
+    size = _pair(size)
+    if len(size) != 2 or not all(isinstance(s, int) for s in size):
+        raise PlanUnsupported(f"adaptive average pooling to {size!r}")
+    return list(size)
+
+
+def _flatten_dims(node: fx.Node) -> Tuple[int, int]:
+    names = ("start_dim", "end_dim")
+    dims = dict(zip(names, (0, -1)))
+    dims.update(zip(names, node.args[1:]))
+    dims.update({k: v for k, v in node.kwargs.items() if k in names})
+    if set(node.kwargs) - set(names):
+        raise PlanUnsupported(f"flatten with {sorted(node.kwargs)}")
+    return dims["start_dim"], dims["end_dim"]
+
+
+def build(gm: fx.GraphModule) -> Plan:
+    """The plan of ``gm``'s graph, or PlanUnsupported naming the first node it cannot run."""
+    steps = torch.classes.oqfl.IntegerPlan()
+    slot = {}                  # fx node -> slot of its value
+    prologue, modules = [], []
+    validators = _validators()
+    generation = integer.layer_changes()
+
+    def src(a) -> int:
+        if not isinstance(a, fx.Node) or a not in slot:
+            raise PlanUnsupported(f"an argument {a!r} that is not a tensor of the graph")
+        return slot[a]
+
+    def new(node) -> int:
+        slot[node] = steps.num_steps() + 1   # step i writes slot i + 1; slot 0 is the input
+        return slot[node]
+
+    for node in gm.graph.nodes:
+        where = f"node {node.name!r} ({node.op} {node.target})"
+        if node.op == "placeholder":
+            if slot:
+                raise PlanUnsupported("a graph with more than one input")
+            slot[node] = 0
+        elif node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise PlanUnsupported("an output that is not one tensor")
+            steps.finish(src(node.args[0]))
+        elif node.op == "call_function" and node.target in validators:
+            if node.kwargs or not node.args or slot.get(node.args[0]) != 0:
+                raise PlanUnsupported(f"{where}: an input check not on the input")
+            prologue.append((node.target, tuple(node.args[1:])))
+            slot[node] = 0
+        elif node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            parent, _, name = node.target.rpartition(".")
+            modules.append((gm.get_submodule(parent), name, m))
+            _lower_module(steps, gm, m, node, src, new, where)
+        elif node.op == "call_function" and node.target is max_pool2d_codes:
+            x = src(node.args[0])
+            kwargs = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+                              node.args[1:]), **node.kwargs)
+            steps.add_max_pool(new(node), x, _pool_ints(kwargs, codes=True))
+        elif node.op == "call_function" and node.target is F.max_pool2d:
+            kwargs = _pool_arguments(gm, node)
+            if node.kwargs.get("return_indices") or len(node.args) > 6:
+                raise PlanUnsupported(f"{where}: max pooling returning indices")
+            steps.add_max_pool(new(node), src(node.args[0]), _pool_ints(kwargs, codes=False))
+        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+            steps.add_adaptive_avg_pool(new(node), src(node.args[0]), _size2(size))
+        elif (node.op == "call_function" and node.target is torch.flatten) or \
+                (node.op == "call_method" and node.target == "flatten"):
+            steps.add_flatten(new(node), src(node.args[0]), *_flatten_dims(node))
+        else:
+            raise PlanUnsupported(where)
+    return Plan(steps, prologue, modules, generation)
+
+
+def _lower_module(steps, gm, m: nn.Module, node: fx.Node, src, new, where: str) -> None:
+    if isinstance(m, (integer.QConv2dInt, integer.QLinearInt)):
+        if node.kwargs or not 1 <= len(node.args) <= 2:
+            raise PlanUnsupported(f"{where}: called with {len(node.args)} arguments")
+        if m.residual != (len(node.args) == 2):
+            raise PlanUnsupported(f"{where}: the residual does not match the layer")
+        conv = isinstance(m, integer.QConv2dInt)
+        if conv and m._prepad:
+            raise PlanUnsupported(f"{where}: a layer that pads its input itself")
+        x = src(node.args[0])
+        residual = src(node.args[1]) if len(node.args) == 2 else -1
+        b = m._buffers
+        args = (b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
+                b.get("out_scale"), b.get("out_zero_point"))
+        if conv:
+            steps.add_qconv(new(node), x, residual, *args, _conv_ints(m), m.clamp_max)
+        else:
+            steps.add_qlinear(new(node), x, residual, *args, _linear_ints(m), m.clamp_max)
+    elif type(m) is nn.MaxPool2d and not m.return_indices and not node.kwargs \
+            and len(node.args) == 1:
+        steps.add_max_pool(new(node), src(node.args[0]),
+                           _pool_ints(_pool_arguments(gm, node), codes=False))
+    elif type(m) is nn.AdaptiveAvgPool2d and len(node.args) == 1:
+        steps.add_adaptive_avg_pool(new(node), src(node.args[0]), _size2(m.output_size))
+    elif type(m) is nn.Flatten and len(node.args) == 1:
+        steps.add_flatten(new(node), src(node.args[0]), m.start_dim, m.end_dim)
+    else:
+        raise PlanUnsupported(f"{where}: {type(m).__name__}")
+
+
+# IntegerGraph -> its Plan, or the reason there is none (a str); weak, so that copies and
+# pickles of the module never carry the C++ object
+_PLANS: "weakref.WeakKeyDictionary[fx.GraphModule, object]" = weakref.WeakKeyDictionary()
+
+
+def current(gm: fx.GraphModule):
+    """``gm``'s Plan (built on first use, rebuilt when stale), or the reason (a str) why its
+    graph's Python forward runs instead."""
+    got = _PLANS.get(gm)
+    if isinstance(got, tuple) and got[1] == integer.layer_changes():
+        return got[0]
+    if not (isinstance(got, Plan) and got.fresh()):
+        try:
+            got = build(gm)
+        except PlanUnsupported as e:
+            _PLANS[gm] = (str(e), integer.layer_changes())
+            return str(e)
+        _PLANS[gm] = got
+    return "a forward hook is registered (it runs in the Python graph)" if got.hooked() else got
+
+
+def forget(gm: fx.GraphModule) -> None:
+    """Drop ``gm``'s plan (its graph was recompiled)."""
+    _PLANS.pop(gm, None)
