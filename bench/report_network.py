@@ -33,10 +33,11 @@ DEFAULT_MAX_TIME = 2.0
 NOISY = 2.0  # median / min above this: the timing was disturbed (another process, the scheduler)
 NETWORK_ORDER = ("resnet18", "mobilenet_v2", "resnet20", "small_cnn")
 FLOAT_IMPLS = ("float_eager_nchw", "float_eager_cl")
-RATIO_IMPLS = ("float_compile", "torch_ao_fx_int8", "oqfl_w8a8", "oqfl_w4a4")
+RATIO_IMPLS = ("float_compile", "torch_ao_fx_int8", "oqfl_w8a8", "oqfl_w4a4", "oqfl_w8a8_graph")
 IMPL_TITLES = {"float_eager_nchw": "float eager NCHW", "float_eager_cl": "float eager CL",
                "float_compile": "float torch.compile", "torch_ao_fx_int8": "torch.ao FX int8",
-               "oqfl_w8a8": "oqfl W8A8", "oqfl_w4a4": "oqfl W4A4"}
+               "oqfl_w8a8": "oqfl W8A8", "oqfl_w4a4": "oqfl W4A4",
+               "oqfl_w8a8_graph": "oqfl W8A8, Python graph"}
 OUTSIDE_TARGET = 0.10
 # (issue, description, numerator impl ("float_best" = the baseline), denominator impl,
 #  networks, batches, threshold): ratio = numerator median / denominator median.
@@ -53,6 +54,8 @@ TARGETS = (
      ("resnet18", "mobilenet_v2"), (1, 32), 1.0),
     (14, "oqfl W4A4 vs oqfl W8A8", "oqfl_w8a8", "oqfl_w4a4", NETWORK_ORDER, (32,), 1.0),
     (14, "oqfl W4A4 vs oqfl W8A8 (aim 1.1x)", "oqfl_w8a8", "oqfl_w4a4", NETWORK_ORDER, (1,), 1.0),
+    (13, "oqfl W8A8 C++ plan vs its Python graph", "oqfl_w8a8_graph", "oqfl_w8a8", NETWORK_ORDER,
+     (1, 32), 1.0),
 )
 _NODE = re.compile(r"\[(?P<network>[a-z0-9_]+)-(?P<size>\d+)px-b(?P<batch>\d+)"
                    r"-(?P<impl>[a-z0-9_]+)\]")
@@ -185,21 +188,32 @@ def render(data: dict) -> str:
     for key in sorted(groups, key=_key):
         for impl in ("oqfl_w8a8", "oqfl_w4a4"):
             if impl in groups[key] and groups[key][impl][1].get("profile"):
-                prof_rows.append((key, impl, groups[key][impl][1]["profile"]))
+                prof_rows.append((key, impl, groups[key][impl][1]["profile"],
+                                  groups[key][impl][0]["median"] * 1e3,
+                                  groups[key][impl][1].get("forward", "?")))
     if prof_rows:
-        out += ["", "Profile split of the converted networks (torch.profiler, mean of "
-                "`runs` forwards): `kernels` = self CPU time of the integer conv/linear ops "
+        out += ["", "Split of the converted networks' forward. A network whose forward is the "
+                "C++ plan (`forward` column) is split by the plan's step timers "
+                "(`IntegerPlan.step_seconds`; medians over 20 forwards: `forward ms` = the "
+                "forward's wall time from Python, `kernels` = the integer conv/linear steps, "
+                "the rest = pooling, flatten, the layout copy and the Python call), because "
+                "the profiler's own per-op cost doubled such a forward at batch 1. Otherwise "
+                "torch.profiler (mean of `runs` forwards): `kernels` = self CPU time of the "
+                "integer conv/linear ops "
                 "(`oqfl::*qconv*`, `oqfl::*qlinear*`); `outside kernels` = the rest of the "
                 "forward's wall time (quantize passes, BatchNorm, ReLU, adds, layout copies, "
                 "allocations, Python between ops; slightly overstated by the profiler's per-op "
-                f"cost). Issue 13's target: outside kernels below {OUTSIDE_TARGET:.0%}.", "",
-                "| network | batch | impl | forward ms (profiled) | kernels ms | outside kernels "
-                "| largest outside (self ms × calls) |", "|---|---:|---|---:|---:|---:|---|"]
-        for (network, batch), impl, p in prof_rows:
+                f"cost). Issue 13's target: outside kernels below {OUTSIDE_TARGET:.0%}. "
+                "`forward`: the C++ plan or the Python graph (`IntegerGraph.plan_status()`); "
+                "`timed ms`: the unprofiled median.", "",
+                "| network | batch | impl | forward | timed ms | forward ms (split) "
+                "| kernels ms | outside kernels | largest outside (self ms × calls) |",
+                "|---|---:|---|---|---:|---:|---:|---:|---|"]
+        for (network, batch), impl, p, median_ms, forward in prof_rows:
             share = p.get("outside_share")
             top = ", ".join(f"{n} {ms:.2f}×{c}" for n, ms, c in p.get("top_outside_ops", [])[:4])
-            out.append(f"| {network} | {batch} | {IMPL_TITLES[impl]} | {p['total_ms']:.2f} | "
-                       f"{p['kernel_ms']:.2f} | "
+            out.append(f"| {network} | {batch} | {IMPL_TITLES[impl]} | {forward} "
+                       f"| {median_ms:.2f} | {p['total_ms']:.2f} | {p['kernel_ms']:.2f} | "
                        f"{'—' if share is None else f'{share:.1%}'} | {top} |")
 
     verdicts = []
@@ -220,7 +234,7 @@ def render(data: dict) -> str:
                 verdicts.append(f"{label} = {r:.2f}× (target >= {thr}×, issue {issue}: "
                                 f"{'met' if r >= thr else 'NOT met'})"
                                 + ("; noisy timing" if noisy & {num, den} else ""))
-    for (network, batch), impl, p in prof_rows:
+    for (network, batch), impl, p, _, _ in prof_rows:
         share = p.get("outside_share")
         if share is not None:
             verdicts.append(f"- {network} b{batch}: {IMPL_TITLES[impl]} outside kernels: "

@@ -71,10 +71,11 @@ import copy
 import functools
 import math
 import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import pytest
 import torch
@@ -86,15 +87,18 @@ THREADS = int(os.environ.get("OQFL_BENCH_NETWORK_THREADS", "2"))
 ENGINE = "x86"
 BATCHES = (1, 32)
 IMPLS = ("float_eager_nchw", "float_eager_cl", "float_compile", "torch_ao_fx_int8", "oqfl_w8a8",
-         "oqfl_w4a4")
-OQFL_BITS = {"oqfl_w8a8": 8, "oqfl_w4a4": 4}
+         "oqfl_w4a4", "oqfl_w8a8_graph")
+OQFL_BITS = {"oqfl_w8a8": 8, "oqfl_w4a4": 4, "oqfl_w8a8_graph": 8}
+# oqfl_w8a8_graph: the converted W8A8 model with its Python graph forward (run_plan=False),
+# to measure what the C++ plan saves
+PYTHON_GRAPH_IMPLS = ("oqfl_w8a8_graph",)
 FIRST_LAST_BITS = 8                     # quantize_model's default, passed explicitly
 SEED = 0
 SETTLE_PASSES, SETTLE_IMAGES = 4, 16
 CALIB_BATCHES, CALIB_IMAGES = 4, 4      # torch.ao observes 4 batches; oqfl calibrates on all 16
 CHECK_IMAGES = 8
 SMOKE_IMAGE_SIZE = 64                   # torchvision networks under --benchmark-disable
-PROFILE_RUNS = 3
+PROFILE_RUNS = 10
 FLOAT_TOL = 1e-3
 INT_REL_TOL = 0.5
 INT_MIN_CENTRED_COS = 0.2
@@ -313,6 +317,21 @@ def _float_layers_left(model: nn.Module) -> list:
     return [name for name, m in model.named_modules() if type(m) in kinds]
 
 
+_PYTHON_GRAPHS: Dict[int, nn.Module] = {}
+
+
+def oqfl_forward_model(m: "OqflModels", impl: str) -> nn.Module:
+    """The converted model ``impl`` times: itself, or (PYTHON_GRAPH_IMPLS) a copy whose forward
+    is its Python graph."""
+    if impl not in PYTHON_GRAPH_IMPLS or not hasattr(m.converted, "run_plan"):
+        return m.converted
+    if id(m.converted) not in _PYTHON_GRAPHS:
+        graph = copy.deepcopy(m.converted)
+        graph.run_plan = False
+        _PYTHON_GRAPHS[id(m.converted)] = graph
+    return _PYTHON_GRAPHS[id(m.converted)]
+
+
 @functools.lru_cache(maxsize=None)
 def oqfl_models(network: str, size: int, bits: int) -> OqflModels:
     import oqfl_ext
@@ -405,7 +424,8 @@ def check_case(network: str, size: int, impl: str) -> str:
                                  ref)
         m = oqfl_models(network, size, OQFL_BITS[impl])
         fq_logits = m.fake_quant(x)
-        summary = check_integer(impl, m.converted(x), fq_logits, "fake-quant model", ref)
+        summary = check_integer(impl, oqfl_forward_model(m, impl)(x), fq_logits,
+                                "fake-quant model", ref)
         return (f"{summary}; fake-quant vs float: rel err {relative_error(fq_logits, ref):.2g}, "
                 f"top-1 {top1_agreement(fq_logits, ref):.2f}")
 
@@ -447,6 +467,45 @@ def profile_split(fn: Callable[[], torch.Tensor], runs: int) -> dict:
         "outside_share": (1 - kernel_ms / total_ms) if total_ms > 0 else None,
         "kernel_ops": {k: [round(ms, 4), n] for k, (ms, n) in kernels.items()},
         "top_outside_ops": [[k, round(ms, 4), n] for k, (ms, n) in top],
+    }
+
+
+def plan_split(model: nn.Module, x: torch.Tensor, runs: int) -> Optional[dict]:
+    """The split of a model whose forward is the C++ plan, from the plan's step timers
+    (``IntegerPlan.step_seconds``) rather than the profiler, whose per-op cost doubled such a
+    forward at batch 1: medians over ``runs`` of the forward's wall time (timed from Python)
+    and of the integer kernel steps' time (a separate run of the same steps). None when the
+    model runs no plan."""
+    from oqfl_ext.nn import plan as plan_module
+    p = plan_module.current(model) if hasattr(model, "plan_status") and model.run_plan else None
+    if not isinstance(p, plan_module.Plan):
+        return None
+    kinds = p.steps.step_kinds()
+    walls, kernels, others = [], [], {}
+    with torch.no_grad():
+        model(x)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(x)
+            walls.append(time.perf_counter() - start)
+            sec = p.steps.step_seconds(x).tolist()
+            kernels.append(sum(t for t, k in zip(sec, kinds) if k in ("qconv", "qlinear")))
+            for t, k in zip(sec, kinds):
+                if k not in ("qconv", "qlinear"):
+                    others.setdefault(k, []).append(t)
+            others.setdefault("(Python and the plan itself)", []).append(
+                walls[-1] - sum(sec[:-1]))
+    wall_ms, kernel_ms = 1e3 * statistics.median(walls), 1e3 * statistics.median(kernels)
+    per_run = {k: 1e3 * sum(v) / runs for k, v in others.items()}
+    calls = {k: kinds.count(k) for k in set(kinds)}
+    top = sorted(per_run.items(), key=lambda kv: -kv[1])[:8]
+    return {
+        "method": "plan step timers",
+        "runs": runs,
+        "total_ms": round(wall_ms, 4),
+        "kernel_ms": round(kernel_ms, 4),
+        "outside_share": max(0.0, 1 - kernel_ms / wall_ms) if wall_ms > 0 else None,
+        "top_outside_ops": [[k, round(ms, 4), calls.get(k, 1)] for k, ms in top],
     }
 
 
@@ -522,10 +581,13 @@ def test_network(benchmark, network, batch, impl):
     else:
         bits = OQFL_BITS[impl]
         m = oqfl_models(network, size, bits)
-        model = m.converted
+        model = oqfl_forward_model(m, impl)
         info.update({"weight_bits": bits, "act_bits": bits, "first_last_bits": FIRST_LAST_BITS,
                      "convert_warnings": m.convert_warnings,
-                     "float_layers_left": m.float_layers_left, "setup_s": round(m.setup_s, 1)})
+                     "float_layers_left": m.float_layers_left, "setup_s": round(m.setup_s, 1),
+                     # which forward runs: the C++ plan or the Python graph (and why)
+                     "forward": (model.plan_status() if hasattr(model, "plan_status")
+                                 else "layer by layer")})
         from oqfl_ext import ops
         info["oqfl_cpu_capability"] = ops.cpu_capability()
     if impl != "float_compile":
@@ -535,8 +597,9 @@ def test_network(benchmark, network, batch, impl):
         with torch.no_grad():
             return model(x)
 
-    if impl.startswith("oqfl"):
-        info["profile"] = profile_split(forward, 1 if benchmark.disabled else PROFILE_RUNS)
+    if impl.startswith("oqfl") and impl not in PYTHON_GRAPH_IMPLS:
+        runs = 1 if benchmark.disabled else PROFILE_RUNS
+        info["profile"] = plan_split(model, x, 2 * runs) or profile_split(forward, runs)
     info["loadavg"] = _loadavg()
     benchmark.extra_info.update(info)
     y = benchmark(forward)

@@ -11,7 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
-#include <limits>
+#include <chrono>
 
 namespace oqfl {
 namespace {
@@ -51,27 +51,39 @@ int64_t pool_out(int64_t n, int64_t k, int64_t s, int64_t p, int64_t d, bool cei
 
 // Max pooling on codes (uint8 / int8), the same as oqfl_ext.nn.graph.max_pool2d_codes: the
 // maximum over each window's elements inside the input (padding never wins), channels_last.
-template <typename T>
-void max_pool_codes(const T* in, T* out, int64_t N, int64_t C, int64_t H, int64_t W,
-                    int64_t OH, int64_t OW, const std::vector<int64_t>& a) {
+// int8 codes are compared as uint8 with the sign bit flipped (an order-preserving map), so one
+// byte loop serves both and vectorizes with the baseline ISA (unsigned byte max is SSE2).
+void max_pool_codes(const uint8_t* in, uint8_t* out, uint8_t flip, int64_t N, int64_t C,
+                    int64_t H, int64_t W, int64_t OH, int64_t OW, const std::vector<int64_t>& a) {
   const int64_t kh = a[0], kw = a[1], sh = a[2], sw = a[3], ph = a[4], pw = a[5], dh = a[6],
                 dw = a[7];
-  at::parallel_for(0, N * OH, 1, [&](int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, OW * C * kh * kw));
+  at::parallel_for(0, N * OH, grain, [&](int64_t r0, int64_t r1) {
+    // a local copy: a byte store may alias anything reached through the closure, so the
+    // channel loop's bound must not be read through it (it would not vectorize)
+    const int64_t nc = C;
+    const uint8_t fl = flip;
+    const uint8_t* const src = in;
+    uint8_t* const dst = out;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ++ow) {
-        T* o = out + ((n * OH + oh) * OW + ow) * C;
-        std::fill(o, o + C, std::numeric_limits<T>::min());
+        uint8_t* __restrict__ o = dst + ((n * OH + oh) * OW + ow) * nc;
+        std::fill(o, o + nc, uint8_t{0});  // the smallest code, flipped
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t h = oh * sh - ph + i * dh;
           if (h < 0 || h >= H) continue;
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t w = ow * sw - pw + j * dw;
             if (w < 0 || w >= W) continue;
-            const T* v = in + ((n * H + h) * W + w) * C;
-            for (int64_t c = 0; c < C; ++c) o[c] = std::max(o[c], v[c]);
+            const uint8_t* __restrict__ v = src + ((n * H + h) * W + w) * nc;
+            for (int64_t c = 0; c < nc; ++c) {
+              const uint8_t u = v[c] ^ fl;
+              o[c] = o[c] > u ? o[c] : u;
+            }
           }
         }
+        if (fl) for (int64_t c = 0; c < nc; ++c) o[c] ^= fl;
       }
     }
   });
@@ -85,16 +97,12 @@ at::Tensor max_pool2d_codes(const at::Tensor& x, const std::vector<int64_t>& a) 
   const int64_t OH = pool_out(H, a[0], a[2], a[4], a[6], a[8] != 0);
   const int64_t OW = pool_out(W, a[1], a[3], a[5], a[7], a[8] != 0);
   at::Tensor out = at::empty({N, C, OH, OW}, in.options(), at::MemoryFormat::ChannelsLast);
-  if (in.scalar_type() == at::kByte) {
-    max_pool_codes(in.const_data_ptr<uint8_t>(), out.mutable_data_ptr<uint8_t>(), N, C, H, W,
-                   OH, OW, a);
-  } else {
-    TORCH_CHECK(in.scalar_type() == at::kChar,
-                "IntegerPlan: max pooling on codes expected uint8 or int8, got ",
-                in.scalar_type());
-    max_pool_codes(in.const_data_ptr<int8_t>(), out.mutable_data_ptr<int8_t>(), N, C, H, W,
-                   OH, OW, a);
-  }
+  TORCH_CHECK(in.scalar_type() == at::kByte || in.scalar_type() == at::kChar,
+              "IntegerPlan: max pooling on codes expected uint8 or int8, got ",
+              in.scalar_type());
+  const uint8_t flip = in.scalar_type() == at::kChar ? 0x80 : 0;
+  max_pool_codes(static_cast<const uint8_t*>(in.const_data_ptr()),
+                 static_cast<uint8_t*>(out.mutable_data_ptr()), flip, N, C, H, W, OH, OW, a);
   return out;
 }
 
@@ -173,11 +181,40 @@ void IntegerPlan::finish(int64_t output) {
     if (last[s] >= 0 && s != output) steps_[last[s]].release.push_back(s);
 }
 
-at::Tensor IntegerPlan::run(const at::Tensor& x) const {
+at::Tensor IntegerPlan::run(const at::Tensor& x) const { return run_steps(x, nullptr); }
+
+at::Tensor IntegerPlan::step_seconds(const at::Tensor& x) const {
+  at::Tensor t = at::zeros({num_steps() + 1}, at::kDouble);
+  const auto start = std::chrono::steady_clock::now();
+  run_steps(x, t.mutable_data_ptr<double>());
+  t.mutable_data_ptr<double>()[num_steps()] =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return t;
+}
+
+std::vector<std::string> IntegerPlan::step_kinds() const {
+  std::vector<std::string> out;
+  for (const Step& s : steps_) {
+    switch (s.kind) {
+      case Kind::kQConv: out.emplace_back("qconv"); break;
+      case Kind::kQLinear: out.emplace_back("qlinear"); break;
+      case Kind::kMaxPool: out.emplace_back("max_pool"); break;
+      case Kind::kAdaptiveAvgPool: out.emplace_back("adaptive_avg_pool"); break;
+      case Kind::kFlatten: out.emplace_back("flatten"); break;
+    }
+  }
+  return out;
+}
+
+// Runs the steps; with `seconds`, writes each step's wall time there.
+at::Tensor IntegerPlan::run_steps(const at::Tensor& x, double* seconds) const {
   TORCH_CHECK(output_ >= 0, "IntegerPlan.run: the plan is not finished");
   std::vector<at::Tensor> v(slots_);
   v[0] = x;
-  for (const Step& s : steps_) {
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    const Step& s = steps_[i];
+    const auto start = seconds ? std::chrono::steady_clock::now()
+                               : std::chrono::steady_clock::time_point{};
     const at::Tensor& in = v[s.x];
     const std::vector<int64_t>& a = s.ints;
     std::optional<at::Tensor> residual;
@@ -219,6 +256,9 @@ at::Tensor IntegerPlan::run(const at::Tensor& x) const {
     }
     v[s.out] = std::move(y);
     for (int64_t r : s.release) v[r].reset();
+    if (seconds)
+      seconds[i] =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
   return v[output_];
 }

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace oqfl {
@@ -34,6 +35,11 @@ class IntegerPlan : public torch::CustomClassHolder {
   // The slot the forward returns; no step may be added after it.
   void finish(int64_t output);
   at::Tensor run(const at::Tensor& x) const;
+  // run() with a steady clock around each step: float64 [num_steps + 1], seconds per step,
+  // then the whole run (the benchmark's split of a forward without the profiler's cost)
+  at::Tensor step_seconds(const at::Tensor& x) const;
+  // "qconv", "qlinear", "max_pool", "adaptive_avg_pool" or "flatten" per step
+  std::vector<std::string> step_kinds() const;
   int64_t num_steps() const { return static_cast<int64_t>(steps_.size()); }
 
  private:
@@ -48,6 +54,7 @@ class IntegerPlan : public torch::CustomClassHolder {
     std::vector<int64_t> release;               // slots last read by this step
   };
   void add(Step s);
+  at::Tensor run_steps(const at::Tensor& x, double* seconds) const;
   std::vector<Step> steps_;
   int64_t slots_ = 1;
   int64_t output_ = -1;

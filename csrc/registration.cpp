@@ -66,6 +66,8 @@ TORCH_LIBRARY(oqfl, m) {
       .def("add_flatten", &oqfl::IntegerPlan::add_flatten)
       .def("finish", &oqfl::IntegerPlan::finish)
       .def("run", &oqfl::IntegerPlan::run)
+      .def("step_seconds", &oqfl::IntegerPlan::step_seconds)
+      .def("step_kinds", &oqfl::IntegerPlan::step_kinds)
       .def("num_steps", &oqfl::IntegerPlan::num_steps);
 
   // Which CPU instruction set the kernels use (see cpu/cpu_capability.h).
