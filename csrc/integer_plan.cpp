@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 
 namespace oqfl {
 namespace {
@@ -49,44 +50,81 @@ int64_t pool_out(int64_t n, int64_t k, int64_t s, int64_t p, int64_t d, bool cei
   return o;
 }
 
-// Max pooling on codes (uint8 / int8), the same as oqfl_ext.nn.graph.max_pool2d_codes: the
-// maximum over each window's elements inside the input (padding never wins), channels_last.
-// int8 codes are compared as uint8 with the sign bit flipped (an order-preserving map), so one
-// byte loop serves both and vectorizes with the baseline ISA (unsigned byte max is SSE2).
-void max_pool_codes(const uint8_t* in, uint8_t* out, uint8_t flip, int64_t N, int64_t C,
-                    int64_t H, int64_t W, int64_t OH, int64_t OW, const std::vector<int64_t>& a) {
+// The windows of a max pooling over a channels_last [N, C, H, W] buffer: each output pixel's
+// C values start at `lowest` and take `combine(out, in)` of every window element inside the
+// input (padding never takes part), then `finish(out)`.
+template <typename T, typename Combine, typename Finish>
+void pool_windows(const T* in, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
+                  int64_t OW, const std::vector<int64_t>& a, T lowest, Combine combine,
+                  Finish finish) {
   const int64_t kh = a[0], kw = a[1], sh = a[2], sw = a[3], ph = a[4], pw = a[5], dh = a[6],
                 dw = a[7];
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, OW * C * kh * kw));
+  const int64_t grain = std::max<int64_t>(
+      1, 32768 / std::max<int64_t>(1, OW * C * kh * kw * static_cast<int64_t>(sizeof(T))));
   at::parallel_for(0, N * OH, grain, [&](int64_t r0, int64_t r1) {
-    // a local copy: a byte store may alias anything reached through the closure, so the
-    // channel loop's bound must not be read through it (it would not vectorize)
+    // locals: a store may alias anything read through the closure (byte stores alias
+    // everything), and a bound read through it keeps the channel loop from vectorizing
     const int64_t nc = C;
-    const uint8_t fl = flip;
-    const uint8_t* const src = in;
-    uint8_t* const dst = out;
+    const T low = lowest;
+    const T* const src = in;
+    T* const dst = out;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ++ow) {
-        uint8_t* __restrict__ o = dst + ((n * OH + oh) * OW + ow) * nc;
-        std::fill(o, o + nc, uint8_t{0});  // the smallest code, flipped
+        T* __restrict__ o = dst + ((n * OH + oh) * OW + ow) * nc;
+        std::fill(o, o + nc, low);
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t h = oh * sh - ph + i * dh;
           if (h < 0 || h >= H) continue;
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t w = ow * sw - pw + j * dw;
             if (w < 0 || w >= W) continue;
-            const uint8_t* __restrict__ v = src + ((n * H + h) * W + w) * nc;
-            for (int64_t c = 0; c < nc; ++c) {
-              const uint8_t u = v[c] ^ fl;
-              o[c] = o[c] > u ? o[c] : u;
-            }
+            const T* __restrict__ v = src + ((n * H + h) * W + w) * nc;
+            for (int64_t c = 0; c < nc; ++c) o[c] = combine(o[c], v[c]);
           }
         }
-        if (fl) for (int64_t c = 0; c < nc; ++c) o[c] ^= fl;
+        finish(o, nc);
       }
     }
   });
+}
+
+// Max pooling on codes (uint8 / int8), the same as oqfl_ext.nn.graph.max_pool2d_codes: the
+// maximum over each window's elements inside the input, channels_last. int8 codes are compared
+// as uint8 with the sign bit flipped (an order-preserving map), so one byte loop serves both
+// and vectorizes with the baseline ISA (unsigned byte max is SSE2).
+void max_pool_codes(const uint8_t* in, uint8_t* out, uint8_t flip, int64_t N, int64_t C,
+                    int64_t H, int64_t W, int64_t OH, int64_t OW, const std::vector<int64_t>& a) {
+  if (flip == 0) {
+    pool_windows<uint8_t>(
+        in, out, N, C, H, W, OH, OW, a, uint8_t{0},
+        [](uint8_t o, uint8_t u) { return o > u ? o : u; }, [](uint8_t*, int64_t) {});
+    return;
+  }
+  pool_windows<uint8_t>(
+      in, out, N, C, H, W, OH, OW, a, uint8_t{0},
+      [](uint8_t o, uint8_t u) {
+        const uint8_t f = u ^ uint8_t{0x80};
+        return o > f ? o : f;
+      },
+      [](uint8_t* o, int64_t nc) {
+        for (int64_t c = 0; c < nc; ++c) o[c] ^= uint8_t{0x80};
+      });
+}
+
+// Float max pooling of a channels_last float32 CPU tensor, as ATen's kernel computes it (start
+// at -inf; a window element replaces the maximum when larger or NaN): at::max_pool2d also
+// computes the indices, which made it 10 % of resnet18's forward at batch 32.
+at::Tensor max_pool2d_float(const at::Tensor& in, const std::vector<int64_t>& a) {
+  const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
+  const int64_t OH = pool_out(H, a[0], a[2], a[4], a[6], a[8] != 0);
+  const int64_t OW = pool_out(W, a[1], a[3], a[5], a[7], a[8] != 0);
+  at::Tensor out = at::empty({N, C, OH, OW}, in.options(), at::MemoryFormat::ChannelsLast);
+  pool_windows<float>(
+      in.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, C, H, W, OH, OW, a,
+      -std::numeric_limits<float>::infinity(),
+      [](float o, float u) { return (u > o || u != u) ? u : o; }, [](float*, int64_t) {});
+  return out;
 }
 
 at::Tensor max_pool2d_codes(const at::Tensor& x, const std::vector<int64_t>& a) {
@@ -243,7 +281,10 @@ at::Tensor IntegerPlan::run_steps(const at::Tensor& x, double* seconds) const {
         if (a[9] != 0) {
           y = max_pool2d_codes(in, a);
         } else {
-          y = at::max_pool2d(in, {a[0], a[1]}, {a[2], a[3]}, {a[4], a[5]}, {a[6], a[7]},
+          y = in.device().is_cpu() && in.scalar_type() == at::kFloat && in.dim() == 4 &&
+                      in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                  ? max_pool2d_float(in, a)
+                  : at::max_pool2d(in, {a[0], a[1]}, {a[2], a[3]}, {a[4], a[5]}, {a[6], a[7]},
                              a[8] != 0);
         }
         break;

@@ -3,7 +3,7 @@
 A forward through the plan calls the same ops with the same arguments as the graph's Python
 forward, so the two must agree bit for bit; the fused-graph tests (test_convert_graph.py) check
 the plan's result against the float64 integer reference. Here: the plan's own max pooling on
-codes against F.max_pool2d in float64, plan versus Python forward on the zoo, and when the plan
+codes (against F.max_pool2d in float64) and on float32 (against F.max_pool2d), plan versus Python forward on the zoo, and when the plan
 must not run or must be rebuilt (hooks, changed buffers, replaced modules, unsupported nodes).
 """
 
@@ -82,6 +82,29 @@ def test_max_pooling_on_codes_equals_float64_max_pooling(dtype):
     big[0, 1, 5, 7] = info.max
     got = _max_pool_plan([3, 2, 2, 1, 1, 0, 1, 1, 0, 1]).run(big)
     assert torch.equal(got.double(), F.max_pool2d(big.double(), (3, 2), (2, 1), (1, 0)))
+
+
+def test_float_max_pooling_equals_pytorchs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 13, 11, generator=g)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, :4, :4] = float("-inf")
+    x[1, 3] = 0.5   # ties
+    x = x.contiguous(memory_format=torch.channels_last)
+    cases = 0
+    for k, s, p, d, ceil in itertools.product((1, 2, 3), (1, 2), (0, 1), (1, 2), (False, True)):
+        if p > k // 2:
+            continue
+        plan = _max_pool_plan([k, k, s, s, p, p, d, d, int(ceil), 0])
+        got, want = plan.run(x), F.max_pool2d(x, k, s, p, d, ceil)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        cases += 1
+    assert cases > 30
+    # an NCHW input takes PyTorch's own pooling
+    nchw = x.contiguous()
+    torch.testing.assert_close(_max_pool_plan([3, 3, 2, 2, 1, 1, 1, 1, 0, 0]).run(nchw),
+                               F.max_pool2d(nchw, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
 
 
 def test_plan_arguments_are_checked():
