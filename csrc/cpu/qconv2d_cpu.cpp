@@ -57,7 +57,7 @@ struct Problem {
   QConvGeometry g;
   int32_t zp_u = 0;      // zero point in the unsigned (shifted) domain
   int32_t offset = 0;    // 128 for signed codes, else 0
-  int64_t cg = 0;        // padded channels per group (ICB * 4)
+  int64_t cg = 0;        // padded channels per group (ICB * 4; 1 for a depthwise dw_row)
   int64_t ctot = 0;      // G * cg: bytes per padded pixel
   int64_t hp = 0, wp = 0;
   int64_t i16_steps = 0;  // QConvRowArgs::i16_steps
@@ -298,7 +298,10 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   p.g = g;
   p.offset = g.signed_domain ? 128 : 0;
   p.zp_u = sc.x_zero_point + p.offset;
-  p.cg = g.ic_blocks * 4;
+  // Depthwise (one input and one output channel per group) where the instruction set has a
+  // kernel for it: one byte per channel in the padded buffer (the generic slabs need 4).
+  const bool depthwise = k.dw_row != nullptr && g.in_per_group == 1 && g.out_per_group == 1;
+  p.cg = depthwise ? 1 : g.ic_blocks * 4;
   p.ctot = g.groups * p.cg;
   p.hp = g.padded_h;
   p.wp = g.padded_w;
@@ -347,9 +350,9 @@ void run_qconv(const QConvGeometry& g, const QConvScalars& sc, const at::Tensor&
   const int64_t threads = at::get_num_threads();
   const int64_t img_bytes = p.hp * p.wp * p.ctot;
 
-  // Depthwise (one input and one output channel per group) where the instruction set has a
-  // kernel for it: all channels of a pixel at once instead of one 16-channel slab per channel.
-  if (k.dw_row != nullptr && g.in_per_group == 1 && OCg == 1) {
+  // Depthwise through dw_row: all channels of a pixel at once instead of one 16-channel slab
+  // per channel.
+  if (depthwise) {
     const int64_t C = g.out_channels, cpad = ceil_div(C, 8) * 8;
     const int64_t taps = g.kernel_h * g.kernel_w;
     std::vector<int32_t> dw_w(taps * cpad, 0), dw_zws(cpad, 0);

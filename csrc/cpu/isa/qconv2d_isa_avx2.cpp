@@ -347,34 +347,33 @@ void slab_row(const QConvRowArgs& a, const FinishVecs& e, const int8_t* w, int64
   }
 }
 
-// Depthwise: B blocks of 8 channels from ch0 for pixel p. Channel c's code is the low byte of
-// the 32-bit word at c * 4 of each padded pixel (the other 3 bytes are the group's padding), so
-// one 32-byte load masked to 0xFF gives 8 channels as int32 lanes; the int32 weights
-// (sign-extended) then multiply exactly in vpmaddwd (the high int16 halves of the codes are 0).
+// Depthwise: B blocks of 8 channels from ch0 for pixel p. Channel c's code is byte c of each
+// padded pixel, so one 8-byte load zero-extended gives 8 channels as int32 lanes; the int32
+// weights (sign-extended) then multiply exactly in vpmaddwd (the high int16 halves of the codes
+// are 0). At the channel tail the codes go through a local copy: a load never reads past the
+// last channel (the end of the buffer).
+inline __m256i dw_codes(const uint8_t* src, int64_t n) {
+  if (n >= 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  uint8_t tail[8] = {0};
+  if (n > 0) std::memcpy(tail, src, static_cast<size_t>(n));
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tail)));
+}
+
 template <int B>
 void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p, int64_t ch0) {
   __m256i acc[B];
-  __m256i mask[B];
 #pragma GCC unroll 4
-  for (int b = 0; b < B; ++b) {
-    acc[b] = _mm256_setzero_si256();
-    mask[b] = lane_mask(a.noc - ch0 - 8 * b);
-  }
-  const bool full = a.noc - ch0 >= 8 * B;
-  const __m256i low = _mm256_set1_epi32(0xFF);
-  const uint8_t* in = a.in + p * a.pix_step + ch0 * 4;
+  for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_si256();
+  const uint8_t* in = a.in + p * a.pix_step + ch0;
   const int32_t* w = a.dw_w + ch0;
   for (int64_t kh = 0; kh < a.kh; ++kh) {
     for (int64_t kw = 0; kw < a.kw; ++kw, w += a.dw_stride) {
       const uint8_t* t = in + kh * a.tap_h + kw * a.tap_w;
 #pragma GCC unroll 4
       for (int b = 0; b < B; ++b) {
-        const __m256i* src = reinterpret_cast<const __m256i*>(t + 32 * b);
-        // The masked load never reads past the last channel (the end of the buffer).
-        const __m256i u = full ? _mm256_loadu_si256(src)
-                               : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask[b]);
+        const __m256i u = dw_codes(t + 8 * b, a.noc - ch0 - 8 * b);
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * b));
-        acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_and_si256(u, low), wv));
+        acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(u, wv));
       }
     }
   }

@@ -210,12 +210,11 @@ inline void store16(StoreMode mode, float* out, __m512 v, int64_t valid, int64_t
   }
 }
 
-// Depthwise (dw_row): 16 channels per vector from the 32-bit words of the padded pixel (a
-// channel's code in the low byte, zero-point fill above it), int32 weights, vpmaddwd: the code
-// times the weight's low int16 plus 0 times its sign extension, exact. 64 channels (4
-// accumulators) per step, 4 pixels at a time; masked loads at the channel tail never read past
-// the last channel (the input, weights, zws, scale and bias all end there or at the 8-channel
-// padding).
+// Depthwise (dw_row): 16 channels per vector from the padded pixel's bytes (one per channel),
+// zero-extended to 32-bit lanes, int32 weights, vpmaddwd: the code times the weight's low
+// int16 plus 0 times its sign extension, exact. 64 channels (4 accumulators) per step, 4
+// pixels at a time; masked loads at the channel tail never read past the last channel (the
+// input, weights, zws, scale and bias all end there or at the 8-channel padding).
 inline __mmask16 tail_mask(int64_t n) { return n <= 0 ? 0 : lane_mask(n); }
 
 // P consecutive pixels x B blocks of 16 channels: each weight vector loaded once per tap
@@ -230,8 +229,7 @@ void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, int64_t c
 #pragma GCC unroll 4
     for (int q = 0; q < P; ++q) acc[q][b] = _mm512_setzero_si512();
   }
-  const __m512i low = _mm512_set1_epi32(0xFF);
-  const uint8_t* in = a.in + p0 * a.pix_step + ch0 * 4;
+  const uint8_t* in = a.in + p0 * a.pix_step + ch0;
   const int32_t* w = a.dw_w + ch0;
   for (int64_t kh = 0; kh < a.kh; ++kh) {
     for (int64_t kw = 0; kw < a.kw; ++kw, w += a.dw_stride) {
@@ -241,9 +239,9 @@ void dw_blocks(const QConvRowArgs& a, const FinishVecs& e, int64_t p0, int64_t c
         const __m512i wv = _mm512_maskz_loadu_epi32(mask[b], w + 16 * b);
 #pragma GCC unroll 4
         for (int q = 0; q < P; ++q) {
-          const __m512i u = _mm512_maskz_loadu_epi32(mask[b], t + q * a.pix_step + 64 * b);
-          acc[q][b] = _mm512_add_epi32(acc[q][b],
-                                       _mm512_madd_epi16(_mm512_and_si512(u, low), wv));
+          const __m512i u = _mm512_cvtepu8_epi32(
+              _mm_maskz_loadu_epi8(mask[b], t + q * a.pix_step + 16 * b));
+          acc[q][b] = _mm512_add_epi32(acc[q][b], _mm512_madd_epi16(u, wv));
         }
       }
     }
