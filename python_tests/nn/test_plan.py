@@ -214,3 +214,13 @@ def test_unsupported_graphs_and_inputs_run_the_python_graph():
     gm = convert(model)
     with torch.no_grad():
         assert torch.equal(gm(x.double()).double(), gm(x).double())
+
+
+def test_torch_compile_traces_the_python_graph():
+    # dynamo must not meet the C++ plan (an opaque object): under compilation the forward is
+    # the graph's, traced whole, and gives the plan's logits
+    model, x = _prepared(bits=4, shape=(2, 3, 16, 16))
+    gm = convert(model)
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), gm(x))
