@@ -49,14 +49,21 @@ class Plan:
                  modules: List[Tuple[nn.Module, str, nn.Module]], generation: int):
         self.steps = steps
         self.prologue = prologue
-        self.modules = modules          # (parent, name, module) of every call_module node
+        # (weak reference to the parent, name, module) of every call_module node; weak, since a
+        # parent may be the graph itself, which keys this plan in _PLANS (a strong reference
+        # would keep both alive forever)
+        self.modules = [(weakref.ref(parent), name, m) for parent, name, m in modules]
         self.generation = generation    # integer.layer_changes() when it was built
 
     def fresh(self) -> bool:
         """Whether the graph still holds the modules it was built from, unchanged."""
         if self.generation != integer.layer_changes():
             return False
-        return all(parent._modules.get(name) is m for parent, name, m in self.modules)
+        for parent_ref, name, m in self.modules:
+            parent = parent_ref()
+            if parent is None or parent._modules.get(name) is not m:
+                return False
+        return True
 
     def hooked(self) -> bool:
         """Whether a forward hook would have to run (the plan cannot run it)."""

@@ -10,7 +10,9 @@ must not run or must be rebuilt (hooks, changed buffers, replaced modules, unsup
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -224,3 +226,16 @@ def test_torch_compile_traces_the_python_graph():
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x), gm(x))
+
+
+def test_a_converted_model_with_a_plan_is_freed():
+    # the plan (kept beside the model, keyed weakly by it) must not keep the model alive
+    model, x = _prepared(shape=(1, 3, 16, 16))
+    gm = convert(model)
+    with torch.no_grad():
+        gm(x)
+    assert gm.plan_status().startswith("C++ plan")
+    ref = weakref.ref(gm)
+    del gm
+    gc.collect()
+    assert ref() is None
