@@ -636,8 +636,11 @@ def convert(model: nn.Module, inplace: bool = False, fuse: Optional[bool] = None
     integer convolution is folded into it, every ReLU / ReLU6 and residual add that follows an
     integer layer is fused into its epilogue, and a layer whose only consumer is an integer
     layer (directly or through max pooling / flatten) writes that consumer's input codes
-    (module docstring, "The fused graph"). A model that cannot be traced is converted layer by
-    layer instead, with a :class:`ConversionWarning` saying why.
+    (module docstring, "The fused graph"). On a float32 CPU input its forward runs as one C++
+    plan of those layers, bit for bit what the graph's Python forward computes, without Python
+    between the layers (:mod:`oqfl_ext.nn.plan`; ``result.plan_status()`` says whether it runs,
+    ``result.run_plan = False`` turns it off). A model that cannot be traced is converted layer
+    by layer instead, with a :class:`ConversionWarning` saying why.
 
     Without ``fuse`` the quantized layers are swapped one by one in the model itself: its own
     ``forward`` runs, BatchNorm, activations, pooling and float layers stay as they are.
