@@ -7,7 +7,8 @@
 // Wp = W + 2 * pad_w; every pixel of the border and every channel past ICg in a group holds the
 // zero point (so no tap is ever out of bounds and the padded channels meet zero weights).
 // Signed (int8) codes are stored shifted by +128, with the zero point shifted alike: the
-// result acc - zp * wsum is unchanged.
+// result acc - zp * wsum is unchanged. A depthwise layer run by dw_row has one byte per channel
+// instead (ICB * 4 -> 1).
 //
 // Weights: one "slab" is the weights of 16 output channels of one group,
 // [KH, KW, ICB, 16, 4] int8 (qconv_args.h), 64 bytes per (kh, kw, cb) row.
@@ -80,8 +81,8 @@ struct QConvKernelTable {
   // Computes one run of output pixels (see QConvRowArgs).
   void (*conv_row)(const QConvRowArgs& a);
   // Depthwise (groups == in channels == out channels): one run of output pixels times all the
-  // channels, channel c reading the byte at c * 4 of each padded pixel (ICB = 1). Null where the
-  // instruction set has none (then conv_row runs each channel's slab).
+  // channels, channel c reading byte c of each padded pixel (one byte per channel). Null where
+  // the instruction set has none (then conv_row runs each channel's slab).
   void (*dw_row)(const QConvRowArgs& a);
   // Several whole output rows at once (see QConvRows), or null where the instruction set has
   // nothing better than conv_row per row.
