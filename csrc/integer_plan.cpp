@@ -44,8 +44,9 @@ const c10::TypedOperatorHandle<QLinearFn>& qlinear_op() {
 
 // Output size of one max-pooling dimension, as F.max_pool2d computes it.
 int64_t pool_out(int64_t n, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil) {
-  const int64_t span = n + 2 * p - d * (k - 1) - 1;
-  int64_t o = (span + (ceil ? s - 1 : 0)) / s + 1;
+  const int64_t span = n + 2 * p - d * (k - 1) - 1 + (ceil ? s - 1 : 0);
+  // floor division (span may be negative), as ATen and max_pool2d_codes divide
+  int64_t o = (span >= 0 ? span / s : -((-span + s - 1) / s)) + 1;
   if (ceil && (o - 1) * s >= n + p) --o;  // the last window must start inside
   return o;
 }
@@ -112,6 +113,15 @@ void max_pool_codes(const uint8_t* in, uint8_t* out, uint8_t flip, int64_t N, in
       });
 }
 
+// Whether ATen accepts the pooling (padding at most half the dilated kernel, an output of at
+// least one pixel); otherwise at::max_pool2d runs and raises its own error.
+bool float_pool_ok(const at::Tensor& in, const std::vector<int64_t>& a) {
+  for (int i = 0; i < 2; ++i)
+    if (a[4 + i] * 2 > (a[i] - 1) * a[6 + i] + 1) return false;
+  return pool_out(in.size(2), a[0], a[2], a[4], a[6], a[8] != 0) >= 1 &&
+         pool_out(in.size(3), a[1], a[3], a[5], a[7], a[8] != 0) >= 1;
+}
+
 // Float max pooling of a channels_last float32 CPU tensor, as ATen's kernel computes it (start
 // at -inf; a window element replaces the maximum when larger or NaN): at::max_pool2d also
 // computes the indices, which made it 10 % of resnet18's forward at batch 32.
@@ -129,7 +139,8 @@ at::Tensor max_pool2d_float(const at::Tensor& in, const std::vector<int64_t>& a)
 
 at::Tensor max_pool2d_codes(const at::Tensor& x, const std::vector<int64_t>& a) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(),
-              "IntegerPlan: max pooling on codes expected a 4-D CPU tensor");
+              "IntegerPlan: max pooling on codes expected a 4-D CPU tensor, got ", x.dim(),
+              "-D on ", x.device());
   const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
   const int64_t OH = pool_out(H, a[0], a[2], a[4], a[6], a[8] != 0);
@@ -282,7 +293,7 @@ at::Tensor IntegerPlan::run_steps(const at::Tensor& x, double* seconds) const {
           y = max_pool2d_codes(in, a);
         } else {
           y = in.device().is_cpu() && in.scalar_type() == at::kFloat && in.dim() == 4 &&
-                      in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                      in.is_contiguous(at::MemoryFormat::ChannelsLast) && float_pool_ok(in, a)
                   ? max_pool2d_float(in, a)
                   : at::max_pool2d(in, {a[0], a[1]}, {a[2], a[3]}, {a[4], a[5]}, {a[6], a[7]},
                              a[8] != 0);

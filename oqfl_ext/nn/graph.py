@@ -122,6 +122,7 @@ class IntegerGraph(fx.GraphModule):
     def _forward(self, *args, **kwargs):
         if self.run_plan and len(args) == 1 and not kwargs and type(args[0]) is torch.Tensor \
                 and args[0].dtype is torch.float32 and args[0].device.type == "cpu" \
+                and not (args[0].requires_grad and torch.is_grad_enabled()) \
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             from . import plan
             p = plan.current(self)

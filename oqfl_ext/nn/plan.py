@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from . import integer
-from .graph import _pair, _pool_arguments, max_pool2d_codes
+from .graph import _pool_arguments, max_pool2d_codes
 
 __all__ = ["PlanUnsupported", "Plan", "build", "current"]
 
@@ -46,30 +46,36 @@ class Plan:
     from (to tell when it is stale)."""
 
     def __init__(self, steps, prologue: List[Tuple[Callable, tuple]],
-                 modules: List[Tuple[nn.Module, str, nn.Module]], generation: int):
+                 edges: List[Tuple[nn.Module, str, nn.Module]], targets: List[nn.Module],
+                 configs: List[nn.Module], generation: int):
         self.steps = steps
         self.prologue = prologue
-        # (weak reference to the parent, name, module) of every call_module node; weak, since a
-        # parent may be the graph itself, which keys this plan in _PLANS (a strong reference
+        # (weak reference to the parent, name, child) of every edge on the paths from the graph
+        # to its call_module targets (a replaced ancestor makes the plan stale too); weak, since
+        # a parent may be the graph itself, which keys this plan in _PLANS (a strong reference
         # would keep both alive forever)
-        self.modules = [(weakref.ref(parent), name, m) for parent, name, m in modules]
+        self.edges = [(weakref.ref(parent), name, m) for parent, name, m in edges]
+        self.targets = targets          # the call_module targets (whose hooks would run)
+        # the pooling / flatten modules the plan copied numbers from, with their extra_repr
+        # (their settings are plain attributes that no counter sees)
+        self.configs = [(m, m.extra_repr()) for m in configs]
         self.generation = generation    # integer.layer_changes() when it was built
 
     def fresh(self) -> bool:
         """Whether the graph still holds the modules it was built from, unchanged."""
         if self.generation != integer.layer_changes():
             return False
-        for parent_ref, name, m in self.modules:
+        for parent_ref, name, m in self.edges:
             parent = parent_ref()
             if parent is None or parent._modules.get(name) is not m:
                 return False
-        return True
+        return all(m.extra_repr() == config for m, config in self.configs)
 
     def hooked(self) -> bool:
         """Whether a forward hook would have to run (the plan cannot run it)."""
         from torch.nn.modules import module as nn_module
         return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or \
-            any(m._forward_hooks or m._forward_pre_hooks for _, _, m in self.modules)
+            any(m._forward_hooks or m._forward_pre_hooks for m in self.targets)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for fn, args in self.prologue:
@@ -84,31 +90,47 @@ def _validators():
     return {models._check_image}
 
 
-def _conv_ints(m: "integer.QConv2dInt") -> List[int]:
-    lo, hi = m.out_quant or (0, 255)
-    return [m.w_bits, *m._op_stride, *m._op_padding, *m._op_dilation, m.groups, int(m.relu),
-            m.x_quant_min, m.x_quant_max, lo, hi, int(m.input_codes)]
+def _op_call(m) -> dict:
+    """The keyword arguments the layer's forward passes to its op: the ones fixed at its
+    construction (``_QIntBase._prepare_call``) over the schema's defaults."""
+    return {**{a.name: a.default_value for a in m._op._schema.arguments
+               if a.has_default_value()}, **m._op_kwargs}
 
 
-def _linear_ints(m: "integer.QLinearInt") -> List[int]:
-    lo, hi = m.out_quant or (0, 255)
-    return [m.w_bits, int(m.relu), m.x_quant_min, m.x_quant_max, lo, hi, int(m.input_codes)]
+def _conv_ints(m: "integer.QConv2dInt", kw: dict) -> List[int]:
+    return [kw["w_bits"], *kw["stride"], *kw["padding"], *kw["dilation"], kw["groups"],
+            int(kw["relu"]), kw["x_quant_min"], kw["x_quant_max"], kw["out_quant_min"],
+            kw["out_quant_max"], int(m.input_codes)]
+
+
+def _linear_ints(m: "integer.QLinearInt", kw: dict) -> List[int]:
+    return [kw["w_bits"], int(kw["relu"]), kw["x_quant_min"], kw["x_quant_max"],
+            kw["out_quant_min"], kw["out_quant_max"], int(m.input_codes)]
+
+
+def _two(v) -> Tuple[int, int]:
+    """An int or a sequence of one or two ints as two ints (as PyTorch's pooling reads them)."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise PlanUnsupported(f"a pooling argument {v!r}")
+    return v
 
 
 def _pool_ints(kwargs: dict, codes: bool) -> List[int]:
-    kernel = _pair(kwargs["kernel_size"])
+    kernel = _two(kwargs["kernel_size"])
     stride = kwargs.get("stride")
-    stride = _pair(stride if stride not in (None, [], ()) else kernel)
-    padding, dilation = _pair(kwargs.get("padding", 0)), _pair(kwargs.get("dilation", 1))
+    stride = _two(stride if stride not in (None, [], ()) else kernel)
+    padding, dilation = _two(kwargs.get("padding", 0)), _two(kwargs.get("dilation", 1))
     return [*kernel, *stride, *padding, *dilation, int(bool(kwargs.get("ceil_mode", False))),
             int(codes)]
 
 
 def _size2(size) -> List[int]:
-    size = _pair(size)
-    if len(size) != 2 or not all(isinstance(s, int) for s in size):
+    if size is None or isinstance(size, (tuple, list)) and None in size:
         raise PlanUnsupported(f"adaptive average pooling to {size!r}")
-    return list(size)
+    return list(_two(size))
 
 
 def _flatten_dims(node: fx.Node) -> Tuple[int, int]:
@@ -125,7 +147,7 @@ def build(gm: fx.GraphModule) -> Plan:
     """The plan of ``gm``'s graph, or PlanUnsupported naming the first node it cannot run."""
     steps = torch.classes.oqfl.IntegerPlan()
     slot = {}                  # fx node -> slot of its value
-    prologue, modules = [], []
+    prologue, edges, targets, configs = [], {}, [], []
     validators = _validators()
     generation = integer.layer_changes()
 
@@ -155,8 +177,14 @@ def build(gm: fx.GraphModule) -> Plan:
             slot[node] = 0
         elif node.op == "call_module":
             m = gm.get_submodule(node.target)
-            parent, _, name = node.target.rpartition(".")
-            modules.append((gm.get_submodule(parent), name, m))
+            parent: nn.Module = gm
+            for name in node.target.split("."):
+                child = parent._modules[name]
+                edges[(id(parent), name)] = (parent, name, child)
+                parent = child
+            targets.append(m)
+            if not isinstance(m, integer._QIntBase):
+                configs.append(m)
             _lower_module(steps, gm, m, node, src, new, where)
         elif node.op == "call_function" and node.target is max_pool2d_codes:
             x = src(node.args[0])
@@ -176,7 +204,7 @@ def build(gm: fx.GraphModule) -> Plan:
             steps.add_flatten(new(node), src(node.args[0]), *_flatten_dims(node))
         else:
             raise PlanUnsupported(where)
-    return Plan(steps, prologue, modules, generation)
+    return Plan(steps, prologue, list(edges.values()), targets, configs, generation)
 
 
 def _lower_module(steps, gm, m: nn.Module, node: fx.Node, src, new, where: str) -> None:
@@ -190,13 +218,16 @@ def _lower_module(steps, gm, m: nn.Module, node: fx.Node, src, new, where: str) 
             raise PlanUnsupported(f"{where}: a layer that pads its input itself")
         x = src(node.args[0])
         residual = src(node.args[1]) if len(node.args) == 2 else -1
-        b = m._buffers
+        b, kw = m._buffers, _op_call(m)
+        codes_out = m.out_quant_min is not None   # as _QIntBase._run decides
         args = (b["x_scale"], b["x_zero_point"], b["w_packed"], b["w_scale"], b["bias"],
-                b.get("out_scale"), b.get("out_zero_point"))
+                b["out_scale"] if codes_out else None,
+                b["out_zero_point"] if codes_out else None)
         if conv:
-            steps.add_qconv(new(node), x, residual, *args, _conv_ints(m), m.clamp_max)
+            steps.add_qconv(new(node), x, residual, *args, _conv_ints(m, kw), kw["clamp_max"])
         else:
-            steps.add_qlinear(new(node), x, residual, *args, _linear_ints(m), m.clamp_max)
+            steps.add_qlinear(new(node), x, residual, *args, _linear_ints(m, kw),
+                              kw["clamp_max"])
     elif type(m) is nn.MaxPool2d and not m.return_indices and not node.kwargs \
             and len(node.args) == 1:
         steps.add_max_pool(new(node), src(node.args[0]),
@@ -223,7 +254,7 @@ def current(gm: fx.GraphModule):
     if not (isinstance(got, Plan) and got.fresh()):
         try:
             got = build(gm)
-        except PlanUnsupported as e:
+        except (PlanUnsupported, RuntimeError) as e:   # RuntimeError: IntegerPlan's checks
             _PLANS[gm] = (str(e), integer.layer_changes())
             return str(e)
         _PLANS[gm] = got

@@ -239,3 +239,68 @@ def test_a_converted_model_with_a_plan_is_freed():
     del gm
     gc.collect()
     assert ref() is None
+
+
+class _PoolTail(nn.Module):
+    """A quantized conv whose float output goes through pooling modules and flatten."""
+
+    def __init__(self, pool_size=2):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(pool_size)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+
+    def forward(self, x):
+        return self.flat(self.gap(self.pool(self.conv(x))))
+
+
+def _pool_tail(pool_size=2):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    model = oqfl_ext.quantize_model(_PoolTail(pool_size), weight_bits=8, act_bits=8)
+    calibrate(model.eval(), x)
+    return convert(model), x
+
+
+def test_plan_follows_replaced_ancestors_and_module_settings():
+    model, x = _prepared()
+    gm = convert(model)
+    with torch.no_grad():
+        gm(x)
+        # a replaced ancestor, the old one still alive: its layers are no longer the graph's
+        old = gm.layer1
+        new_stage = copy.deepcopy(old)
+        new_stage.get_submodule("0.conv1").w_scale.mul_(3)
+        gm.layer1 = new_stage
+        got, want, status = _both(gm, x)
+        assert status.startswith("C++ plan") and torch.equal(got, want)
+        # an integer layer's setting changed after construction: both forwards keep the call
+        # the layer was built with
+        gm.fc.relu = True
+        got, want, _ = _both(gm, x)
+        assert torch.equal(got, want)
+    # pooling and flatten settings are read again when they change
+    gm, x = _pool_tail()
+    with torch.no_grad():
+        got, want, status = _both(gm, x)
+        assert status.startswith("C++ plan") and torch.equal(got, want)
+        gm.pool.kernel_size = gm.pool.stride = 3
+        gm.gap.output_size = 2
+        got, want, _ = _both(gm, x)
+        assert got.shape == (2, 16) and torch.equal(got, want)
+
+
+def test_one_element_pool_sizes_and_pooling_that_pytorch_refuses():
+    gm, x = _pool_tail(pool_size=(2,))
+    got, want, status = _both(gm, x)
+    assert status.startswith("C++ plan") and torch.equal(got, want)
+    # what F.max_pool2d refuses raises the same error from the plan
+    y = torch.randn(1, 2, 1, 5).contiguous(memory_format=torch.channels_last)
+    for ints, kwargs in (([3, 3, 1, 1, 0, 0, 1, 1, 0, 0], dict(kernel_size=3, stride=1)),
+                         ([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dict(kernel_size=1, padding=1))):
+        with pytest.raises(RuntimeError) as want_err:
+            F.max_pool2d(y, **kwargs)
+        with pytest.raises(RuntimeError) as got_err:
+            _max_pool_plan(ints).run(y)
+        assert str(want_err.value).split("\n")[0] in str(got_err.value)
