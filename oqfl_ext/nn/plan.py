@@ -5,10 +5,11 @@ At batch 1 the Python between the integer layers (the graph's generated code, ea
 (bench/results/network-cpu-amx-2026-12-04.md). :func:`build` lowers the graph to a list of
 steps of the C++ class ``torch.classes.oqfl.IntegerPlan`` (csrc/integer_plan.h): each integer
 layer calls the same registered op (``oqfl::qconv2d`` / ``oqfl::qlinear``) with the same
-arguments as the layer's own forward, pooling and flatten call the same ATen functions (max
-pooling on codes is a C++ loop equal to :func:`oqfl_ext.nn.graph.max_pool2d_codes`), so a
-forward through the plan returns what the graph's Python forward returns, bit for bit, in one
-call.
+arguments as the layer's own forward; max pooling is a C++ window loop equal to
+:func:`oqfl_ext.nn.graph.max_pool2d_codes` on codes and to ATen's kernel on channels_last
+float32 (without the indices ATen also computes); adaptive average pooling and flatten call
+ATen. So a forward through the plan returns what the graph's Python forward returns, bit for
+bit, in one call.
 
 The plan covers the graphs :func:`oqfl_ext.nn.convert` builds for the zoo and for torchvision's
 ResNets and MobileNetV2: integer layers, max pooling (float or codes), adaptive average
@@ -18,14 +19,15 @@ keeps its Python forward; :meth:`IntegerGraph.plan_status` says which ran and wh
 
 The plan holds the layers' tensors themselves, so it sees in-place changes (``load_state_dict``
 copies into them); it is rebuilt when an integer layer gets a new attribute or buffer, or is
-moved (``.to()``), or when a module of the graph is replaced (:func:`current`). Forward hooks
-on the graph's modules (or global ones) run only in the Python forward, which then runs.
+moved (``.to()``), when a module on the path to a layer is replaced, or when a pooling or
+flatten setting changes (:meth:`Plan.fresh`). Forward hooks on the graph's modules (or global
+ones) run only in the Python forward, which then runs.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import fx, nn
