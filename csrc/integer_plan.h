@@ -2,7 +2,8 @@
 // lowers it) executed one after another, so a forward is one call from Python instead of one
 // per layer (at batch 1 the Python between the layers took 40-86 % of the time). Each step
 // calls the same registered op or ATen function the graph's Python forward calls, with the
-// same arguments, so the result is the same bit for bit.
+// same arguments, or (max pooling) a loop that computes what that function computes, so the
+// result is the same bit for bit.
 #pragma once
 
 #include <ATen/ATen.h>
