@@ -51,6 +51,13 @@ int64_t pool_out(int64_t n, int64_t k, int64_t s, int64_t p, int64_t d, bool cei
   return o;
 }
 
+// The empty channels_last output of a max pooling of `in` [N, C, H, W] (pool_out's sizes).
+at::Tensor pooled_like(const at::Tensor& in, const std::vector<int64_t>& a) {
+  return at::empty({in.size(0), in.size(1), pool_out(in.size(2), a[0], a[2], a[4], a[6], a[8] != 0),
+                    pool_out(in.size(3), a[1], a[3], a[5], a[7], a[8] != 0)},
+                   in.options(), at::MemoryFormat::ChannelsLast);
+}
+
 // The windows of a max pooling over a channels_last [N, C, H, W] buffer: each output pixel's
 // C values start at `lowest` and take `combine(out, in)` of every window element inside the
 // input (padding never takes part), then `finish(out)`.
@@ -126,12 +133,10 @@ bool float_pool_ok(const at::Tensor& in, const std::vector<int64_t>& a) {
 // at -inf; a window element replaces the maximum when larger or NaN): at::max_pool2d also
 // computes the indices, which made it 10 % of resnet18's forward at batch 32.
 at::Tensor max_pool2d_float(const at::Tensor& in, const std::vector<int64_t>& a) {
-  const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
-  const int64_t OH = pool_out(H, a[0], a[2], a[4], a[6], a[8] != 0);
-  const int64_t OW = pool_out(W, a[1], a[3], a[5], a[7], a[8] != 0);
-  at::Tensor out = at::empty({N, C, OH, OW}, in.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor out = pooled_like(in, a);
   pool_windows<float>(
-      in.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, C, H, W, OH, OW, a,
+      in.const_data_ptr<float>(), out.mutable_data_ptr<float>(), in.size(0), in.size(1),
+      in.size(2), in.size(3), out.size(2), out.size(3), a,
       -std::numeric_limits<float>::infinity(),
       [](float o, float u) { return (u > o || u != u) ? u : o; }, [](float*, int64_t) {});
   return out;
@@ -142,16 +147,14 @@ at::Tensor max_pool2d_codes(const at::Tensor& x, const std::vector<int64_t>& a) 
               "IntegerPlan: max pooling on codes expected a 4-D CPU tensor, got ", x.dim(),
               "-D on ", x.device());
   const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t N = in.size(0), C = in.size(1), H = in.size(2), W = in.size(3);
-  const int64_t OH = pool_out(H, a[0], a[2], a[4], a[6], a[8] != 0);
-  const int64_t OW = pool_out(W, a[1], a[3], a[5], a[7], a[8] != 0);
-  at::Tensor out = at::empty({N, C, OH, OW}, in.options(), at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(in.scalar_type() == at::kByte || in.scalar_type() == at::kChar,
               "IntegerPlan: max pooling on codes expected uint8 or int8, got ",
               in.scalar_type());
+  at::Tensor out = pooled_like(in, a);
   const uint8_t flip = in.scalar_type() == at::kChar ? 0x80 : 0;
   max_pool_codes(static_cast<const uint8_t*>(in.const_data_ptr()),
-                 static_cast<uint8_t*>(out.mutable_data_ptr()), flip, N, C, H, W, OH, OW, a);
+                 static_cast<uint8_t*>(out.mutable_data_ptr()), flip, in.size(0), in.size(1),
+                 in.size(2), in.size(3), out.size(2), out.size(3), a);
   return out;
 }
 
